@@ -1,0 +1,1 @@
+"""Code both the supervisor and the tenant workers use."""

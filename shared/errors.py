@@ -1,0 +1,119 @@
+"""The one exception tree of chatq.
+
+    ChatqError                      base of everything chatq raises on purpose
+    ├── ConfigError                 a settings file or variable is invalid
+    ├── QueueError                  per-chat queue refused or dropped a message
+    │   ├── QueueFullError          the chat already has max_queue_size pending
+    │   └── QueueClearedError       clear_all() dropped a pending message
+    ├── StoreError                  the tenant's SQLite store failed
+    ├── HandlerError                a tenant handler failed
+    │   ├── HandlerTimeoutError     ... by running past handler_timeout
+    │   └── PermanentHandlerError   ... in a way retrying will not fix
+    ├── TransportError              sending a reply failed
+    │   ├── RetryableTransportError ... for now (5xx, timeout, connection)
+    │   └── PermanentTransportError ... for good (4xx, bad recipient)
+    └── ControlError                an ops request could not be served
+        ├── SupervisorNotRunning    no supervisor answers on the control socket
+        └── NoSuchTenant            the request names an unknown tenant
+
+Retry policy keys on these classes: anything retryable is neither a
+Permanent* error nor a ConfigError.
+"""
+
+from __future__ import annotations
+
+
+class ChatqError(Exception):
+    """Base class of every error chatq raises on purpose."""
+
+
+class ConfigError(ChatqError):
+    """A configuration file or environment variable is invalid."""
+
+
+class QueueError(ChatqError):
+    """The per-chat queue refused or dropped a message."""
+
+
+class QueueFullError(QueueError):
+    """The chat already has max_queue_size messages pending (QUEUE_FULL)."""
+
+    def __init__(self, tenant_id: str, chat_id: str, limit: int) -> None:
+        super().__init__(
+            f"QUEUE_FULL: chat {chat_id!r} of tenant {tenant_id!r} has {limit} pending"
+        )
+        self.tenant_id = tenant_id
+        self.chat_id = chat_id
+        self.limit = limit
+
+
+class QueueClearedError(QueueError):
+    """clear_all() dropped this message before it ran."""
+
+    def __init__(self, tenant_id: str, chat_id: str) -> None:
+        super().__init__(f"QUEUE_CLEARED: chat {chat_id!r} of tenant {tenant_id!r} was cleared")
+        self.tenant_id = tenant_id
+        self.chat_id = chat_id
+
+
+class StoreError(ChatqError):
+    """The tenant's SQLite store could not be opened, migrated or written."""
+
+
+class HandlerError(ChatqError):
+    """A tenant handler failed; retried unless permanent."""
+
+
+class HandlerTimeoutError(HandlerError):
+    """A handler ran past handler_timeout and was cancelled."""
+
+
+class PermanentHandlerError(HandlerError):
+    """A handler failure that retrying will not fix (e.g. a 4xx answer)."""
+
+
+class TransportError(ChatqError):
+    """Sending a reply failed."""
+
+
+class RetryableTransportError(TransportError):
+    """Sending failed for now (5xx, timeout, connection refused): try again later."""
+
+
+class PermanentTransportError(TransportError):
+    """Sending failed for good (4xx, unknown recipient): do not try again."""
+
+
+class ControlError(ChatqError):
+    """An ops request could not be served."""
+
+
+class SupervisorNotRunning(ControlError):
+    """No supervisor answers on the control socket."""
+
+
+class NoSuchTenant(ControlError):
+    """The request names a tenant the supervisor does not know."""
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"no such tenant: {tenant_id}")
+        self.tenant_id = tenant_id
+
+
+__all__ = [
+    "ChatqError",
+    "ConfigError",
+    "ControlError",
+    "HandlerError",
+    "HandlerTimeoutError",
+    "NoSuchTenant",
+    "PermanentHandlerError",
+    "PermanentTransportError",
+    "QueueClearedError",
+    "QueueError",
+    "QueueFullError",
+    "RetryableTransportError",
+    "StoreError",
+    "SupervisorNotRunning",
+    "TransportError",
+]

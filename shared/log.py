@@ -1,0 +1,236 @@
+"""Logging for chatq, on loguru.
+
+`setup_logging()` gives the process exactly one sink. Every record carries the
+process's `tenant_id` ("-" in the supervisor) and its pid; inside
+`bind_message()` it also carries `chat_id` and `message_id`, across awaits in
+the same task (loguru's contextualize rides on contextvars). Records that
+libraries write through stdlib `logging` (aiohttp, asyncio, aiosqlite) are
+routed into loguru, so one process has one format.
+
+Two line formats, built by plain functions of a loguru record so that other
+code (e.g. forwarding a child's records to the parent) can reuse them:
+
+- `format_text`: one line per record for people, e.g.
+  ``2026-11-28 04:50:01.123 INFO  [acme pid=123] chat=c1 msg=m9 enqueued``;
+  newlines in the message are escaped, a traceback follows on its own lines.
+- `format_json`: one JSON object per line with `ts`, `level`, `message`,
+  `tenant_id`, `pid`, `logger`, `chat_id`/`message_id` when known,
+  `exception` when there is one, and any other bound extra.
+
+Neither goes through loguru's `{...}` format strings, so braces in a message
+are printed as they are.
+
+Cheap when disabled: loguru drops a record below the level before formatting,
+but the call's arguments are still built. For costly arguments use
+``logger.opt(lazy=True).debug("state {}", lambda: dump())`` or guard the call
+with ``if debug_enabled():`` (a cached bool, set by `setup_logging`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from loguru import logger
+
+from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from loguru import Message, Record
+
+__all__ = [
+    "bind_message",
+    "debug_enabled",
+    "format_json",
+    "format_text",
+    "setup_logging",
+]
+
+LogFormat = Literal["text", "json"]
+LineSink = TextIO | Callable[[str], object]
+
+_NO_TENANT = "-"
+
+
+@dataclass
+class _Setup:
+    """What the current setup decided, cached for hot paths."""
+
+    debug: bool = False
+
+
+_current = _Setup()
+
+
+def setup_logging(
+    level: str = "INFO",
+    fmt: LogFormat = "text",
+    *,
+    tenant_id: str | None = None,
+    sink: LineSink | None = None,
+) -> None:
+    """Make loguru write `fmt` lines at `level` or above to one sink (default stderr).
+
+    Calling it again replaces the previous setup. A TextIO sink gets each line
+    with a trailing newline; a callable gets it without. Raises ConfigError on
+    an unknown level or format, before changing anything.
+    """
+    levelno = _level_number(level)
+    if fmt not in _FORMATTERS:
+        raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', got {fmt!r}")
+    logger.remove()
+    logger.configure(extra={"tenant_id": tenant_id or _NO_TENANT})
+    logger.add(
+        _line_writer(sink if sink is not None else sys.stderr, _FORMATTERS[fmt]),
+        level=levelno,
+        format=_no_format,
+        # Our formatters render the traceback; diagnose would leak variable values.
+        backtrace=False,
+        diagnose=False,
+    )
+    _current.debug = levelno <= logger.level("DEBUG").no
+    _install_intercept(levelno)
+
+
+def debug_enabled() -> bool:
+    """Whether DEBUG records are emitted under the current setup (False before setup)."""
+    return _current.debug
+
+
+@contextmanager
+def bind_message(chat_id: str, message_id: str) -> Iterator[None]:
+    """Tag every record written inside (in this task or thread) with the message's ids."""
+    with logger.contextualize(chat_id=chat_id, message_id=message_id):
+        yield
+
+
+def format_text(record: Record) -> str:
+    """One human-readable line (plus traceback lines, if any), without a trailing newline."""
+    extra = record["extra"]
+    time = record["time"]
+    parts = [
+        f"{time:%Y-%m-%d %H:%M:%S}.{time.microsecond // 1000:03d}",
+        record["level"].name.ljust(5),
+        f"[{_one_line(str(extra.get('tenant_id', _NO_TENANT)))} pid={record['process'].id}]",
+    ]
+    if "chat_id" in extra:
+        parts.append(f"chat={_one_line(str(extra['chat_id']))}")
+    if "message_id" in extra:
+        parts.append(f"msg={_one_line(str(extra['message_id']))}")
+    parts.append(_one_line(record["message"]))
+    line = " ".join(parts)
+    exc = _exception_text(record)
+    return f"{line}\n{exc}" if exc else line
+
+
+def format_json(record: Record) -> str:
+    """One JSON object on one line, without a trailing newline."""
+    extra = record["extra"]
+    obj: dict[str, Any] = {
+        "ts": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "message": record["message"],
+        "tenant_id": extra.get("tenant_id", _NO_TENANT),
+        "pid": record["process"].id,
+        "logger": record["name"],
+    }
+    for key, value in extra.items():  # chat_id, message_id, bound values; never the fixed keys
+        obj.setdefault(str(key), value)
+    exc = _exception_text(record)
+    if exc:
+        obj["exception"] = exc
+    return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+_FORMATTERS: dict[str, Callable[[Record], str]] = {"text": format_text, "json": format_json}
+
+
+class _InterceptHandler(logging.Handler):
+    """Hands stdlib logging records to loguru (the recipe from loguru's README)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        try:
+            logger.opt(depth=_caller_depth(), exception=record.exc_info).log(
+                level, record.getMessage()
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _caller_depth() -> int:
+    """Stack depth from loguru's call to the code that called stdlib logging."""
+    frame, depth = inspect.currentframe(), 0
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        in_logging = filename == logging.__file__
+        frozen = "importlib" in filename and "_bootstrap" in filename
+        # depth 0 is this function; count one more for _InterceptHandler.emit.
+        if depth > 1 and not (in_logging or frozen):
+            break
+        frame = frame.f_back
+        depth += 1
+    return depth - 1
+
+
+def _install_intercept(levelno: int) -> None:
+    """Put one intercept handler on the root logger, replacing an earlier one."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if isinstance(handler, _InterceptHandler):
+            root.removeHandler(handler)
+    root.addHandler(_InterceptHandler())
+    # Stdlib drops records below this before building them: libraries' debug
+    # chatter costs nothing unless we asked for it.
+    root.setLevel(levelno)
+
+
+def _line_writer(sink: LineSink, formatter: Callable[[Record], str]) -> Callable[[Message], None]:
+    """A loguru sink that formats the record itself and hands the line to `sink`."""
+    if callable(sink):
+        call = sink
+
+        def hand_over(message: Message) -> None:
+            call(formatter(message.record))
+
+        return hand_over
+    stream = sink
+
+    def write(message: Message) -> None:
+        stream.write(formatter(message.record) + "\n")
+        stream.flush()
+
+    return write
+
+
+def _no_format(_record: Record) -> str:
+    # The sink formats from the record; loguru's own format output is unused.
+    return ""
+
+
+def _level_number(level: str) -> int:
+    try:
+        return logger.level(level.upper()).no
+    except ValueError:
+        raise ConfigError(f"LOG_LEVEL: unknown level {level!r}") from None
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _exception_text(record: Record) -> str:
+    exc = record["exception"]
+    if exc is None or exc.value is None:
+        return ""
+    return "".join(traceback.format_exception(exc.type, exc.value, exc.traceback)).rstrip("\n")

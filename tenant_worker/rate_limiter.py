@@ -1,0 +1,143 @@
+"""Per-key outgoing rate limit: an exact sliding log.
+
+Guarantee: over ANY `window` seconds (half-open, `[s, s + window)`) a key is
+granted at most `max_per_minute` slots. Each key keeps a log of its grant
+times (at most `max_per_minute` long); a grant at `t` occupies a slot until
+`t + window`. A token bucket would not do: it refills during the window and
+allows up to twice the limit across a window edge.
+
+Why not a library: aiolimiter is a leaky bucket (it can exceed the window
+bound), and `limits`' moving window is synchronous and storage-backed with no
+way to await a slot; this class awaits a slot FIFO per key through an injected
+clock and sleep, so tests run on fake time.
+
+Waiting: `acquire` callers of one key queue on a per-key `asyncio.Lock`
+(FIFO); only the head of the queue sleeps, until the oldest grant leaves the
+window, then re-checks, so there is no thundering herd and no overshoot.
+`try_acquire` never jumps that queue.
+
+Idle keys: keys are ordered by their newest grant; every call first drops
+keys from the old end whose newest grant has left the window. That is O(1)
+amortised, and memory holds only keys with a grant inside the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+__all__ = ["RateLimiter"]
+
+
+@dataclass
+class _WaitLine:
+    """The `acquire` callers queued on one key."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+
+
+class RateLimiter:
+    """At most `max_per_minute` grants per key over any `window` seconds."""
+
+    def __init__(
+        self,
+        max_per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        window: float = 60.0,
+    ) -> None:
+        if (
+            isinstance(max_per_minute, bool)
+            or not isinstance(max_per_minute, int)
+            or max_per_minute < 1
+        ):
+            raise ValueError(f"max_per_minute must be an integer >= 1, got {max_per_minute!r}")
+        # `not x > 0` also refuses NaN.
+        if not window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {window!r}")
+        self._max = max_per_minute
+        self._window = window
+        self._clock = clock
+        self._sleep = sleep
+        # key -> grant times, oldest first; keys ordered by newest grant, oldest first.
+        self._logs: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lines: dict[str, _WaitLine] = {}
+
+    def try_acquire(self, key: str) -> bool:
+        """Take a slot for `key` now if one is free and nobody is queued; never waits."""
+        if key in self._lines:
+            return False
+        return self._grant(key, self._clock())
+
+    async def acquire(self, key: str) -> None:
+        """Wait until `key` has a free slot and take it; callers are served FIFO."""
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _WaitLine()
+        line.waiting += 1
+        try:
+            async with line.lock:
+                while not self._grant(key, self._clock()):
+                    await self._sleep(self.wait_time(key))
+        finally:
+            line.waiting -= 1
+            if line.waiting == 0:
+                del self._lines[key]
+
+    def wait_time(self, key: str) -> float:
+        """Seconds until `key`'s log has a free slot; 0.0 if one is free now.
+
+        Callers already queued in `acquire` go first.
+        """
+        now = self._clock()
+        self._drop_idle(now)
+        log = self._logs.get(key)
+        if log is None:
+            return 0.0
+        self._expire(log, now)
+        if not log:
+            # Only reachable if the clock stepped back; keep "no empty logs" true.
+            del self._logs[key]
+        if len(log) < self._max:
+            return 0.0
+        return log[0] + self._window - now
+
+    def __len__(self) -> int:
+        """Number of keys tracked (those with a grant inside the window, as of the last call)."""
+        return len(self._logs)
+
+    def _grant(self, key: str, now: float) -> bool:
+        """Record a grant for `key` at `now` if its log has room."""
+        self._drop_idle(now)
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = deque(maxlen=self._max)
+        else:
+            self._expire(log, now)
+            if len(log) >= self._max:
+                return False
+        log.append(now)
+        self._logs.move_to_end(key)
+        return True
+
+    def _expire(self, log: deque[float], now: float) -> None:
+        """Drop grants that have left the window `(now - window, now]`."""
+        while log and log[0] + self._window <= now:
+            log.popleft()
+
+    def _drop_idle(self, now: float) -> None:
+        """Forget keys whose newest grant has left the window.
+
+        `_logs` is ordered by newest grant (the clock is monotonic), so the idle
+        keys are all at the front; each key is dropped once, hence O(1) amortised.
+        """
+        while self._logs:
+            key = next(iter(self._logs))
+            if self._logs[key][-1] + self._window > now:
+                return
+            del self._logs[key]
