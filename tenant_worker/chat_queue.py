@@ -232,6 +232,15 @@ class ChatQueueManager:
                 self._idle = asyncio.Event()
             await self._idle.wait()
 
+    def cancel_all(self) -> None:
+        """Cancel in-flight handlers and fail everything pending (shutdown).
+
+        Callers see ``CancelledError``; the manager is idle once the
+        cancellations have run (``await wait_idle()``).
+        """
+        for task in self._tasks:
+            task.cancel()
+
     # -- running messages ---------------------------------------------------
 
     def _start_pump(self) -> None:

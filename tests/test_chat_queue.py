@@ -340,8 +340,7 @@ async def test_cancelling_the_loop_tasks_cancels_callers_instead_of_hanging() ->
     _release, blocked = gate()
     futures = [manager.enqueue("c", blocked) for _ in range(3)]
     await asyncio.sleep(0)
-    for task in list(manager._tasks):
-        task.cancel()
+    manager.cancel_all()
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert manager.in_flight() == 0 and manager.get_total_queued() == 0

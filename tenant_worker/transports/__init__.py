@@ -1,1 +1,37 @@
-"""chatq."""
+"""Transports: how a stored reply reaches the chat provider.
+
+`make_transport(tenant)` builds the one the tenant's config names:
+
+- ``"local"`` (default): logs the reply and counts it sent (`LocalTransport`);
+- ``"webhook"``: POSTs it to ``webhook_url`` (`WebhookTransport`).
+
+`MemoryTransport` is the fake for tests and benchmarks. Every transport fails
+only with `RetryableTransportError` or `PermanentTransportError`.
+"""
+
+from __future__ import annotations
+
+from config.settings import TenantConfig
+from shared.errors import ConfigError
+from tenant_worker.transports.base import Transport
+from tenant_worker.transports.local import LocalTransport
+from tenant_worker.transports.memory import FailWith, MemoryTransport
+from tenant_worker.transports.webhook import WebhookTransport
+
+__all__ = [
+    "FailWith",
+    "LocalTransport",
+    "MemoryTransport",
+    "Transport",
+    "WebhookTransport",
+    "make_transport",
+]
+
+
+def make_transport(tenant: TenantConfig) -> Transport:
+    """The transport `tenant.transport` names; opens no connection yet (workers fork)."""
+    if tenant.transport == "webhook":
+        if tenant.webhook_url is None:  # the settings model already refuses this
+            raise ConfigError(f"tenant {tenant.id}: transport 'webhook': webhook_url is required")
+        return WebhookTransport(tenant.webhook_url, tenant_id=tenant.id)
+    return LocalTransport()

@@ -1,0 +1,25 @@
+"""The `local` transport (the default): a reply counts as sent once it is logged.
+
+For running chatq without a chat provider (demos, development): the replies
+are in the store and in the log, which is where an operator looks.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from loguru import logger
+
+__all__ = ["LocalTransport"]
+
+
+class LocalTransport:
+    """Logs each reply at INFO and calls it sent."""
+
+    async def send(self, chat_id: str, text: str) -> str:
+        """Log the reply; a fresh id ``local-<hex>``."""
+        logger.info("reply to {}: {}", chat_id, text)
+        return f"local-{uuid.uuid4().hex}"
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

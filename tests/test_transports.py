@@ -1,0 +1,246 @@
+"""Transports: local (logs), webhook (against a real local server), memory fake, make_transport."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from loguru import logger
+
+from config.settings import TenantConfig
+from shared.errors import PermanentTransportError, RetryableTransportError, TransportError
+from tenant_worker.transports import (
+    LocalTransport,
+    MemoryTransport,
+    Transport,
+    WebhookTransport,
+    make_transport,
+)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class Provider:
+    """Answers POST /send with the status and body a test sets; records request bodies."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[Any] = []
+        self.status = 200
+        self.body = b""
+        self.delay = 0.0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(await request.json())
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return web.Response(status=self.status, body=self.body or None)
+
+    def answer(self, status: int, body: bytes = b"") -> None:
+        self.status, self.body = status, body
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    fake = Provider()
+    app = web.Application()
+    app.router.add_post("/send", fake.handle)
+    async with TestServer(app, host="127.0.0.1") as server:
+        fake.url = str(server.make_url("/send"))
+        yield fake
+
+
+@pytest.fixture
+async def webhook(provider: Provider) -> AsyncIterator[Transport]:
+    transport = make_transport(webhook_tenant(provider.url))
+    yield transport
+    await transport.aclose()
+
+
+def webhook_tenant(url: str) -> TenantConfig:
+    return TenantConfig(id="t", transport="webhook", webhook_url=url)
+
+
+# --- make_transport -------------------------------------------------------------
+
+
+def test_make_transport_chooses_by_config() -> None:
+    assert isinstance(make_transport(TenantConfig(id="t")), LocalTransport)
+    assert isinstance(make_transport(webhook_tenant("http://127.0.0.1:9/x")), WebhookTransport)
+
+
+def test_webhook_builds_outside_any_event_loop() -> None:
+    # Workers are forked: construction must not need (or bind to) a loop.
+    transport = make_transport(webhook_tenant("http://127.0.0.1:9/x"))
+    asyncio.run(transport.aclose())
+
+
+# --- local ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink_id = logger.add(lines.append, format="{level} {message}", level="DEBUG")
+    yield lines
+    logger.remove(sink_id)
+
+
+async def test_local_logs_the_reply_and_returns_a_fresh_id(log_lines: list[str]) -> None:
+    transport = LocalTransport()
+    first = await transport.send("c1", "hello {there}")
+    second = await transport.send("c1", "again")
+    await transport.aclose()
+    assert re.fullmatch(r"local-[0-9a-f]{32}", first)
+    assert first != second
+    assert [line.rstrip("\n") for line in log_lines] == [
+        "INFO reply to c1: hello {there}",
+        "INFO reply to c1: again",
+    ]
+
+
+# --- webhook ----------------------------------------------------------------------
+
+
+async def test_webhook_posts_tenant_chat_and_text(provider: Provider, webhook: Transport) -> None:
+    provider.answer(200, b'{"id": "wamid.1"}')
+    assert await webhook.send("c1", "hi") == "wamid.1"
+    assert provider.requests == [{"tenant_id": "t", "chat_id": "c1", "text": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (200, b'{"id": "p-7"}', "p-7"),
+        (201, b'{"id": 42}', "42"),
+        (202, b'{"ok": true}', None),
+        (204, b"", None),
+        (200, b"sent", None),
+        (200, b'["p-7"]', None),
+        (200, b'{"id": ""}', None),
+        (200, b'{"id": true}', None),
+    ],
+)
+async def test_webhook_2xx_gives_the_provider_id_or_a_fresh_one(
+    provider: Provider, webhook: Transport, status: int, body: bytes, expected: str | None
+) -> None:
+    provider.answer(status, body)
+    message_id = await webhook.send("c1", "hi")
+    if expected is None:
+        assert re.fullmatch(r"webhook-[0-9a-f]{32}", message_id)
+    else:
+        assert message_id == expected
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+async def test_webhook_5xx_and_429_are_retryable(
+    provider: Provider, webhook: Transport, status: int
+) -> None:
+    provider.answer(status, b'{"error": "try later"}')
+    with pytest.raises(RetryableTransportError) as info:
+        await webhook.send("c1", "hi")
+    assert str(info.value) == (
+        f'webhook_url {provider.url} answered {status}: {{"error": "try later"}}'
+    )
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 410, 301])
+async def test_webhook_other_statuses_are_permanent(
+    provider: Provider, webhook: Transport, status: int
+) -> None:
+    provider.answer(status)
+    with pytest.raises(PermanentTransportError) as info:
+        await webhook.send("c1", "hi")
+    assert str(info.value) == f"webhook_url {provider.url} answered {status}"
+
+
+async def test_webhook_error_body_is_cut_short(provider: Provider, webhook: Transport) -> None:
+    provider.answer(400, b"x" * 1000)
+    with pytest.raises(PermanentTransportError) as info:
+        await webhook.send("c1", "hi")
+    assert str(info.value).endswith(": " + "x" * 200 + "…")
+
+
+async def test_webhook_timeout_is_retryable(provider: Provider) -> None:
+    provider.delay = 0.15
+    transport = WebhookTransport(provider.url, tenant_id="t", timeout=0.05)
+    try:
+        with pytest.raises(RetryableTransportError, match=r"no answer within 0\.05s$"):
+            await transport.send("c1", "hi")
+    finally:
+        await transport.aclose()
+
+
+async def test_webhook_connection_refused_is_retryable() -> None:
+    url = f"http://127.0.0.1:{free_port()}/send"
+    transport = WebhookTransport(url, tenant_id="t")
+    try:
+        with pytest.raises(RetryableTransportError, match=f"^webhook_url {url}: "):
+            await transport.send("c1", "hi")
+    finally:
+        await transport.aclose()
+
+
+async def test_webhook_aclose_twice_and_reuse_after_close(
+    provider: Provider, webhook: Transport
+) -> None:
+    provider.answer(200, b'{"id": "a"}')
+    await webhook.send("c1", "hi")
+    await webhook.aclose()
+    await webhook.aclose()
+    assert await webhook.send("c1", "again") == "a"
+
+
+# --- memory fake ------------------------------------------------------------------
+
+
+async def test_memory_records_sends_in_order() -> None:
+    transport = MemoryTransport()
+    assert await transport.send("c1", "a") == "mem-1"
+    assert await transport.send("c2", "b") == "mem-2"
+    assert transport.sent == [("c1", "a"), ("c2", "b")]
+    assert transport.attempts == 2
+    assert not transport.closed
+    await transport.aclose()
+    assert transport.closed
+
+
+async def test_memory_injected_failures_are_raised_and_not_recorded() -> None:
+    failures: list[TransportError] = [
+        RetryableTransportError("down"),
+        PermanentTransportError("no such chat"),
+    ]
+
+    def fail_first_two(chat_id: str, text: str) -> Exception | None:
+        return failures.pop(0) if failures else None
+
+    transport = MemoryTransport(fail_with=fail_first_two)
+    with pytest.raises(RetryableTransportError, match="down"):
+        await transport.send("c1", "a")
+    with pytest.raises(PermanentTransportError, match="no such chat"):
+        await transport.send("c1", "a")
+    assert await transport.send("c1", "a") == "mem-1"
+    assert transport.sent == [("c1", "a")]
+    assert transport.attempts == 3
+
+
+async def test_memory_failure_can_depend_on_the_recipient() -> None:
+    transport = MemoryTransport(
+        fail_with=lambda chat, _text: PermanentTransportError(chat) if chat == "bad" else None
+    )
+    await transport.send("good", "x")
+    with pytest.raises(PermanentTransportError):
+        await transport.send("bad", "x")
+    assert transport.sent == [("good", "x")]
