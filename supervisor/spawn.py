@@ -1,0 +1,60 @@
+"""Starting worker processes.
+
+We use the ``forkserver`` start method, not ``fork``. The supervisor runs
+threads (the metrics server; libraries may start more): a plain ``fork``
+copies the parent while some thread may hold a lock -- the logging lock, the
+allocator's, an import lock -- and the child deadlocks on it the first time
+it takes that lock. The fork server is started early, single-threaded, with
+the worker's modules preloaded, so forking from it is fast and inherits no
+held locks, no supervisor sockets and no sibling's pipe ends. That last part
+is what makes pipe EOF a reliable "the supervisor died" signal for workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
+
+from config import ChatqConfig
+
+PRELOAD = ["tenant_worker.worker"]
+
+
+def context() -> ForkServerContext:
+    """The multiprocessing context every worker is started from."""
+    ctx = multiprocessing.get_context("forkserver")
+    assert isinstance(ctx, ForkServerContext)
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
+    """The function a worker process runs (in the child)."""
+    # Own process group: a Ctrl-C in the supervisor's terminal reaches only the
+    # supervisor, which then drains workers itself, in order.
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    from tenant_worker.worker import run_worker
+
+    code = run_worker(config, tenant_id, conn)
+    conn.close()
+    raise SystemExit(code)
+
+
+def spawn_worker(
+    ctx: ForkServerContext, config: ChatqConfig, tenant_id: str
+) -> tuple[BaseProcess, Connection]:
+    """Start one tenant's worker; return the process and our end of its pipe."""
+    ours, theirs = ctx.Pipe(duplex=True)
+    process = ctx.Process(
+        target=worker_main, args=(config, tenant_id, theirs), name=f"chatq-worker-{tenant_id}"
+    )
+    try:
+        process.start()
+    finally:
+        theirs.close()  # only the child may hold its end, or EOF never comes
+    return process, ours

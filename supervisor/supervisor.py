@@ -1,0 +1,331 @@
+"""The supervisor: one worker per enabled tenant, kept running.
+
+The loop waits on everything at once -- every worker's pipe and process
+sentinel, the control socket and a wake-up pipe for signals -- with
+``multiprocessing.connection.wait``, then runs a fixed series of repair
+steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
+
+    read frames -> reap exits -> serve control -> act on signals
+    -> kill overdue stops -> stop hung workers -> watchdog -> start due workers
+
+Signal handlers only record the signal; the loop acts on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing import forkserver
+from multiprocessing.connection import Connection, wait
+from types import FrameType
+from typing import Any
+
+from loguru import logger
+
+from config import ChatqConfig
+from shared import protocol
+from shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
+from supervisor import spawn
+from supervisor.commands import COMMANDS
+from supervisor.control import ControlServer
+from supervisor.logstream import LogStream
+from supervisor.tenant import State, TenantHandle
+from supervisor.watchdog import ProcessSampler, over_memory
+
+MAX_WAIT = 1.0
+FRAMES_PER_PASS = 1000  # per worker, so one chatty worker cannot starve the rest
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _worker_view(config: ChatqConfig) -> tuple[Any, ...]:
+    """Supervisor settings a running worker depends on (a change restarts all)."""
+    s = config.supervisor
+    return (s.run_dir, s.data_dir, s.heartbeat_interval_ms, s.log_level, s.log_format)
+
+
+class Supervisor:
+    """Owns the tenant handles and the loop that keeps them in their states."""
+
+    def __init__(
+        self,
+        config: ChatqConfig,
+        load: Callable[[], ChatqConfig],
+        stream: LogStream,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._load = load
+        self._stream = stream
+        self._clock = clock
+        self._handles: dict[str, TenantHandle] = {}
+        self._removed: set[str] = set()
+        self._ctx = spawn.context()
+        self._sampler = ProcessSampler()
+        self._signals: list[int] = []
+        self._shutting_down = False
+        self._next_watchdog = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.control: ControlServer | None = None
+
+    # -- lookups used by commands ------------------------------------------
+
+    def handles(self) -> list[TenantHandle]:
+        return list(self._handles.values())
+
+    def handle(self, tenant_id: str) -> TenantHandle:
+        found = self._handles.get(tenant_id)
+        if found is None or tenant_id in self._removed:
+            raise NoSuchTenant(tenant_id)
+        return found
+
+    # -- the main loop --------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until shut down; returns the process exit code (0)."""
+        forkserver.ensure_running()  # before any thread exists; see supervisor/spawn.py
+        for folder in (self.config.supervisor.run_dir, self.config.supervisor.data_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
+        self.control = ControlServer(self.config.control_socket, self._dispatch)
+        previous = self._install_signals()
+        try:
+            logger.info(
+                "supervisor pid {} up; control socket {}", os.getpid(), self.config.control_socket
+            )
+            for tenant in self.config.tenants:
+                self._add(self.config, tenant.id)
+            while not (self._shutting_down and not any(h.alive for h in self.handles())):
+                self.step()
+        finally:
+            self._restore_signals(previous)
+            self.control.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        logger.info("supervisor stopped")
+        return 0
+
+    def step(self) -> None:
+        """One pass: wait for something to happen, then repair."""
+        assert self.control is not None
+        conns = {h.conn: h for h in self.handles() if h.conn is not None}
+        sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
+        waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
+        ready = wait(waitables, self._wait_time())
+        for conn, handle in conns.items():
+            if conn in ready:
+                self._read_frames(handle)
+        for sentinel, handle in sentinels.items():
+            if sentinel in ready:
+                self._reap(handle)
+        self.control.handle_ready(ready)
+        self._act_on_signals()
+        self._kill_overdue()
+        self._stop_hung()
+        self._watchdog()
+        self._start_due()
+
+    def _wait_time(self) -> float:
+        assert self.control is not None
+        now = self._clock()
+        deadlines = [now + MAX_WAIT, self._next_watchdog]
+        timeout_s = self.config.supervisor.heartbeat_timeout_s
+        for h in self.handles():
+            if h.start_at is not None and h.state is State.BACKOFF:
+                deadlines.append(h.start_at)
+            if h.kill_at is not None:
+                deadlines.append(h.kill_at)
+            if h.state is State.RUNNING:
+                deadlines.append(h.heartbeat_at + timeout_s + 0.01)
+        due = self.control.due_in()
+        if due is not None:
+            deadlines.append(now + due)
+        return max(0.0, min(deadlines) - now)
+
+    # -- repair steps --------------------------------------------------------
+
+    def _read_frames(self, handle: TenantHandle) -> None:
+        conn = handle.conn
+        assert conn is not None
+        for _ in range(FRAMES_PER_PASS):
+            try:
+                if not conn.poll():
+                    return
+                frame = protocol.recv(conn)
+            except (EOFError, OSError):
+                self._drop_conn(handle, conn)
+                return
+            except protocol.ProtocolError as exc:
+                logger.error("{}: bad frame from worker ({}); stopping it", handle.id, exc)
+                self._drop_conn(handle, conn)
+                handle.stop(f"protocol error: {exc}", State.STARTING)
+                return
+            line = handle.on_frame(frame)
+            if line is not None:
+                self._stream.write_line(line)
+
+    def _drop_conn(self, handle: TenantHandle, conn: Connection) -> None:
+        conn.close()
+        handle.conn = None  # the sentinel reports the exit itself
+
+    def _reap(self, handle: TenantHandle) -> None:
+        if handle.conn is not None:
+            self._read_frames(handle)  # a BootFailed frame may still be in the pipe
+        if handle.pid is not None:
+            self._sampler.forget(handle.pid)
+        handle.on_exit()
+        if handle.id in self._removed:
+            del self._handles[handle.id]
+            self._removed.discard(handle.id)
+
+    def _act_on_signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
+        pending, self._signals = self._signals, []
+        for signum in pending:
+            if signum == signal.SIGHUP:
+                with contextlib.suppress(ChatqError):  # already logged by reload
+                    self.reload()
+            else:
+                self.begin_shutdown(f"{signal.Signals(signum).name} received")
+
+    def _kill_overdue(self) -> None:
+        for handle in self.handles():
+            handle.kill_if_overdue()
+
+    def _stop_hung(self) -> None:
+        timeout_s = self.config.supervisor.heartbeat_timeout_s
+        for handle in self.handles():
+            if handle.is_hung():
+                logger.error("{}: no heartbeat for {}s: worker is hung", handle.id, timeout_s)
+                handle.stop(f"hung: no heartbeat for {timeout_s:g}s", State.STARTING)
+
+    def _watchdog(self) -> None:
+        now = self._clock()
+        if now < self._next_watchdog:
+            return
+        self._next_watchdog = now + self.config.supervisor.watchdog_interval
+        for handle in self.handles():
+            if handle.pid is None:
+                continue
+            handle.proc_stats = stats = self._sampler.sample(handle.pid)
+            limit = handle.tenant.memory_limit_mb
+            if stats is not None and over_memory(stats, limit) and handle.kill_at is None:
+                reason = (
+                    f"memory: rss {stats.rss_bytes / 2**20:.0f} MB over memory_limit_mb {limit}"
+                )
+                logger.warning("{}: {}; restarting it", handle.id, reason)
+                handle.stop(reason, State.STARTING)
+
+    def _start_due(self) -> None:
+        if self._shutting_down:
+            return
+        now = self._clock()
+        for handle in self.handles():
+            due = handle.start_at is not None and handle.start_at <= now
+            if handle.state is State.BACKOFF and due and handle.process is None:
+                handle.start(self._ctx)
+
+    # -- operations (commands and signals) -----------------------------------
+
+    def _add(self, config: ChatqConfig, tenant_id: str) -> None:
+        handle = TenantHandle(config, config.tenant(tenant_id), clock=self._clock)
+        self._handles[tenant_id] = handle
+        if handle.tenant.enabled and not self._shutting_down:
+            handle.start(self._ctx)
+
+    def restart(self, tenant_id: str) -> None:
+        handle = self.handle(tenant_id)
+        handle.revive()
+        handle.stop("restart requested", State.STARTING)
+
+    def stop_tenant(self, tenant_id: str) -> None:
+        self.handle(tenant_id).stop("stop requested", State.STOPPED)
+
+    def start_tenant(self, tenant_id: str) -> None:
+        handle = self.handle(tenant_id)
+        if handle.alive:
+            raise ControlError(f"tenant {tenant_id} is already {handle.state.value}")
+        handle.revive()
+        handle.start(self._ctx)
+
+    def begin_shutdown(self, reason: str) -> None:
+        if not self._shutting_down:
+            logger.info("shutting down ({}): draining all workers", reason)
+        self._shutting_down = True
+        for handle in self.handles():
+            handle.stop(reason, State.STOPPED)
+
+    def reload(self) -> dict[str, list[str]]:
+        """Re-read the config and apply the difference; unchanged tenants keep their PID."""
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            logger.error("reload refused, keeping the running config: {}", exc)
+            raise
+        if new.control_socket != self.config.control_socket:
+            logger.warning("reload: run_dir changes apply after a supervisor restart")
+        everything_changed = _worker_view(new) != _worker_view(self.config)
+        old_ids = {h.id for h in self.handles() if h.id not in self._removed}
+        new_ids = [t.id for t in new.tenants]
+        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        for tenant_id in old_ids - set(new_ids):
+            self._removed.add(tenant_id)
+            self._handles[tenant_id].stop("removed from the config", State.STOPPED)
+            if not self._handles[tenant_id].alive:
+                del self._handles[tenant_id]
+                self._removed.discard(tenant_id)
+            changes["removed"].append(tenant_id)
+        for tenant_id in new_ids:
+            kind = self._apply(new, tenant_id, old_ids, everything_changed)
+            changes[kind].append(tenant_id)
+        self.config = new
+        logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
+        return changes
+
+    def _apply(self, new: ChatqConfig, tenant_id: str, old_ids: set[str], force: bool) -> str:
+        if tenant_id not in old_ids:
+            self._removed.discard(tenant_id)
+            if tenant_id in self._handles:  # removed earlier, still draining
+                self._handles[tenant_id].stop("replaced", State.STOPPED)
+            self._add(new, tenant_id)
+            return "added"
+        handle = self._handles[tenant_id]
+        tenant = new.tenant(tenant_id)
+        handle.config = new
+        if tenant == handle.tenant and not force:
+            return "unchanged"
+        handle.tenant = tenant
+        if not tenant.enabled:
+            handle.stop("disabled in the config", State.STOPPED)
+        elif handle.alive or handle.state is not State.FATAL:
+            handle.stop("config changed", State.STARTING)
+        return "changed"
+
+    def _dispatch(self, request: dict[str, Any]) -> Any:
+        command = COMMANDS[request["cmd"]]
+        if self._shutting_down and request["cmd"] not in ("list", "status"):
+            raise ControlError("supervisor is shutting down")
+        return command(self, request)
+
+    # -- signals ---------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {int(s): signal.getsignal(s) for s in HANDLED_SIGNALS}
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._record_signal)
+        previous[-1] = signal.set_wakeup_fd(self._wake_w)
+        return previous
+
+    def _record_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals.append(signum)  # no logging, no work: the loop acts
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(previous.pop(-1))
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

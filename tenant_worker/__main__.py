@@ -1,0 +1,7 @@
+"""``python -m tenant_worker --config PATH --tenant ID``: one worker in the foreground."""
+
+import sys
+
+from tenant_worker.worker import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""The outbox: delivers stored replies, in order per chat, through the rate limiters.
+
+Replies are stored (status ``pending``) before they reach the outbox, so a
+crash loses none: the next start resubmits every pending reply. Delivery is
+at-least-once towards the transport: a reply sent just before a crash, but
+not yet marked sent, is sent again.
+
+One small task per chat with replies waiting keeps each chat's replies in
+order while chats send in parallel; it ends when its chat has nothing left,
+so memory follows the chats with pending replies, not all chats ever seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+from typing import Protocol
+
+from loguru import logger
+
+from shared.errors import PermanentTransportError
+from tenant_worker.messages import Reply
+from tenant_worker.rate_limiter import RateLimiter
+from tenant_worker.stats import WorkerStats
+from tenant_worker.transports import Transport
+
+REPLY_MAX_ATTEMPTS = 8
+REPLY_BACKOFF_MAX = 300.0
+_TENANT_KEY = "*"
+
+
+class ReplyStore(Protocol):
+    """The part of the store the outbox writes to."""
+
+    async def mark_sent(self, reply_id: int, provider_id: str) -> None: ...
+    async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None: ...
+    async def fail_reply(self, reply_id: int, error: str) -> None: ...
+
+
+def reply_backoff(attempts: int, base: float) -> float:
+    """Seconds before retry number ``attempts`` (1-based) of a reply."""
+    return float(min(base * 2 ** (attempts - 1), REPLY_BACKOFF_MAX))
+
+
+class Outbox:
+    """Sends replies per chat in order, at most the configured rates."""
+
+    def __init__(
+        self,
+        store: ReplyStore,
+        transport: Transport,
+        stats: WorkerStats,
+        *,
+        per_chat_per_minute: int,
+        tenant_per_minute: int | None = None,
+        retry_backoff: float = 1.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._store = store
+        self._transport = transport
+        self._stats = stats
+        self._per_chat = RateLimiter(per_chat_per_minute, monotonic, sleep)
+        self._per_tenant = (
+            RateLimiter(tenant_per_minute, monotonic, sleep) if tenant_per_minute else None
+        )
+        self._retry_backoff = retry_backoff
+        self._clock = clock
+        self._sleep = sleep
+        self._chats: dict[str, deque[Reply]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, replies: Iterable[Reply]) -> None:
+        """Queue stored replies for delivery (from the running loop)."""
+        for reply in replies:
+            line = self._chats.get(reply.chat_id)
+            if line is None:
+                line = self._chats[reply.chat_id] = deque()
+                task = asyncio.get_running_loop().create_task(self._drain_chat(reply.chat_id))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            line.append(reply)
+
+    def pending(self) -> int:
+        """Replies not yet delivered or given up on."""
+        return sum(len(line) for line in self._chats.values())
+
+    async def wait_empty(self, grace: float) -> bool:
+        """Wait up to ``grace`` s for every queued reply to be handled."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return True
+        _done, still = await asyncio.wait(tasks, timeout=grace)
+        return not still
+
+    async def aclose(self) -> None:
+        """Stop sending; undelivered replies stay pending in the store."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._chats.clear()
+
+    async def _drain_chat(self, chat_id: str) -> None:
+        line = self._chats[chat_id]
+        try:
+            while line:
+                await self._deliver(line[0])
+                line.popleft()
+        except Exception:
+            logger.exception("outbox for chat {} stopped; replies stay pending", chat_id)
+        finally:
+            if self._chats.get(chat_id) is line:
+                del self._chats[chat_id]
+
+    async def _deliver(self, reply: Reply) -> None:
+        """Send one reply, retrying transient failures; record the outcome."""
+        while True:
+            delay = reply.next_attempt_at - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+            await self._acquire(reply.chat_id)
+            try:
+                provider_id = await self._transport.send(reply.chat_id, reply.text)
+            except PermanentTransportError as exc:
+                await self._give_up(reply, str(exc))
+                return
+            except Exception as exc:  # retryable, or a transport bug: retry both
+                reply = await self._reschedule(reply, exc)
+                if reply.attempts >= REPLY_MAX_ATTEMPTS:
+                    await self._give_up(reply, f"{exc} (after {reply.attempts} attempts)")
+                    return
+                continue
+            await self._store.mark_sent(reply.id, provider_id)
+            self._stats.sent += 1
+            return
+
+    async def _acquire(self, chat_id: str) -> None:
+        for limiter, key in ((self._per_chat, chat_id), (self._per_tenant, _TENANT_KEY)):
+            if limiter is not None and not limiter.try_acquire(key):
+                self._stats.rate_limited += 1
+                await limiter.acquire(key)
+
+    async def _reschedule(self, reply: Reply, exc: Exception) -> Reply:
+        attempts = reply.attempts + 1
+        next_at = self._clock() + reply_backoff(attempts, self._retry_backoff)
+        logger.warning(
+            "reply {} to chat {} failed ({}); retry #{}", reply.id, reply.chat_id, exc, attempts
+        )
+        await self._store.retry_reply(reply.id, str(exc), next_at)
+        return replace(reply, attempts=attempts, next_attempt_at=next_at)
+
+    async def _give_up(self, reply: Reply, error: str) -> None:
+        logger.error("reply {} to chat {} failed for good: {}", reply.id, reply.chat_id, error)
+        await self._store.fail_reply(reply.id, error)
+        self._stats.send_failed += 1

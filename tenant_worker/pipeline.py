@@ -1,0 +1,270 @@
+"""One tenant's message pipeline: dedup -> store -> per-chat queue -> handler -> replies.
+
+    accept(messages)          dedup in memory, then by the store's unique id
+      -> store (committed)    queued, or rejected when the chat is full
+      -> ChatQueueManager     strict FIFO per chat
+      -> handler              attempts counted durably before each try
+      -> store.complete       processed + replies, one transaction
+      -> outbox               rate-limited delivery
+
+A message is acknowledged only once its row is committed. Attempts are
+counted in the store before the handler runs, so a message whose handling
+kills the worker is given up (``failed``) after ``max_attempts`` restarts
+instead of keeping its tenant down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from loguru import logger
+
+from config.settings import TenantConfig
+from shared.errors import (
+    HandlerTimeoutError,
+    PermanentHandlerError,
+    QueueClearedError,
+    QueueFullError,
+)
+from shared.log import bind_message
+from tenant_worker.chat_queue import ChatQueueManager
+from tenant_worker.dedup import MessageDeduplicator
+from tenant_worker.handlers import Handler, HandlerContext
+from tenant_worker.messages import Message, Reply
+from tenant_worker.outbox import Outbox
+from tenant_worker.stats import WorkerStats
+
+HANDLER_BACKOFF_MAX = 60.0
+
+
+class MessageStore(Protocol):
+    """The part of the store the pipeline uses."""
+
+    async def add_messages(self, messages: Sequence[Message], status: str = ...) -> list[bool]: ...
+    async def begin_attempt(self, message_id: str) -> int: ...
+    async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]: ...
+    async def fail(self, message_id: str, error: str, *, final: bool) -> None: ...
+    async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What one ingest call did: stored (incl. rejected), duplicates, rejected."""
+
+    accepted: int
+    duplicates: int
+    rejected: int
+
+
+def handler_backoff(attempts: int, base: float) -> float:
+    """Seconds to wait before retrying after failed attempt number ``attempts``."""
+    return float(min(base * 2 ** (attempts - 1), HANDLER_BACKOFF_MAX))
+
+
+class Pipeline:
+    """Takes accepted messages through the handler to stored replies."""
+
+    def __init__(
+        self,
+        tenant: TenantConfig,
+        store: MessageStore,
+        handler: Handler,
+        outbox: Outbox,
+        stats: WorkerStats,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._tenant = tenant
+        self._store = store
+        self._handler = handler
+        self._outbox = outbox
+        self._stats = stats
+        self._sleep = sleep
+        self._on_fatal = on_fatal
+        self.queue = ChatQueueManager(tenant.id, tenant.max_queue_size)
+        self._dedup = MessageDeduplicator(
+            tenant.dedup_ttl_seconds, tenant.dedup_max_entries, clock=monotonic
+        )
+        self._reserved: dict[str, int] = {}  # slots taken by messages being stored
+        self._overloaded: set[str] = set()  # chats told to wait in this overload episode
+
+    # -- intake -------------------------------------------------------------
+
+    async def accept(self, messages: Sequence[Message]) -> Accepted:
+        """Store and queue messages; return once every stored row is committed."""
+        fresh = [m for m in messages if not self._dedup.is_duplicate(m.id)]
+        duplicates = len(messages) - len(fresh)
+        admitted, refused = self._admit(fresh)
+        try:
+            stored = await self._store_new(admitted, "queued")
+        finally:
+            self._release(admitted)
+        for message in stored:
+            self._enqueue(message)
+        rejected = await self._store_new(refused, "rejected")
+        for message in rejected:
+            await self._tell_to_wait(message)
+        duplicates += len(fresh) - len(stored) - len(rejected)
+        self._stats.duplicates += duplicates
+        self._stats.rejected += len(rejected)
+        return Accepted(len(stored) + len(rejected), duplicates, len(rejected))
+
+    async def replay(self, unfinished: Sequence[Message], replies: Sequence[Reply]) -> None:
+        """Requeue what a previous run accepted but did not finish, in arrival order."""
+        for message in unfinished:
+            self._dedup.is_duplicate(message.id)  # remember it as seen
+            self._enqueue(message, force=True)
+        self._outbox.submit(replies)
+        if unfinished or replies:
+            logger.info("replayed {} messages and {} replies", len(unfinished), len(replies))
+
+    def _admit(self, messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
+        """Split into messages the chats have room for and ones they don't.
+
+        A chat may hold one message in flight plus ``max_queue_size`` pending;
+        slots of messages still being stored are reserved so concurrent
+        requests cannot overfill a chat.
+        """
+        admitted: list[Message] = []
+        refused: list[Message] = []
+        room = self._tenant.max_queue_size + 1
+        for message in messages:
+            chat = message.chat_id
+            taken = (
+                self.queue.is_busy(chat)
+                + self.queue.get_queue_size(chat)
+                + self._reserved.get(chat, 0)
+            )
+            if taken < room:
+                self._reserved[chat] = self._reserved.get(chat, 0) + 1
+                admitted.append(message)
+            else:
+                refused.append(message)
+        return admitted, refused
+
+    def _release(self, admitted: Sequence[Message]) -> None:
+        for message in admitted:
+            left = self._reserved[message.chat_id] - 1
+            if left:
+                self._reserved[message.chat_id] = left
+            else:
+                del self._reserved[message.chat_id]
+
+    async def _store_new(self, messages: Sequence[Message], status: str) -> list[Message]:
+        """Insert rows; the newly stored ones (not already known) come back."""
+        if not messages:
+            return []
+        try:
+            new = await self._store.add_messages(messages, status)
+        except BaseException:
+            for message in messages:  # not stored: a retry must not look like a duplicate
+                self._dedup.forget(message.id)
+            raise
+        return [m for m, is_new in zip(messages, new, strict=True) if is_new]
+
+    async def _tell_to_wait(self, message: Message) -> None:
+        """One wait reply per chat per overload episode, not one per message."""
+        if message.chat_id in self._overloaded:
+            return
+        self._overloaded.add(message.chat_id)
+        logger.warning("chat {} is full (QUEUE_FULL); sent the wait text", message.chat_id)
+        reply = await self._store.add_reply(message.id, message.chat_id, self._tenant.wait_text)
+        self._outbox.submit([reply])
+
+    def _enqueue(self, message: Message, *, force: bool = False) -> None:
+        try:
+            fut = self.queue.enqueue(message.chat_id, lambda: self._process(message), force=force)
+        except QueueFullError:  # cannot happen with reservations; never drop silently
+            logger.error("chat {} unexpectedly full; {} stays queued", message.chat_id, message.id)
+            return
+        fut.add_done_callback(self._after)
+
+    def _after(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None or isinstance(exc, QueueClearedError):
+            return  # cleared at drain: the row stays queued for the next start
+        logger.opt(exception=exc).error("processing stopped by a store failure")
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
+
+    # -- processing ---------------------------------------------------------
+
+    async def _process(self, message: Message) -> None:
+        with bind_message(message.chat_id, message.id):
+            await self._attempts(message)
+        chat = message.chat_id
+        if chat in self._overloaded and not self.queue.get_queue_size(chat):
+            self._overloaded.discard(chat)  # caught up: the episode is over
+
+    async def _attempts(self, message: Message) -> None:
+        limit = self._tenant.max_attempts
+        while True:
+            attempts = await self._store.begin_attempt(message.id)
+            if attempts > limit:
+                await self._give_up(
+                    message, f"quarantined: {limit} attempts never finished (worker died or hung)"
+                )
+                return
+            try:
+                replies = await self._run_handler(message, attempts)
+            except (PermanentHandlerError, HandlerTimeoutError) as exc:
+                await self._give_up(message, str(exc))
+                return
+            except Exception as exc:
+                if attempts >= limit:
+                    await self._give_up(message, f"{exc!r} (after {attempts} attempts)")
+                    return
+                logger.warning("handler failed (attempt {}/{}): {!r}", attempts, limit, exc)
+                await self._store.fail(message.id, repr(exc), final=False)
+                await self._sleep(handler_backoff(attempts, self._tenant.retry_backoff))
+                continue
+            # The final write must not be lost to a drain's cancellation.
+            stored = await asyncio.shield(self._store.complete(message.id, replies))
+            self._stats.processed += 1
+            self._outbox.submit(stored)
+            return
+
+    async def _run_handler(self, message: Message, attempt: int) -> list[str]:
+        deadline = asyncio.timeout(self._tenant.handler_timeout)
+        try:
+            async with deadline:
+                return await self._handler.handle(
+                    message, HandlerContext(tenant_id=self._tenant.id, attempt=attempt)
+                )
+        except TimeoutError:
+            if deadline.expired():
+                raise HandlerTimeoutError(
+                    f"handler ran past handler_timeout ({self._tenant.handler_timeout:g}s)"
+                ) from None
+            raise
+
+    async def _give_up(self, message: Message, error: str) -> None:
+        logger.error("message failed for good: {}", error)
+        await self._store.fail(message.id, error, final=True)
+        self._stats.failed += 1
+
+    # -- shutdown -----------------------------------------------------------
+
+    async def drain(self, grace: float) -> bool:
+        """Finish in-flight messages within ``grace`` s; pending ones stay queued.
+
+        Returns False when in-flight handlers had to be cancelled.
+        """
+        self.queue.clear_all()
+        try:
+            async with asyncio.timeout(grace):
+                await self.queue.wait_idle()
+        except TimeoutError:
+            logger.warning("drain timeout ({}s): cancelling in-flight handlers", grace)
+            self.queue.cancel_all()
+            await self.queue.wait_idle()
+            return False
+        return True

@@ -1,0 +1,680 @@
+"""The tenant's durable inbox and outbox: one SQLite file, group-committed writes.
+
+Every inbound message and every reply is a row. A write is acknowledged only
+once its transaction is committed with `synchronous=FULL` in WAL mode, so an
+acknowledged row survives a crash or a power loss.
+
+Group commit: each write method enqueues an operation and awaits its future.
+One writer task takes every waiting operation (up to `max_batch`), lingers up
+to `linger` seconds for more while the batch is not full, runs them all in
+ONE transaction (runs of same-kind operations become one `executemany`, to
+limit aiosqlite thread hops), commits, then resolves every caller. If the
+batch fails it is rolled back and each operation is retried alone, so one bad
+operation fails only its own caller.
+
+Operations waiting together are concurrent (no caller has its result yet), so
+the writer may group them by kind, unless two of them touch the same row; then
+it keeps their submission order.
+
+Reads use a second, read-only connection: they never wait behind the writer
+and see exactly what is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+import aiosqlite
+
+from shared.errors import StoreError
+from tenant_worker.messages import Message, Reply
+
+__all__ = [
+    "MESSAGE_STATUSES",
+    "MIGRATIONS",
+    "REPLY_STATUSES",
+    "Store",
+    "StoredMessage",
+]
+
+MESSAGE_STATUSES = ("queued", "processing", "processed", "failed", "rejected")
+REPLY_STATUSES = ("pending", "sent", "failed")
+
+_V1 = (
+    """CREATE TABLE messages (
+        seq         INTEGER PRIMARY KEY,  -- arrival order
+        id          TEXT    NOT NULL UNIQUE,
+        chat_id     TEXT    NOT NULL,
+        sender      TEXT,
+        text        TEXT    NOT NULL,
+        ts          REAL,
+        received_at REAL    NOT NULL,
+        status      TEXT    NOT NULL CHECK (status IN
+                        ('queued', 'processing', 'processed', 'failed', 'rejected')),
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT,
+        updated_at  REAL    NOT NULL
+    )""",
+    """CREATE TABLE replies (
+        id              INTEGER PRIMARY KEY,
+        message_id      TEXT    NOT NULL REFERENCES messages (id),
+        chat_id         TEXT    NOT NULL,
+        text            TEXT    NOT NULL,
+        status          TEXT    NOT NULL CHECK (status IN ('pending', 'sent', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL,
+        provider_id     TEXT,
+        last_error      TEXT,
+        created_at      REAL    NOT NULL,
+        sent_at         REAL
+    )""",
+    """CREATE INDEX messages_unfinished ON messages (seq)
+        WHERE status IN ('queued', 'processing')""",
+    "CREATE INDEX messages_by_chat ON messages (chat_id, seq)",
+    "CREATE INDEX replies_pending ON replies (id) WHERE status = 'pending'",
+    "CREATE INDEX replies_by_message ON replies (message_id)",
+)
+
+# Forward migrations: entry N (0-based) takes the schema from user_version N
+# to N + 1. Append only; never edit a released entry.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+
+_IN_KEYS = "IN (SELECT value FROM json_each(?))"  # one bound JSON list, any length
+_MESSAGE_COLUMNS = "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored, with its place in arrival order and its progress."""
+
+    message: Message
+    seq: int
+    status: str
+    attempts: int
+    last_error: str | None
+
+
+class Store:
+    """One tenant's SQLite store. Open with `await Store.open(...)`."""
+
+    def __init__(
+        self,
+        path: Path,
+        tenant_id: str,
+        db: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        clock: Callable[[], float],
+        linger: float,
+        max_batch: int,
+    ) -> None:
+        self.path = path
+        self.tenant_id = tenant_id
+        self.commits = 0  # committed write transactions; tests read it to see batching
+        self._db = db
+        self._reader = reader
+        self._clock = clock
+        self._linger = linger
+        self._max_batch = max_batch
+        self._last_batch = 1  # size of the previous batch, to judge when to linger
+        self._pending: deque[_Op[Any]] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        tenant_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        linger: float = 0.002,
+        max_batch: int = 1000,
+    ) -> Store:
+        """Open (creating and migrating if needed) the store file at `path`."""
+        if not linger >= 0:
+            raise ValueError(f"linger must be >= 0, got {linger!r}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
+        db, reader = await _open_connections(path)
+        store = cls(path, tenant_id, db, reader, clock=clock, linger=linger, max_batch=max_batch)
+        store._writer = asyncio.create_task(store._write_loop(), name=f"store-writer:{tenant_id}")
+        return store
+
+    async def close(self) -> None:
+        """Commit every write already submitted, stop the writer, close. Idempotent."""
+        if self._close_task is None:
+            self._closing = True
+            self._wake.set()
+            self._close_task = asyncio.create_task(self._shutdown())
+        # Shielded: a cancelled caller must not cut the final flush short.
+        await asyncio.shield(self._close_task)
+
+    # -- writes ---------------------------------------------------------------
+
+    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+        """Store new messages; per message True if stored now, False if its id was known."""
+        _check_status(status, MESSAGE_STATUSES)
+        return await self._submit(_AddMessages(list(messages), status))
+
+    async def begin_attempt(self, message_id: str) -> int:
+        """Mark a message processing and count the attempt; returns the attempt count."""
+        return await self._submit(_BeginAttempt(message_id))
+
+    async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]:
+        """In one transaction: mark the message processed and store its pending replies."""
+        if isinstance(replies, str):
+            raise TypeError("replies must be a sequence of strings, not one string")
+        return await self._submit(_Complete(message_id, list(replies)))
+
+    async def fail(self, message_id: str, error: str, *, final: bool) -> None:
+        """Record a failed attempt: `failed` for good if final, else `queued` for a retry."""
+        await self._submit(_Fail(message_id, error, final))
+
+    async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
+        """Store one pending reply to a stored message (e.g. a wait text)."""
+        return await self._submit(_AddReply(message_id, chat_id, text))
+
+    async def mark_sent(self, reply_id: int, provider_id: str) -> None:
+        """Record that a reply was delivered; counts the attempt."""
+        await self._submit(_MarkSent(reply_id, provider_id))
+
+    async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None:
+        """Record a failed send to try again at `next_attempt_at`; stays pending."""
+        await self._submit(_RetryReply(reply_id, error, next_attempt_at))
+
+    async def fail_reply(self, reply_id: int, error: str) -> None:
+        """Record that a reply cannot be delivered; counts the attempt."""
+        await self._submit(_FailReply(reply_id, error))
+
+    # -- reads ----------------------------------------------------------------
+
+    async def unfinished_messages(self) -> list[StoredMessage]:
+        """Messages still queued or processing, in arrival order (for replay)."""
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE status IN ('queued', 'processing') ORDER BY seq"
+        )
+        return [self._stored_message(row) for row in rows]
+
+    async def pending_replies(self) -> list[Reply]:
+        """Replies not yet sent nor given up, oldest first."""
+        rows = await self._read(
+            "SELECT id, message_id, chat_id, text, attempts, next_attempt_at"
+            " FROM replies WHERE status = 'pending' ORDER BY id"
+        )
+        return [Reply(*row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        """Number of messages per status; every status is a key."""
+        rows = await self._read("SELECT status, COUNT(*) FROM messages GROUP BY status")
+        result = dict.fromkeys(MESSAGE_STATUSES, 0)
+        result.update({status: count for status, count in rows})
+        return result
+
+    # -- internals ------------------------------------------------------------
+
+    async def _submit(self, op: _Op[T]) -> T:
+        if self._closing:
+            raise StoreError(f"store {self.path}: closed")
+        self._pending.append(op)
+        self._wake.set()
+        # If this caller is cancelled the write still happens; only the wait ends.
+        return await op.future
+
+    async def _read(self, sql: str) -> list[tuple[Any, ...]]:
+        if self._closing:
+            raise StoreError(f"store {self.path}: closed")
+        try:
+            return [tuple(row) for row in await self._reader.execute_fetchall(sql)]
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {_one_line(exc)}") from exc
+
+    def _stored_message(self, row: tuple[Any, ...]) -> StoredMessage:
+        seq, mid, chat_id, sender, text, ts, received_at, status, attempts, last_error = row
+        message = Message(mid, chat_id, text, self.tenant_id, sender, ts, received_at)
+        return StoredMessage(message, seq, status, attempts, last_error)
+
+    async def _shutdown(self) -> None:
+        if self._writer is not None:
+            await self._writer
+        await _close_quietly(self._db, self._reader)
+
+    async def _write_loop(self) -> None:
+        while self._pending or not self._closing:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._commit(await self._take_batch())
+
+    async def _take_batch(self) -> list[_Op[Any]]:
+        """Take what is waiting, lingering (bounded) for more while the batch is small.
+
+        Small means below the size of the previous batch (and at least 2): the
+        load just seen says more is coming. Callers that all waited on the last
+        commit resubmit together, so a steady closed-loop load rarely pays it.
+        """
+        batch: list[_Op[Any]] = []
+        target = min(self._max_batch, max(2, self._last_batch))
+        deadline = asyncio.get_running_loop().time() + self._linger
+        while True:
+            while self._pending and len(batch) < self._max_batch:
+                batch.append(self._pending.popleft())
+            remaining = deadline - asyncio.get_running_loop().time()
+            if len(batch) >= target or self._closing or remaining <= 0:
+                self._last_batch = len(batch)
+                return batch
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+
+    async def _commit(self, batch: list[_Op[Any]]) -> None:
+        """Run a batch in one transaction; on failure retry each op alone."""
+        try:
+            await self._transaction(batch)
+        except Exception as exc:
+            if len(batch) > 1:
+                for op in batch:
+                    await self._commit([op])
+            else:
+                batch[0].reject(self._error(batch[0], exc))
+            return
+        self.commits += 1
+        for op in batch:
+            op.settle(f"store {self.path}")
+
+    async def _transaction(self, batch: list[_Op[Any]]) -> None:
+        now = self._clock()
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for run in _runs(batch):
+                await type(run[0]).run_many(self._db, run, now)
+            await self._db.commit()
+        except BaseException:
+            await self._db.rollback()
+            raise
+
+    def _error(self, op: _Op[Any], exc: Exception) -> StoreError:
+        if isinstance(exc, StoreError):
+            return exc
+        error = StoreError(f"store {self.path}: {op.NAME}: {_one_line(exc)}")
+        error.__cause__ = exc
+        return error
+
+
+# -- opening ------------------------------------------------------------------
+
+
+async def _open_connections(path: Path) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+    """Writer and reader connections, schema migrated; any failure is one StoreError line."""
+    db: aiosqlite.Connection | None = None
+    reader: aiosqlite.Connection | None = None
+    try:
+        # Sync sqlite3 in a thread first: it reports a bad file cleanly, whereas a
+        # failed aiosqlite connect leaves its thread calling back into our loop.
+        await asyncio.to_thread(_prepare_file, path)
+        db = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
+        # FULL: a commit is on disk before we acknowledge it, even across power loss.
+        await db.execute("PRAGMA synchronous = FULL")
+        await db.execute("PRAGMA foreign_keys = ON")
+        reader = await aiosqlite.connect(read_only_uri(path), uri=True, timeout=5.0)
+    except BaseException as exc:
+        await _close_quietly(db, reader)
+        if isinstance(exc, OSError | sqlite3.Error):
+            raise StoreError(f"store {path}: {_one_line(exc)}") from exc
+        raise
+    return db, reader
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the file if missing, switch it to WAL (a lasting setting), migrate it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"store {path}: cannot create folder {path.parent}: {exc.strerror}"
+        ) from exc
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=5.0)) as conn:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
+        _migrate(conn, path)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply the migrations this file lacks, all in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")  # read and bump the version under the write lock
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"store {path}: schema version {version} is newer than this chatq knows"
+                f" ({len(MIGRATIONS)}); upgrade chatq"
+            )
+        for statements in MIGRATIONS[version:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+
+
+async def _close_quietly(*connections: aiosqlite.Connection | None) -> None:
+    for connection in connections:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
+def read_only_uri(path: Path) -> str:
+    """A SQLite URI that opens `path` read-only and never creates it."""
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
+def _check_status(status: str, allowed: Sequence[str]) -> None:
+    if status not in allowed:
+        raise ValueError(f"status must be one of {', '.join(allowed)}; got {status!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- operations ---------------------------------------------------------------
+
+
+async def _fetch(db: aiosqlite.Connection, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in await db.execute_fetchall(sql, params)]
+
+
+async def _fetch_by_id(
+    db: aiosqlite.Connection, columns: str, table: str, keys: Iterable[str | int]
+) -> dict[Any, Any]:
+    """{id: value of the one other column} for the ids of `keys` present in `table`."""
+    sql = f"SELECT id, {columns} FROM {table} WHERE id {_IN_KEYS}"
+    return dict(await _fetch(db, sql, json.dumps(list(keys))))
+
+
+def _runs(batch: list[_Op[Any]]) -> list[list[_Op[Any]]]:
+    """Split a batch into runs of one kind, each run one executemany."""
+    keys = [key for op in batch for key in op.rows()]
+    if len(keys) != len(set(keys)):  # two ops touch one row: keep submission order
+        return [list(run) for _, run in groupby(batch, key=type)]
+    runs: dict[type[_Op[Any]], list[_Op[Any]]] = {}
+    for op in batch:
+        runs.setdefault(type(op), []).append(op)
+    return list(runs.values())
+
+
+@dataclass(eq=False)
+class _Op(Generic[T]):
+    """One caller's write. `run_many` sets each op's outcome; `settle` hands it over."""
+
+    NAME: ClassVar[str]
+    future: asyncio.Future[T] = field(init=False, repr=False)
+    outcome: T | StoreError = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        """Apply `ops` (all of this kind) inside the open transaction."""
+        raise NotImplementedError
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        """The (table, id) rows this op reads or writes."""
+        raise NotImplementedError
+
+    def settle(self, where: str) -> None:
+        """Hand the committed outcome to the caller; `where` prefixes an error."""
+        if isinstance(self.outcome, StoreError):
+            self.reject(StoreError(f"{where}: {self.outcome}"))
+        elif not self.future.done():
+            self.future.set_result(self.outcome)
+
+    def reject(self, error: StoreError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@dataclass(eq=False)
+class _AddMessages(_Op[list[bool]]):
+    NAME = "add_messages"
+    messages: list[Message]
+    status: str
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", message.id) for message in self.messages]
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        ids = [message.id for op in ops for message in op.messages]
+        seen = set(await _fetch_by_id(db, "NULL", "messages", ids))
+        rows: list[tuple[Any, ...]] = []
+        for op in ops:
+            fresh = []
+            for m in op.messages:
+                fresh.append(m.id not in seen)
+                if fresh[-1]:
+                    seen.add(m.id)
+                    rows.append((*_message_row(m, now), op.status, now))
+            op.outcome = fresh
+        await db.executemany(
+            "INSERT INTO messages (id, chat_id, sender, text, ts, received_at, status, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+def _message_row(m: Message, now: float) -> tuple[Any, ...]:
+    return (m.id, m.chat_id, m.sender, m.text, m.ts, m.received_at or now)
+
+
+@dataclass(eq=False)
+class _BeginAttempt(_Op[int]):
+    NAME = "begin_attempt"
+    message_id: str
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", self.message_id)]
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        attempts = await _fetch_by_id(db, "attempts", "messages", [op.message_id for op in ops])
+        rows = []
+        for op in ops:
+            if op.message_id not in attempts:
+                op.outcome = StoreError(f"begin_attempt: unknown message id {op.message_id!r}")
+                continue
+            attempts[op.message_id] += 1
+            op.outcome = attempts[op.message_id]
+            rows.append((op.outcome, now, op.message_id))
+        await db.executemany(
+            "UPDATE messages SET status = 'processing', attempts = ?, updated_at = ? WHERE id = ?",
+            rows,
+        )
+
+
+async def _insert_replies(
+    db: aiosqlite.Connection, specs: list[tuple[str, str, str]], now: float
+) -> list[Reply]:
+    """Insert pending replies (message_id, chat_id, text), due now; returns them with ids."""
+    if not specs:
+        return []
+    # The writer is the only one writing, inside BEGIN IMMEDIATE: ids are ours to pick.
+    first = (await _fetch(db, "SELECT COALESCE(MAX(id), 0) + 1 FROM replies"))[0][0]
+    replies = [Reply(first + i, *spec, next_attempt_at=now) for i, spec in enumerate(specs)]
+    await db.executemany(
+        "INSERT INTO replies (id, message_id, chat_id, text, status, next_attempt_at, created_at)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        [(r.id, r.message_id, r.chat_id, r.text, now, now) for r in replies],
+    )
+    return replies
+
+
+@dataclass(eq=False)
+class _Complete(_Op[list[Reply]]):
+    NAME = "complete"
+    message_id: str
+    texts: list[str]
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", self.message_id)]
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        chats = await _fetch_by_id(db, "chat_id", "messages", [op.message_id for op in ops])
+        done = [op for op in ops if op.message_id in chats]
+        for op in ops:
+            if op.message_id not in chats:
+                op.outcome = StoreError(f"complete: unknown message id {op.message_id!r}")
+        await db.executemany(
+            "UPDATE messages SET status = 'processed', last_error = NULL, updated_at = ?"
+            " WHERE id = ?",
+            [(now, op.message_id) for op in done],
+        )
+        specs = [(op.message_id, chats[op.message_id], text) for op in done for text in op.texts]
+        replies = iter(await _insert_replies(db, specs, now))
+        for op in done:
+            op.outcome = [next(replies) for _ in op.texts]
+
+
+@dataclass(eq=False)
+class _AddReply(_Op[Reply]):
+    NAME = "add_reply"
+    message_id: str
+    chat_id: str
+    text: str
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", self.message_id)]
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        known = await _fetch_by_id(db, "NULL", "messages", [op.message_id for op in ops])
+        done = [op for op in ops if op.message_id in known]
+        for op in ops:
+            if op.message_id not in known:
+                op.outcome = StoreError(f"add_reply: unknown message id {op.message_id!r}")
+        specs = [(op.message_id, op.chat_id, op.text) for op in done]
+        for op, reply in zip(done, await _insert_replies(db, specs, now), strict=True):
+            op.outcome = reply
+
+
+@dataclass(eq=False)
+class _RowUpdate(_Op[None]):
+    """An update of one existing row by id: `SQL` bound to `params(now)`."""
+
+    TABLE: ClassVar[str]
+    SQL: ClassVar[str]
+
+    def key(self) -> str | int:
+        raise NotImplementedError
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [(self.TABLE, self.key())]
+
+    @classmethod
+    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+        known = await _fetch_by_id(db, "NULL", cls.TABLE, [op.key() for op in ops])
+        noun = "message" if cls.TABLE == "messages" else "reply"
+        rows = []
+        for op in ops:
+            if op.key() in known:
+                op.outcome = None
+                rows.append(op.params(now))
+            else:
+                op.outcome = StoreError(f"{cls.NAME}: unknown {noun} id {op.key()!r}")
+        await db.executemany(cls.SQL, rows)
+
+
+@dataclass(eq=False)
+class _Fail(_RowUpdate):
+    NAME = "fail"
+    TABLE = "messages"
+    SQL = "UPDATE messages SET status = ?, last_error = ?, updated_at = ? WHERE id = ?"
+    message_id: str
+    error: str
+    final: bool
+
+    def key(self) -> str:
+        return self.message_id
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        return ("failed" if self.final else "queued", self.error, now, self.message_id)
+
+
+@dataclass(eq=False)
+class _MarkSent(_RowUpdate):
+    NAME = "mark_sent"
+    TABLE = "replies"
+    SQL = (
+        "UPDATE replies SET status = 'sent', attempts = attempts + 1, provider_id = ?,"
+        " last_error = NULL, sent_at = ? WHERE id = ?"
+    )
+    reply_id: int
+    provider_id: str
+
+    def key(self) -> int:
+        return self.reply_id
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        return (self.provider_id, now, self.reply_id)
+
+
+@dataclass(eq=False)
+class _RetryReply(_RowUpdate):
+    NAME = "retry_reply"
+    TABLE = "replies"
+    SQL = (
+        "UPDATE replies SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+        " WHERE id = ?"
+    )
+    reply_id: int
+    error: str
+    next_attempt_at: float
+
+    def key(self) -> int:
+        return self.reply_id
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        return (self.error, self.next_attempt_at, self.reply_id)
+
+
+@dataclass(eq=False)
+class _FailReply(_RowUpdate):
+    NAME = "fail_reply"
+    TABLE = "replies"
+    SQL = (
+        "UPDATE replies SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?"
+    )
+    reply_id: int
+    error: str
+
+    def key(self) -> int:
+        return self.reply_id
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        return (self.error, self.reply_id)

@@ -1,0 +1,216 @@
+"""The worker <-> supervisor pipe protocol: JSON frames, checked, size-capped."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+
+import pytest
+
+from shared.errors import ChatqError
+from shared.protocol import (
+    MAX_FRAME_BYTES,
+    BootFailed,
+    Frame,
+    Heartbeat,
+    LogRecord,
+    ProtocolError,
+    Ready,
+    Stop,
+    decode,
+    encode,
+    recv,
+    send,
+)
+
+HEARTBEAT = Heartbeat(
+    seq=7,
+    time=1700000000.25,
+    queued=3,
+    in_flight=1,
+    processed=120,
+    failed=2,
+    rejected=1,
+    duplicates=4,
+    rate_limited=5,
+    busiest=[("chat-a", 2), ("chat-b", 1)],
+)
+
+FRAMES: list[Frame] = [
+    Ready(pid=4242),
+    HEARTBEAT,
+    Heartbeat(0, 0.0, 0, 0, 0, 0, 0, 0, 0, []),
+    BootFailed(reason="cannot import mybot.handlers:reply"),
+    LogRecord(line="2026-01-01 00:00:00.000 INFO  [acme pid=1] hé {braces}", level="INFO"),
+    Stop(reason="reload"),
+]
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[Connection, Connection]]:
+    a, b = Pipe(duplex=True)
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=lambda f: type(f).__name__)
+def test_round_trip(frame: Frame) -> None:
+    data = encode(frame)
+    assert isinstance(data, bytes)
+    assert decode(data) == frame
+
+
+def test_wire_form_is_json_with_kind() -> None:
+    assert json.loads(encode(Ready(pid=12))) == {"kind": "ready", "pid": 12}
+    obj = json.loads(encode(HEARTBEAT))
+    assert obj["kind"] == "heartbeat"
+    assert obj["busiest"] == [["chat-a", 2], ["chat-b", 1]]
+
+
+def test_busiest_comes_back_as_tuples() -> None:
+    frame = decode(encode(HEARTBEAT))
+    assert isinstance(frame, Heartbeat)
+    assert frame.busiest == [("chat-a", 2), ("chat-b", 1)]
+    assert all(isinstance(pair, tuple) for pair in frame.busiest)
+
+
+def test_integer_time_is_read_as_float() -> None:
+    raw = json.loads(encode(HEARTBEAT))
+    raw["time"] = 5
+    frame = decode(json.dumps(raw).encode())
+    assert isinstance(frame, Heartbeat)
+    assert frame.time == 5.0
+    assert isinstance(frame.time, float)
+
+
+def test_protocol_error_is_a_chatq_error() -> None:
+    assert issubclass(ProtocolError, ChatqError)
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe\x00", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"pid": 1}', "unknown frame kind None"),
+        (b'{"kind": "explode"}', "unknown frame kind 'explode'"),
+        (b'{"kind": 3}', "unknown frame kind 3"),
+        (b'{"kind": "ready"}', "missing field 'pid'"),
+        (b'{"kind": "ready", "pid": 1, "extra": 2}', "unknown field 'extra'"),
+        (b'{"kind": "ready", "pid": "1"}', "'pid' must be a non-negative integer"),
+        (b'{"kind": "ready", "pid": true}', "'pid' must be a non-negative integer"),
+        (b'{"kind": "ready", "pid": -1}', "'pid' must be a non-negative integer"),
+        (b'{"kind": "ready", "pid": 1.5}', "'pid' must be a non-negative integer"),
+        (b'{"kind": "stop", "reason": null}', "'reason' must be a string"),
+        (b'{"kind": "log", "line": "x", "level": ""}', "'level' must be a non-empty string"),
+        (b'{"kind": "boot_failed", "reason": ["a"]}', "'reason' must be a string"),
+        (b"[" * 100_000, "not JSON"),
+    ],
+)
+def test_bad_frames_are_refused_with_a_reason(data: bytes, needle: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(data)
+    assert needle in str(info.value)
+
+
+def _heartbeat_with(**changes: object) -> bytes:
+    raw = json.loads(encode(HEARTBEAT))
+    raw.update(changes)
+    return json.dumps(raw).encode()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"time": "now"}, "'time' must be a finite number"),
+        ({"time": True}, "'time' must be a finite number"),
+        ({"queued": -1}, "'queued' must be a non-negative integer"),
+        ({"rate_limited": None}, "'rate_limited'"),
+        ({"busiest": {"a": 1}}, "'busiest' must be a list"),
+        ({"busiest": [["c", 1]] * 6}, "at most 5"),
+        ({"busiest": [["c", 1, 2]]}, "'busiest' must be a list"),
+        ({"busiest": [[1, 1]]}, "'busiest[].chat_id' must be a string"),
+        ({"busiest": [["c", -1]]}, "'busiest[].depth' must be a non-negative integer"),
+    ],
+)
+def test_bad_heartbeat_fields_are_named(changes: dict[str, object], needle: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode(_heartbeat_with(**changes))
+    assert needle in str(info.value)
+    assert str(info.value).startswith("heartbeat frame:")
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_json_numbers_are_refused(constant: bytes) -> None:
+    data = encode(HEARTBEAT).replace(b'"time":1700000000.25', b'"time":' + constant)
+    assert constant in data
+    with pytest.raises(ProtocolError, match="not JSON"):
+        decode(data)
+
+
+def test_encode_checks_fields_too() -> None:
+    with pytest.raises(ProtocolError, match="at most 5"):
+        encode(Heartbeat(1, 1.0, 0, 0, 0, 0, 0, 0, 0, [("c", 1)] * 6))
+    with pytest.raises(ProtocolError, match="finite number"):
+        encode(Heartbeat(1, float("nan"), 0, 0, 0, 0, 0, 0, 0, []))
+    with pytest.raises(ProtocolError, match="not a frame: dict"):
+        encode({"kind": "ready", "pid": 1})  # type: ignore[arg-type]
+
+
+def test_size_cap_on_encode_and_decode() -> None:
+    overhead = len(encode(LogRecord(line="", level="INFO")))
+    fits = LogRecord(line="x" * (MAX_FRAME_BYTES - overhead), level="INFO")
+    assert len(encode(fits)) == MAX_FRAME_BYTES
+    with pytest.raises(ProtocolError, match="over 1048576"):
+        encode(LogRecord(line="x" * (MAX_FRAME_BYTES - overhead + 1), level="INFO"))
+    with pytest.raises(ProtocolError, match="over 1048576"):
+        decode(b" " * (MAX_FRAME_BYTES + 1))
+
+
+def test_send_and_recv_over_a_pipe(pipe: tuple[Connection, Connection]) -> None:
+    worker_end, supervisor_end = pipe
+    for frame in FRAMES:
+        send(worker_end, frame)
+        assert recv(supervisor_end) == frame
+    send(supervisor_end, Stop(reason="shutdown"))
+    assert recv(worker_end) == Stop(reason="shutdown")
+
+
+def test_recv_refuses_bad_bytes(pipe: tuple[Connection, Connection]) -> None:
+    worker_end, supervisor_end = pipe
+    worker_end.send_bytes(b'{"kind": "ready", "pid": "nope"}')
+    with pytest.raises(ProtocolError, match="'pid'"):
+        recv(supervisor_end)
+
+
+def test_recv_refuses_an_oversized_frame_from_its_header(
+    pipe: tuple[Connection, Connection],
+) -> None:
+    worker_end, supervisor_end = pipe
+    errors: list[BaseException] = []
+
+    def flood() -> None:
+        try:
+            worker_end.send_bytes(b"x" * (MAX_FRAME_BYTES + 1))
+        except OSError as exc:  # the reader gives up and closes its end
+            errors.append(exc)
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    with pytest.raises(ProtocolError, match="over 1048576"):
+        recv(supervisor_end)
+    supervisor_end.close()
+    sender.join(timeout=10)
+    assert not sender.is_alive()
+
+
+def test_recv_lets_eof_through(pipe: tuple[Connection, Connection]) -> None:
+    worker_end, supervisor_end = pipe
+    worker_end.close()
+    with pytest.raises(EOFError):
+        recv(supervisor_end)
