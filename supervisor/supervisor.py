@@ -36,6 +36,7 @@ from supervisor.tenant import State, TenantHandle
 from supervisor.watchdog import ProcessSampler, over_memory
 
 MAX_WAIT = 1.0
+PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
 FRAMES_PER_PASS = 1000  # per worker, so one chatty worker cannot starve the rest
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -72,6 +73,9 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.control: ControlServer | None = None
+        # What other threads (the metrics server) may read: replaced, never mutated.
+        self.published: list[dict[str, Any]] = []
+        self._next_publish = 0.0
 
     # -- lookups used by commands ------------------------------------------
 
@@ -128,6 +132,7 @@ class Supervisor:
         self._stop_hung()
         self._watchdog()
         self._start_due()
+        self._publish()
 
     def _wait_time(self) -> float:
         assert self.control is not None
@@ -230,6 +235,12 @@ class Supervisor:
             due = handle.start_at is not None and handle.start_at <= now
             if handle.state is State.BACKOFF and due and handle.process is None:
                 handle.start(self._ctx)
+
+    def _publish(self) -> None:
+        now = self._clock()
+        if now >= self._next_publish:
+            self._next_publish = now + PUBLISH_EVERY
+            self.published = [handle.details() for handle in self.handles()]
 
     # -- operations (commands and signals) -----------------------------------
 

@@ -1,0 +1,364 @@
+"""Store: schema and migrations, message and reply lifecycles, group commit, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.errors import StoreError
+from tenant_worker import store as store_module
+from tenant_worker.messages import Message
+from tenant_worker.store import MESSAGE_STATUSES, MIGRATIONS, Store
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = 1_800_000_000.0
+
+OpenStore = Callable[..., Awaitable[Store]]
+
+
+def msg(mid: str, chat: str = "c1", text: str = "hi", **kw: Any) -> Message:
+    return Message(id=mid, chat_id=chat, text=text, tenant_id="acme", **kw)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "acme.sqlite3"
+
+
+@pytest.fixture
+async def open_store(db_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens stores (default: db_path, fixed clock) and closes them all afterwards."""
+    stores: list[Store] = []
+
+    async def factory(path: Path = db_path, **kw: Any) -> Store:
+        kw.setdefault("clock", lambda: NOW)
+        store = await Store.open(path, "acme", **kw)
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        await store.close()
+
+
+def query(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(sql, params).fetchall()
+    conn.close()
+    return rows
+
+
+# -- opening, schema, migrations ----------------------------------------------
+
+
+async def test_open_creates_folder_wal_schema_and_version(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    await open_store()
+    assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    names = {name for (name,) in query(db_path, "SELECT name FROM sqlite_master")}
+    assert {"messages", "replies", "messages_unfinished", "replies_pending"} <= names
+    assert {"messages_by_chat", "replies_by_message"} <= names
+
+
+async def test_reopen_keeps_data(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    await store.close()
+    store = await open_store()
+    assert [s.message.id for s in await store.unfinished_messages()] == ["m1"]
+
+
+async def test_migrations_run_once(
+    open_store: OpenStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await (await open_store()).close()
+    v2 = ("CREATE TABLE extra (x INTEGER)",)  # would fail if it ran twice
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, v2))
+    await (await open_store()).close()
+    await (await open_store()).close()
+    assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS) + 1,)]
+
+
+async def test_newer_schema_version_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer") as info:
+        await Store.open(db_path, "acme")
+    assert str(db_path) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["directory", "parent_is_file", "not_a_database"])
+async def test_unopenable_path_is_one_line_store_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "acme.sqlite3"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "parent_is_file":
+        (tmp_path / "file").write_text("x")
+        path = tmp_path / "file" / "acme.sqlite3"
+    else:
+        path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError) as info:
+        await Store.open(path, "acme")
+    text = str(info.value)
+    assert text.startswith(f"store {path}: ")
+    assert "\n" not in text
+
+
+# -- messages ---------------------------------------------------------------------
+
+
+async def test_add_messages_detects_duplicates(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    assert await store.add_messages([msg("a"), msg("b"), msg("a", text="again")]) == [
+        True,
+        True,
+        False,
+    ]
+    assert await store.add_messages([msg("b", text="changed"), msg("c")]) == [False, True]
+    await store.close()
+    store = await open_store()
+    assert await store.add_messages([msg("c"), msg("d")]) == [False, True]
+    texts = query(db_path, "SELECT id, text FROM messages ORDER BY seq")
+    assert texts == [("a", "hi"), ("b", "hi"), ("c", "hi"), ("d", "hi")]
+
+
+async def test_add_messages_keeps_fields_and_refuses_bad_status(open_store: OpenStore) -> None:
+    store = await open_store()
+    m = msg("m1", sender="alice", ts=12.5, received_at=NOW - 1)
+    await store.add_messages([m])
+    [stored] = await store.unfinished_messages()
+    assert stored.message == m
+    assert (stored.status, stored.attempts, stored.last_error) == ("queued", 0, None)
+    with pytest.raises(ValueError, match="status"):
+        await store.add_messages([msg("m2")], status="weird")
+    assert (await store.counts())["queued"] == 1
+
+
+async def test_attempt_fail_and_complete_transitions(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    assert await store.begin_attempt("m1") == 1
+    assert (await store.counts())["processing"] == 1
+    await store.fail("m1", "boom", final=False)
+    [stored] = await store.unfinished_messages()
+    assert (stored.status, stored.attempts, stored.last_error) == ("queued", 1, "boom")
+    assert await store.begin_attempt("m1") == 2
+    replies = await store.complete("m1", ["one", "two"])
+    assert [(r.message_id, r.chat_id, r.text) for r in replies] == [
+        ("m1", "c1", "one"),
+        ("m1", "c1", "two"),
+    ]
+    assert replies[1].id == replies[0].id + 1
+    assert await store.unfinished_messages() == []
+    assert await store.pending_replies() == replies
+    counts = await store.counts()
+    assert set(counts) == set(MESSAGE_STATUSES)
+    assert counts["processed"] == 1
+
+
+async def test_final_failure_leaves_unfinished(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    await store.begin_attempt("m1")
+    await store.fail("m1", "bad input", final=True)
+    assert await store.unfinished_messages() == []
+    assert query(db_path, "SELECT status, last_error FROM messages") == [("failed", "bad input")]
+
+
+async def test_complete_is_atomic(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    await store.begin_attempt("m1")
+    # The status update runs, then the reply insert fails: both must roll back.
+    with pytest.raises(StoreError, match="complete"):
+        await store.complete("m1", ["fine", object()])  # type: ignore[list-item]
+    assert query(db_path, "SELECT status FROM messages") == [("processing",)]
+    assert query(db_path, "SELECT COUNT(*) FROM replies") == [(0,)]
+
+
+async def test_unknown_ids_are_store_errors(open_store: OpenStore) -> None:
+    store = await open_store()
+    calls: list[Awaitable[Any]] = [
+        store.begin_attempt("nope"),
+        store.complete("nope", ["x"]),
+        store.fail("nope", "e", final=True),
+        store.add_reply("nope", "c1", "x"),
+        store.mark_sent(99, "p"),
+        store.retry_reply(99, "e", NOW),
+        store.fail_reply(99, "e"),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError, match="unknown"):
+            await call
+    assert await store.pending_replies() == []
+
+
+async def test_unfinished_messages_in_arrival_order(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg("b1", "b"), msg("a1", "a"), msg("b2", "b")])
+    await store.add_messages([msg("r1", "a")], status="rejected")
+    await store.add_messages([msg("a2", "a"), msg("a3", "a")])
+    await store.begin_attempt("a1")
+    await store.begin_attempt("a3")
+    await store.complete("a3", [])
+    unfinished = await store.unfinished_messages()
+    assert [s.message.id for s in unfinished] == ["b1", "a1", "b2", "a2"]
+    assert [s.status for s in unfinished] == ["queued", "processing", "queued", "queued"]
+    assert [s.seq for s in unfinished] == sorted(s.seq for s in unfinished)
+    assert all(s.message.tenant_id == "acme" for s in unfinished)
+
+
+async def test_pending_replies_lifecycle(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1"), msg("m2", "c2")], status="rejected")
+    wait = await store.add_reply("m1", "c1", "please wait")
+    [r1, r2] = await store.complete("m2", ["a", "b"])
+    assert [r.id for r in await store.pending_replies()] == [wait.id, r1.id, r2.id]
+    await store.retry_reply(wait.id, "429", NOW + 30)
+    await store.mark_sent(r1.id, "prov-1")
+    await store.fail_reply(r2.id, "blocked")
+    [pending] = await store.pending_replies()
+    assert (pending.id, pending.attempts, pending.next_attempt_at) == (wait.id, 1, NOW + 30)
+    rows = query(db_path, "SELECT id, status, provider_id, sent_at, last_error FROM replies")
+    assert rows == [
+        (wait.id, "pending", None, None, "429"),
+        (r1.id, "sent", "prov-1", NOW, None),
+        (r2.id, "failed", None, None, "blocked"),
+    ]
+
+
+# -- group commit -------------------------------------------------------------------
+
+
+async def test_concurrent_writes_share_commits(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    batches = [[msg(f"m{i}-{j}", f"c{i % 7}") for j in range(5)] for i in range(200)]
+    results = await asyncio.gather(*(store.add_messages(b) for b in batches))
+    assert all(all(flags) for flags in results)
+    assert store.commits <= 10
+    assert query(db_path, "SELECT COUNT(*) FROM messages") == [(1000,)]
+
+
+async def test_mixed_kinds_in_one_batch(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg(f"m{i}", f"c{i}") for i in range(10)])
+    commits = store.commits
+    results = await asyncio.gather(
+        *(store.begin_attempt(f"m{i}") for i in range(5)),
+        *(store.complete(f"m{i}", [f"r{i}"]) for i in range(5, 10)),
+        store.add_messages([msg("new")]),
+    )
+    assert store.commits == commits + 1
+    assert results[:5] == [1] * 5
+    completed: list[Any] = results[5:10]
+    assert [r[0].text for r in completed] == [f"r{i}" for i in range(5, 10)]
+    assert len({r[0].id for r in completed}) == 5
+
+
+async def test_failing_op_fails_only_its_caller(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store()
+    bad = Message(id="bad", chat_id=None, text="x", tenant_id="acme")  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        store.add_messages([msg("ok1")]),
+        store.add_messages([bad]),
+        store.add_messages([msg("ok2")]),
+        return_exceptions=True,
+    )
+    assert results[0] == [True]
+    assert results[2] == [True]
+    assert isinstance(results[1], StoreError)
+    assert "NOT NULL" in str(results[1])
+    assert query(db_path, "SELECT id FROM messages ORDER BY seq") == [("ok1",), ("ok2",)]
+
+
+async def test_unknown_id_in_batch_fails_only_its_caller(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    commits = store.commits
+    results = await asyncio.gather(
+        store.begin_attempt("m1"), store.begin_attempt("ghost"), return_exceptions=True
+    )
+    assert results[0] == 1
+    assert isinstance(results[1], StoreError)
+    assert store.commits == commits + 1  # no rollback and retry for a missing row
+
+
+async def test_linger_gathers_a_late_write(open_store: OpenStore) -> None:
+    store = await open_store(linger=5.0)  # bounded wait, ended early by the second write
+    first = asyncio.create_task(store.add_messages([msg("m1")]))
+    await asyncio.sleep(0.01)
+    assert not first.done()
+    assert await store.add_messages([msg("m2")]) == [True]
+    assert await first == [True]
+    assert store.commits == 1
+
+
+async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store(linger=5.0)
+    write = asyncio.create_task(store.add_messages([msg("m1")]))
+    await asyncio.sleep(0.01)  # the writer is now lingering for company
+    await asyncio.wait_for(store.close(), timeout=2)  # closing ends the linger at once
+    assert await write == [True]
+    await store.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await store.add_messages([msg("late")])
+    with pytest.raises(StoreError, match="closed"):
+        await store.counts()
+    assert query(db_path, "SELECT COUNT(*) FROM messages") == [(1,)]
+
+
+# -- durability -------------------------------------------------------------------
+
+WRITER = """
+import asyncio, sys
+from pathlib import Path
+from tenant_worker.messages import Message
+from tenant_worker.store import Store
+
+async def writer(store, w):
+    n = 0
+    while True:
+        ids = [f"w{w}-{n}-{i}" for i in range(10)]
+        await store.add_messages([Message(i, f"c{w}", "x", "acme") for i in ids])
+        print("acked", *ids, flush=True)
+        n += 1
+
+async def main():
+    store = await Store.open(Path(sys.argv[1]), "acme")
+    await asyncio.gather(*(writer(store, w) for w in range(4)))
+
+asyncio.run(main())
+"""
+
+
+async def test_acked_rows_survive_sigkill(open_store: OpenStore, db_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(db_path), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    try:
+        while len(lines) < 40:  # let it get well into writing, then kill mid-flight
+            lines.append(await asyncio.wait_for(proc.stdout.readline(), timeout=20))
+            assert lines[-1].startswith(b"acked"), lines[-1]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        lines.extend((await proc.stdout.read()).split(b"\n")[:-1])  # drop a cut-off last line
+        await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    acked = {mid.decode() for line in lines for mid in line.split()[1:]}
+    store = await open_store()
+    stored = {s.message.id for s in await store.unfinished_messages()}
+    assert len(acked) >= 10
+    assert acked <= stored
