@@ -62,7 +62,7 @@ class SupervisorSettings(BaseModel):
     backoff_max: Seconds = 30.0
     healthy_after: Annotated[float, Field(ge=0)] = 10.0
     max_restarts: Annotated[int, Field(ge=0)] = 10
-    restart_window: Seconds = 300.0
+    restart_window: Seconds = 60.0
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     log_file: LaxPath | None = None

@@ -2,33 +2,32 @@
 
 Two rules, both on an injected clock so tests never sleep:
 
-- **Backoff.** The n-th consecutive failure waits ``initial * 2**(n-1)``
-  seconds, capped at ``maximum``, then spread by ± ``jitter`` (a fraction) so
-  tenants that died together do not restart in lockstep. A run that lasted
-  ``healthy_after`` seconds or more was healthy: the next failure starts the
-  count again at 1.
+- **Backoff.** The first failure restarts at once; the n-th consecutive one
+  waits ``initial * 2**(n-2)`` seconds, capped at ``maximum``, spread by
+  ± ``jitter`` (a fraction) so tenants that died together do not restart in
+  lockstep. A run that lasted ``healthy_after`` seconds or more was healthy:
+  the next failure starts the count again at 1.
 - **Intensity.** More than ``max_restarts`` exits within ``window`` seconds
   make the tenant fatal: it stays down until an operator restarts it
   (`RestartPolicy.reset`).
 
 Why the defaults (those of `config.settings.SupervisorSettings`):
 
-- ``initial=0.1`` s, ``maximum=30`` s: a one-off crash costs a tenant a tenth
-  of a second; a tenant whose dependency is down retries twice a minute.
+- Immediate first restart, then ``initial=0.1`` s doubling to ``maximum=30`` s:
+  a one-off crash costs a tenant only the respawn (tens of ms); a tenant
+  whose dependency is down retries twice a minute.
 - ``healthy_after=10`` s: ten heartbeat intervals of useful work.
-- ``max_restarts=10`` in ``window=300`` s. A handler that crashes the worker on
+- ``max_restarts=10`` in ``window=60`` s. A handler that crashes the worker on
   one message (segfault, os._exit, OOM) crashes it again on every replay; the
   worker quarantines that message after its ``max_attempts`` (3) attempts, so
   recovering from one poison message costs about three quick restarts.
   ``max_restarts`` must stay well above that, or a single bad message would
   make a whole tenant fatal instead of being quarantined.
 
-Note how the two rules combine. The intensity rule trips only if exits come
-faster than the backoff lets them: 11 exits need at least the first ten
-delays, 0.1 + 0.2 + ... + 25.6 = ~102 s (~82 s with full negative jitter).
-That is why the window is 300 s, not the 60 s of Erlang-style supervisors
-without backoff: a worker that crashes as soon as it starts turns fatal after
-about 100 s instead of retrying forever every 30 s.
+How the two rules combine: 11 instant exits take the first ten delays,
+0 + 0.1 + 0.2 + ... + 12.8 = ~25.5 s (~31 s with full positive jitter), well
+inside the 60 s window, so a worker that crashes as soon as it starts turns
+fatal after about half a minute instead of retrying forever.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class RestartPolicy:
         maximum: float = 30.0,
         healthy_after: float = 10.0,
         max_restarts: int = 10,
-        window: float = 300.0,
+        window: float = 60.0,
         *,
         clock: Clock = time.monotonic,
         rand: Rand = random.random,
@@ -157,8 +156,10 @@ class RestartPolicy:
         if len(self._exits) > self._max_restarts:
             self._fatal = True
             return Decision("fatal")
+        # The first failure restarts at once: a one-off crash costs only the
+        # respawn. Repeats back off: initial, 2 * initial, ...
         delay = compute_backoff(
-            self._failures, initial=self._initial, maximum=self._maximum, rand=self._rand
+            self._failures - 1, initial=self._initial, maximum=self._maximum, rand=self._rand
         )
         return Decision("restart", delay)
 

@@ -144,7 +144,7 @@ class Supervisor:
                 deadlines.append(h.start_at)
             if h.kill_at is not None:
                 deadlines.append(h.kill_at)
-            if h.state is State.RUNNING:
+            if h.heartbeat is not None and h.alive:
                 deadlines.append(h.heartbeat_at + timeout_s + 0.01)
         due = self.control.due_in()
         if due is not None:

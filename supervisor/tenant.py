@@ -173,13 +173,16 @@ class TenantHandle:
             self.kill_at = None  # once is enough; the sentinel reports the exit
 
     def is_hung(self) -> bool:
-        """No heartbeat for heartbeat_timeout while running (or no Ready in time)."""
+        """Silent for heartbeat_timeout since its last beat (or no beat at all in time).
+
+        Workers beat from the start of their loop, through boot and replay.
+        """
         if self.process is None or self.kill_at is not None:
             return False
         silent = self._clock() - self.heartbeat_at
-        if self.state is State.RUNNING:
+        if self.heartbeat is not None:
             return silent > self.config.supervisor.heartbeat_timeout_s
-        return self.state is State.STARTING and silent > BOOT_TIMEOUT
+        return silent > BOOT_TIMEOUT
 
     def on_exit(self) -> None:
         """The process ended: record why, and decide what comes next."""

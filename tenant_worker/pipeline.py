@@ -84,7 +84,7 @@ class Pipeline:
         self._store = store
         self._handler = handler
         self._outbox = outbox
-        self._stats = stats
+        self.stats = stats
         self._sleep = sleep
         self._on_fatal = on_fatal
         self.queue = ChatQueueManager(tenant.id, tenant.max_queue_size)
@@ -111,8 +111,8 @@ class Pipeline:
         for message in rejected:
             await self._tell_to_wait(message)
         duplicates += len(fresh) - len(stored) - len(rejected)
-        self._stats.duplicates += duplicates
-        self._stats.rejected += len(rejected)
+        self.stats.duplicates += duplicates
+        self.stats.rejected += len(rejected)
         return Accepted(len(stored) + len(rejected), duplicates, len(rejected))
 
     async def replay(self, unfinished: Sequence[Message], replies: Sequence[Reply]) -> None:
@@ -228,7 +228,7 @@ class Pipeline:
                 continue
             # The final write must not be lost to a drain's cancellation.
             stored = await asyncio.shield(self._store.complete(message.id, replies))
-            self._stats.processed += 1
+            self.stats.processed += 1
             self._outbox.submit(stored)
             return
 
@@ -249,7 +249,7 @@ class Pipeline:
     async def _give_up(self, message: Message, error: str) -> None:
         logger.error("message failed for good: {}", error)
         await self._store.fail(message.id, error, final=True)
-        self._stats.failed += 1
+        self.stats.failed += 1
 
     # -- shutdown -----------------------------------------------------------
 

@@ -104,6 +104,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._stop_reason = ""
         self._exit = EXIT_OK
+        self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -113,6 +114,14 @@ class Worker:
 
     async def run(self) -> int:
         self._watch_signals()
+        # Beats start with the loop, so a worker hung while booting is seen too.
+        beat = asyncio.create_task(self._heartbeats())
+        try:
+            return await self._run()
+        finally:
+            beat.cancel()
+
+    async def _run(self) -> int:
         try:
             parts = await self._boot()
         except ChatqError as exc:
@@ -163,7 +172,7 @@ class Worker:
         ingest = Ingest(tenant.id, pipeline.accept, lambda: _probe(pipeline, outbox))
         await ingest.start(self.config.socket_path(tenant.id), tenant.port)
         ingest.state = IngestState.RUNNING
-        beat = asyncio.create_task(self._heartbeats(pipeline, stats))
+        self._pipeline = pipeline
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(tenant.id))
@@ -173,33 +182,51 @@ class Worker:
         await pipeline.drain(tenant.drain_timeout)
         await outbox.wait_empty(grace=min(1.0, tenant.drain_timeout))
         await outbox.aclose()
-        beat.cancel()
         await ingest.stop()
 
-    async def _heartbeats(self, pipeline: Pipeline, stats: WorkerStats) -> None:
-        """Beat from the event loop, so a blocked loop goes silent."""
+    async def _heartbeats(self) -> None:
+        """Beat from the event loop, so a blocked loop goes silent.
+
+        After the first beat, beats fall on multiples of the interval in wall
+        time: every worker beats at the same instants, and the supervisor
+        wakes once per interval for all of them instead of once per worker.
+        """
         if self.link is None:
             return
         interval = self.config.supervisor.heartbeat_interval_s
         seq = 0
         while True:
             seq += 1
-            queue = pipeline.queue
-            self.link.send(
-                protocol.Heartbeat(
-                    seq=seq,
-                    time=time.time(),
-                    queued=queue.get_total_queued(),
-                    in_flight=queue.in_flight(),
-                    processed=stats.processed,
-                    failed=stats.failed,
-                    rejected=stats.rejected,
-                    duplicates=stats.duplicates,
-                    rate_limited=stats.rate_limited,
-                    busiest=queue.busiest(protocol.MAX_BUSIEST),
-                )
+            self.link.send(self._heartbeat(seq))
+            await asyncio.sleep(interval - time.time() % interval)
+
+    def _heartbeat(self, seq: int) -> protocol.Heartbeat:
+        pipeline = self._pipeline
+        if pipeline is None:  # still booting: alive, nothing counted yet
+            return protocol.Heartbeat(
+                seq=seq,
+                time=time.time(),
+                queued=0,
+                in_flight=0,
+                processed=0,
+                failed=0,
+                rejected=0,
+                duplicates=0,
+                rate_limited=0,
             )
-            await asyncio.sleep(interval)
+        queue, stats = pipeline.queue, pipeline.stats
+        return protocol.Heartbeat(
+            seq=seq,
+            time=time.time(),
+            queued=queue.get_total_queued(),
+            in_flight=queue.in_flight(),
+            processed=stats.processed,
+            failed=stats.failed,
+            rejected=stats.rejected,
+            duplicates=stats.duplicates,
+            rate_limited=stats.rate_limited,
+            busiest=queue.busiest(protocol.MAX_BUSIEST),
+        )
 
     def _watch_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -141,7 +141,9 @@ def test_defaults_match_the_settings_defaults() -> None:
     assert crash_loop(default, clock_a, runs) == crash_loop(explicit, clock_b, runs)
     clock = FakeClock()
     first = crash_loop(RestartPolicy(clock=clock, rand=middle), clock, [0.0])
-    assert first == [Decision("restart", settings.backoff_initial)]
+    second = crash_loop(RestartPolicy(clock=clock, rand=middle), clock, [0.0, 0.0])
+    assert first == [Decision("restart", 0.0)]  # the first restart is immediate
+    assert second[1] == Decision("restart", settings.backoff_initial)
 
 
 def test_quick_crashes_back_off_exponentially_up_to_the_cap() -> None:
@@ -153,7 +155,7 @@ def test_quick_crashes_back_off_exponentially_up_to_the_cap() -> None:
         assert decision.action == "restart"
         delays.append(decision.delay)
         clock.advance(decision.delay)
-    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0]
     assert policy.failures == 6
 
 
@@ -164,7 +166,7 @@ def test_healthy_run_resets_the_backoff() -> None:
         clock.advance(crash_after(policy, clock, 1.0).delay)
     assert policy.failures == 3
     decision = crash_after(policy, clock, 10.0)  # exactly healthy_after
-    assert decision == Decision("restart", 1.0)
+    assert decision == Decision("restart", 0.0)
     assert policy.failures == 1
 
 
@@ -172,15 +174,15 @@ def test_run_just_short_of_healthy_does_not_reset() -> None:
     clock = FakeClock()
     policy = make_policy(clock)
     clock.advance(crash_after(policy, clock, 1.0).delay)
-    assert crash_after(policy, clock, 9.999) == Decision("restart", 2.0)
+    assert crash_after(policy, clock, 9.999) == Decision("restart", 1.0)
 
 
 def test_exit_without_start_counts_as_a_quick_failure() -> None:
     clock = FakeClock()
     policy = make_policy(clock)
-    assert policy.on_exit() == Decision("restart", 1.0)
+    assert policy.on_exit() == Decision("restart", 0.0)
     clock.advance(100)
-    assert policy.on_exit() == Decision("restart", 2.0)
+    assert policy.on_exit() == Decision("restart", 1.0)
 
 
 def test_fatal_after_more_than_max_restarts_in_the_window() -> None:
@@ -223,27 +225,28 @@ def test_reset_revives_a_fatal_policy() -> None:
     policy.reset()
     assert not policy.fatal
     assert policy.failures == 0
-    assert crash_after(policy, clock, 0.0) == Decision("restart", 1.0)
+    assert crash_after(policy, clock, 0.0) == Decision("restart", 0.0)
 
 
 def test_restart_delay_uses_the_injected_random() -> None:
     clock = FakeClock()
     policy = RestartPolicy(initial=1.0, maximum=8.0, clock=clock, rand=lowest)
+    assert crash_after(policy, clock, 0.0).delay == 0.0
     assert crash_after(policy, clock, 0.0).delay == pytest.approx(0.8)
 
 
 def test_default_crash_loop_goes_fatal_on_the_eleventh_quick_exit() -> None:
-    """With the defaults, 11 instant crashes span ~102 s: inside the 300 s window."""
+    """With the defaults, 11 instant crashes span ~25 s: inside the 60 s window."""
     clock = FakeClock()
     policy = RestartPolicy(clock=clock, rand=middle)
     decisions = crash_loop(policy, clock, [0.0] * 11)
     assert [decision.action for decision in decisions] == ["restart"] * 10 + ["fatal"]
 
 
-def test_a_shorter_window_lets_backoff_spread_a_crash_loop_forever() -> None:
-    """Backoff alone keeps 11 exits from fitting in 60 s (see module doc)."""
+def test_a_short_window_lets_backoff_spread_a_crash_loop_forever() -> None:
+    """Backoff alone keeps 11 exits from fitting in a window shorter than ~20 s."""
     clock = FakeClock()
-    policy = RestartPolicy(window=60.0, clock=clock, rand=lowest)
+    policy = RestartPolicy(window=15.0, clock=clock, rand=lowest)
     decisions = crash_loop(policy, clock, [0.0] * 30)
     assert {decision.action for decision in decisions} == {"restart"}
 
