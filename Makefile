@@ -24,8 +24,13 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(VENV)/bin/pytest
 
+run: $(STAMP)
+	$(VENV)/bin/chatq run --config $(CONFIG)
+
 bench: $(STAMP)
 	$(PY) bench/queue_bench.py
+	$(PY) bench/worker_bench.py
+	$(PY) bench/supervisor_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

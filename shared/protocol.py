@@ -198,6 +198,10 @@ def _refuse_constant(constant: str) -> None:
     raise ProtocolError(f"frame holds {constant}, which is not JSON")
 
 
+# One decoder for all frames: json.loads with options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def encode(frame: Frame) -> bytes:
     """The frame as UTF-8 JSON; ProtocolError if a field is bad or the result is too big."""
     if type(frame) not in {cls for cls, _ in _SCHEMAS.values()}:
@@ -216,7 +220,7 @@ def decode(data: bytes) -> Frame:
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame is {len(data)} bytes, over {MAX_FRAME_BYTES}")
     try:
-        obj = json.loads(data, parse_constant=_refuse_constant)
+        obj = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -4,24 +4,130 @@ argparse, from the standard library: the CLI is a thin client of the control
 socket, and keeping it dependency-free keeps ``chatq list`` fast to start
 (click or typer would add import time to every call for no feature we need).
 
+    chatq run [--config PATH]                  the supervisor, in the foreground
+    chatq list [--json]                        one line per tenant
+    chatq status TENANT [--json]               one tenant in detail, with its log tail
+    chatq restart TENANT | --all               graceful restart (revives a fatal tenant)
+    chatq stop TENANT | chatq start TENANT
+    chatq reload [--json]                      re-read the config file (also: SIGHUP)
+    chatq send TENANT CHAT_ID TEXT [--id ID] [--json]
+    chatq history TENANT [--chat CHAT_ID] [--limit N] [--json]
+
 Exit codes: 0 done; 1 the operation failed (supervisor not running, no such
 tenant); 2 usage or configuration error. Errors are one line on stderr.
+
+Speed: the control commands need only the control socket's path, so they read
+just ``[supervisor] run_dir`` from the TOML file with tomllib (`run_dir`)
+instead of importing pydantic for the full validation, which would cost more
+than everything else a ``chatq list`` does. Whenever that short read finds
+anything unexpected, the full loader runs and reports the problem in its
+usual one line. ``reload``, ``history`` and ``run`` always load the file fully.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from shared.errors import ChatqError, ConfigError
+from shared.errors import ChatqError, ConfigError, NoSuchTenant
+from supervisor import render
+from supervisor.control_client import request
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+# Copies of config.DEFAULT_CONFIG_PATH and config.settings.TENANT_ID_PATTERN:
+# importing `config` pulls in pydantic (see "Speed" above). Tests keep them equal.
+DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CONTROL_SOCKET_NAME = "supervisor.sock"
+SEND_TIMEOUT = 30.0  # seconds; the worker answers once the row is committed
+
 Runner = Callable[[argparse.Namespace], int]
+
+
+class CommandFailed(ChatqError):
+    """The operation could not be done (exit 1)."""
+
+
+class UsageError(ChatqError):
+    """What the user asked for is invalid (exit 2), e.g. a message ingest refused."""
+
+
+# -- where things are ------------------------------------------------------------
+
+
+def config_file(given: Path | None) -> Path:
+    """The config file as `config.load_config` picks it: given, $CHATQ_CONFIG, .env, default."""
+    if given is not None:
+        return given
+    chosen = os.environ.get("CHATQ_CONFIG") or _dotenv_config()
+    return Path(chosen) if chosen else DEFAULT_CONFIG_PATH
+
+
+def _dotenv_config() -> str | None:
+    """CHATQ_CONFIG from ./.env, parsed as pydantic-settings parses it (python-dotenv)."""
+    if not Path(".env").is_file():
+        return None
+    from dotenv import dotenv_values
+
+    return dotenv_values(".env").get("CHATQ_CONFIG") or None
+
+
+def run_dir(given: Path | None) -> Path:
+    """The supervisor's run_dir, read without the full validation (see "Speed")."""
+    found = _read_run_dir(config_file(given))
+    if found is not None:
+        return found
+    from config import load_config
+
+    return load_config(given).supervisor.run_dir  # the problem, as one ConfigError line
+
+
+def _read_run_dir(file: Path) -> Path | None:
+    """``[supervisor] run_dir`` made absolute as the loader does; None if anything is odd."""
+    import tomllib
+
+    path = Path(os.path.normpath(file.expanduser().absolute()))
+    try:
+        document = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    table = document.get("supervisor", {})
+    value = table.get("run_dir", "run") if isinstance(table, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    return Path(os.path.normpath(path.parent / Path(value).expanduser()))
+
+
+def control_socket(given: Path | None) -> Path:
+    return run_dir(given) / CONTROL_SOCKET_NAME
+
+
+def tenant_socket(folder: Path, tenant_id: str) -> Path:
+    """A tenant's ingest socket in `folder` (the run_dir); NoSuchTenant for a malformed id."""
+    if not TENANT_ID.fullmatch(tenant_id):
+        raise NoSuchTenant(tenant_id)
+    return folder / f"{tenant_id}.sock"
+
+
+def _ask(args: argparse.Namespace, cmd: str, **fields: Any) -> Any:
+    """One control request to the supervisor the config names."""
+    return request(control_socket(args.config), cmd, **fields)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# -- commands --------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -43,6 +149,199 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream.close()
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """``chatq list``: every tenant's state and counters."""
+    rows = _ask(args, "list")
+    if args.json:
+        _print_json(rows)
+    else:
+        print(render.tenant_table(rows, render.use_colour(sys.stdout)))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``chatq status TENANT``: one tenant in detail."""
+    details = _ask(args, "status", tenant=args.tenant)
+    if args.json:
+        _print_json(details)
+    else:
+        print(render.status_block(details, render.use_colour(sys.stdout)))
+    return EXIT_OK
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """``chatq restart TENANT|--all``: drain and start again; returns at once."""
+    result = _ask(args, "restart", tenant=args.tenant, all=True if args.all else None)
+    print(f"restarting {', '.join(result['restarting']) or '(no tenants)'}")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """``chatq stop TENANT``: drain and stop; it stays stopped until started."""
+    result = _ask(args, "stop", tenant=args.tenant)
+    print(f"stopping {result['stopping']}")
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``chatq start TENANT``: start a stopped or fatal tenant."""
+    result = _ask(args, "start", tenant=args.tenant)
+    print(f"starting {result['starting']}")
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it."""
+    from config import load_config
+
+    config = load_config(args.config)
+    result = request(config.control_socket, "reload")
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    for kind in ("added", "removed", "changed", "unchanged"):
+        print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
+    return EXIT_OK
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """``chatq send``: POST one message to the tenant's ingest socket; print the answer."""
+    message_id = args.id or _new_id()
+    folder = run_dir(args.config)
+    path = tenant_socket(folder, args.tenant)
+    body = {"id": message_id, "chat_id": args.chat_id, "text": args.text}
+    try:
+        status, answer = _post_json(path, "/messages", body, SEND_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise _not_serving(folder / CONTROL_SOCKET_NAME, args.tenant, path) from None
+    except OSError as exc:
+        raise CommandFailed(f"sending to tenant {args.tenant} on {path} failed: {exc}") from None
+    _check_answer(args.tenant, status, answer)
+    ack = {"id": message_id, **answer}
+    if args.json:
+        _print_json(ack)
+    if answer.get("rejected"):
+        raise CommandFailed(
+            f"tenant {args.tenant} rejected message {message_id}: chat {args.chat_id} is full"
+            " (QUEUE_FULL); it is stored as rejected and the chat was told to wait"
+        )
+    if not args.json:
+        verdict = "duplicate (already accepted)" if answer.get("duplicates") else "accepted"
+        print(f"{verdict}: message {message_id} for {args.tenant}, chat {args.chat_id}")
+    return EXIT_OK
+
+
+def _post_json(path: Path, url: str, body: Any, timeout: float) -> tuple[int, dict[str, Any]]:
+    """POST `body` as JSON over the unix socket at `path`; the status and the JSON answer.
+
+    http.client, not aiohttp: aiohttp takes longer to import than this whole
+    command takes to run.
+    """
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(path))
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    conn = UnixConnection("localhost", timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"}
+        conn.request("POST", url, json.dumps(body).encode(), headers)
+        response = conn.getresponse()
+        raw = response.read()
+    except http.client.HTTPException as exc:
+        raise CommandFailed(f"bad HTTP answer on {path}: {exc!r}") from None
+    finally:
+        conn.close()
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    return response.status, answer if isinstance(answer, dict) else {}
+
+
+def _new_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def _not_serving(control: Path, tenant_id: str, path: Path) -> ChatqError:
+    """Why nothing answers on a tenant's socket: no supervisor, no tenant, or not running."""
+    state = request(control, "status", tenant=tenant_id)["state"]  # raises the first two
+    return CommandFailed(
+        f"tenant {tenant_id} is {state}, not taking messages (no server at {path})"
+    )
+
+
+def _check_answer(tenant_id: str, status: int, answer: dict[str, Any]) -> None:
+    if status == 202:
+        return
+    error = str(answer.get("error") or f"HTTP {status}")
+    if status in (400, 413):
+        raise UsageError(f"tenant {tenant_id} refused the message: {error}")
+    if status == 503:
+        raise CommandFailed(f"tenant {tenant_id} is not taking messages now: {error}")
+    raise CommandFailed(f"tenant {tenant_id} answered HTTP {status}: {error}")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """``chatq history``: read the tenant's store directly (no supervisor needed)."""
+    from config import load_config
+    from tenant_worker.history import format_transcript, read_history
+
+    config = load_config(args.config)
+    path = config.store_path(args.tenant)
+    if not path.is_file() and all(t.id != args.tenant for t in config.tenants):
+        raise NoSuchTenant(args.tenant)  # a removed tenant's store is still readable
+    entries = read_history(path, chat_id=args.chat, limit=args.limit)
+    if args.json:
+        _print_json(entries)
+    else:
+        print(format_transcript(entries) or "(no messages)")
+    return EXIT_OK
+
+
+# -- the parser ------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _config_option() -> argparse.ArgumentParser:
+    """``--config`` after the command too (SUPPRESS: absent there, the global one stands)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="tenants TOML file")
+    return parent
+
+
+def _json_option() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print JSON (shapes: README)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatq", description="Run and operate chat bots for many tenants on one host."
@@ -54,19 +353,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="tenants TOML file (default: $CHATQ_CONFIG or config/tenants.toml)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    run = commands.add_parser("run", help="run the supervisor in the foreground")
-    run.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    run.set_defaults(func=cmd_run)
+    config, as_json = _config_option(), _json_option()
+
+    def add(name: str, func: Runner, help_text: str, *parents: argparse.ArgumentParser) -> Any:
+        sub = commands.add_parser(name, help=help_text, parents=[config, *parents])
+        sub.set_defaults(func=func)
+        return sub
+
+    add("run", cmd_run, "run the supervisor in the foreground")
+    add("list", cmd_list, "list tenants with state and counters", as_json)
+    add("status", cmd_status, "show one tenant in detail", as_json).add_argument("tenant")
+    restart = add("restart", cmd_restart, "restart a tenant's worker (drains first)")
+    which = restart.add_mutually_exclusive_group(required=True)
+    which.add_argument("tenant", nargs="?", default=None)
+    which.add_argument("--all", action="store_true", help="restart every tenant")
+    add("stop", cmd_stop, "stop a tenant's worker (drains first)").add_argument("tenant")
+    add("start", cmd_start, "start a stopped or fatal tenant").add_argument("tenant")
+    add("reload", cmd_reload, "re-read the config file and apply changes", as_json)
+    send = add("send", cmd_send, "send a message to a tenant (as a chat would)", as_json)
+    send.add_argument("tenant")
+    send.add_argument("chat_id")
+    send.add_argument("text")
+    send.add_argument("--id", type=_non_empty, help="message id (default: a random one)")
+    history = add("history", cmd_history, "show stored messages and replies", as_json)
+    history.add_argument("tenant")
+    history.add_argument("--chat", help="only this chat")
+    history.add_argument("--limit", type=_positive_int, default=50, help="last N (default 50)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (argparse's own 2 on a usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2) or --help (0): already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Runner = args.func
     try:
         return func(args)
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"chatq: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ChatqError as exc:
@@ -74,6 +400,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:  # `chatq list | head`: the reader has gone; say nothing more
+        _silence_stdout()
+        return EXIT_FAILED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor behind stdout (tests)
+        pass
 
 
 if __name__ == "__main__":

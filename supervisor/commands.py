@@ -27,8 +27,16 @@ def cmd_status(sup: Supervisor, request: dict[str, Any]) -> Any:
 
 
 def cmd_restart(sup: Supervisor, request: dict[str, Any]) -> Any:
-    """``restart`` {tenant | all} -- ``chatq restart T|--all``: graceful restart; revives fatal."""
-    names = [h.id for h in sup.handles()] if request.get("all") else [request["tenant"]]
+    """``restart`` {tenant | all} -- ``chatq restart T|--all``: graceful restart; revives fatal.
+
+    ``--all`` means every enabled tenant of the config: not a disabled one (it
+    would start it), nor one removed by a reload and still draining.
+    """
+    if request.get("all"):
+        enabled = {tenant.id for tenant in sup.config.tenants if tenant.enabled}
+        names = [h.id for h in sup.handles() if h.id in enabled]
+    else:
+        names = [request["tenant"]]
     for name in names:
         sup.restart(name)
     return {"restarting": names}

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ControlError, NoSuchTenant, SupervisorNotRunning
+from shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
 
 __all__ = ["request"]
 
@@ -110,4 +110,6 @@ def _result(answer: dict[str, Any], tenant: object) -> Any:
         exc = NoSuchTenant(str(answer.get("tenant") or tenant or "?"))
         exc.args = (error,)  # keep the server's wording
         raise exc
+    if answer.get("kind") == "ConfigError":  # e.g. a reload of a bad file: exit 2
+        raise ConfigError(error)
     raise ControlError(error)

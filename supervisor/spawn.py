@@ -21,7 +21,8 @@ from multiprocessing.process import BaseProcess
 
 from config import ChatqConfig
 
-PRELOAD = ["tenant_worker.worker"]
+# Imported by the fork server only (never by the supervisor itself).
+PRELOAD = ["supervisor.forkserver_setup", "tenant_worker.worker"]
 
 
 def context() -> ForkServerContext:
@@ -37,7 +38,8 @@ def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
     # Own process group: a Ctrl-C in the supervisor's terminal reaches only the
     # supervisor, which then drains workers itself, in order.
     os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the fork server ignores them
+        signal.signal(signum, signal.SIG_DFL)
     from tenant_worker.worker import run_worker
 
     code = run_worker(config, tenant_id, conn)

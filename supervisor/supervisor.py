@@ -1,8 +1,9 @@
 """The supervisor: one worker per enabled tenant, kept running.
 
 The loop waits on everything at once -- every worker's pipe and process
-sentinel, the control socket and a wake-up pipe for signals -- with
-``multiprocessing.connection.wait``, then runs a fixed series of repair
+sentinel, the control socket and a wake-up pipe for signals -- like
+``multiprocessing.connection.wait`` but with a poll set kept between passes
+(supervisor/waiter.py), then runs a fixed series of repair
 steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
     read frames -> reap exits -> serve control -> act on signals
@@ -19,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 from multiprocessing import forkserver
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
 
@@ -32,12 +33,13 @@ from supervisor import spawn
 from supervisor.commands import COMMANDS
 from supervisor.control import ControlServer
 from supervisor.logstream import LogStream
+from supervisor.metrics import start_metrics_server
 from supervisor.tenant import State, TenantHandle
+from supervisor.waiter import Waiter
 from supervisor.watchdog import ProcessSampler, over_memory
 
 MAX_WAIT = 1.0
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
-FRAMES_PER_PASS = 1000  # per worker, so one chatty worker cannot starve the rest
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -73,8 +75,10 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.control: ControlServer | None = None
+        self._waiter = Waiter()
         # What other threads (the metrics server) may read: replaced, never mutated.
         self.published: list[dict[str, Any]] = []
+        self.publishing = config.supervisor.metrics_port is not None
         self._next_publish = 0.0
 
     # -- lookups used by commands ------------------------------------------
@@ -97,7 +101,12 @@ class Supervisor:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
         self.control = ControlServer(self.config.control_socket, self._dispatch)
         previous = self._install_signals()
+        metrics = None
         try:
+            port = self.config.supervisor.metrics_port
+            if port is not None:
+                metrics = start_metrics_server(port, lambda: self.published)
+                logger.info("metrics on http://127.0.0.1:{}/metrics", port)
             logger.info(
                 "supervisor pid {} up; control socket {}", os.getpid(), self.config.control_socket
             )
@@ -106,6 +115,8 @@ class Supervisor:
             while not (self._shutting_down and not any(h.alive for h in self.handles())):
                 self.step()
         finally:
+            if metrics is not None:
+                metrics.stop()
             self._restore_signals(previous)
             self.control.close()
             os.close(self._wake_r)
@@ -119,7 +130,7 @@ class Supervisor:
         conns = {h.conn: h for h in self.handles() if h.conn is not None}
         sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
         waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
-        ready = wait(waitables, self._wait_time())
+        ready = self._waiter.wait(waitables, self._wait_time())
         for conn, handle in conns.items():
             if conn in ready:
                 self._read_frames(handle)
@@ -154,28 +165,25 @@ class Supervisor:
     # -- repair steps --------------------------------------------------------
 
     def _read_frames(self, handle: TenantHandle) -> None:
-        conn = handle.conn
-        assert conn is not None
-        for _ in range(FRAMES_PER_PASS):
-            try:
-                if not conn.poll():
-                    return
-                frame = protocol.recv(conn)
-            except (EOFError, OSError):
-                self._drop_conn(handle, conn)
-                return
-            except protocol.ProtocolError as exc:
-                logger.error("{}: bad frame from worker ({}); stopping it", handle.id, exc)
-                self._drop_conn(handle, conn)
-                handle.stop(f"protocol error: {exc}", State.STARTING)
-                return
+        conn, reader = handle.conn, handle.reader
+        assert conn is not None and reader is not None
+        try:
+            frames = reader.read()
+        except protocol.ProtocolError as exc:
+            logger.error("{}: bad frame from worker ({}); stopping it", handle.id, exc)
+            self._drop_conn(handle, conn)
+            handle.stop(f"protocol error: {exc}", State.STARTING)
+            return
+        for frame in frames:
             line = handle.on_frame(frame)
             if line is not None:
                 self._stream.write_line(line)
+        if reader.eof:
+            self._drop_conn(handle, conn)
 
     def _drop_conn(self, handle: TenantHandle, conn: Connection) -> None:
         conn.close()
-        handle.conn = None  # the sentinel reports the exit itself
+        handle.conn = handle.reader = None  # the sentinel reports the exit itself
 
     def _reap(self, handle: TenantHandle) -> None:
         if handle.conn is not None:
@@ -220,7 +228,7 @@ class Supervisor:
                 continue
             handle.proc_stats = stats = self._sampler.sample(handle.pid)
             limit = handle.tenant.memory_limit_mb
-            if stats is not None and over_memory(stats, limit) and handle.kill_at is None:
+            if stats is not None and over_memory(stats, limit) and handle.stopping_reason is None:
                 reason = (
                     f"memory: rss {stats.rss_bytes / 2**20:.0f} MB over memory_limit_mb {limit}"
                 )
@@ -237,6 +245,8 @@ class Supervisor:
                 handle.start(self._ctx)
 
     def _publish(self) -> None:
+        if not self.publishing:
+            return
         now = self._clock()
         if now >= self._next_publish:
             self._next_publish = now + PUBLISH_EVERY
@@ -302,9 +312,13 @@ class Supervisor:
     def _apply(self, new: ChatqConfig, tenant_id: str, old_ids: set[str], force: bool) -> str:
         if tenant_id not in old_ids:
             self._removed.discard(tenant_id)
-            if tenant_id in self._handles:  # removed earlier, still draining
-                self._handles[tenant_id].stop("replaced", State.STOPPED)
-            self._add(new, tenant_id)
+            draining = self._handles.get(tenant_id)
+            if draining is None:
+                self._add(new, tenant_id)
+            else:  # removed earlier and still draining: one worker per store, so start it after
+                draining.config, draining.tenant = new, new.tenant(tenant_id)
+                then = State.STARTING if draining.tenant.enabled else State.STOPPED
+                draining.stop("added again to the config", then)
             return "added"
         handle = self._handles[tenant_id]
         tenant = new.tenant(tenant_id)

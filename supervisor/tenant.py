@@ -27,11 +27,15 @@ from loguru import logger
 
 from config import ChatqConfig, TenantConfig
 from shared import protocol
+from supervisor.pipes import FrameReader
 from supervisor.policy import RestartPolicy
 from supervisor.spawn import spawn_worker
 from supervisor.watchdog import ProcStats
 
 LOG_TAIL = 20
+# Stops the supervisor makes because the worker misbehaved: their exits count
+# as failures for the restart policy (backoff, fatal), unlike asked-for stops.
+FAILURE_REASONS = ("hung", "memory", "protocol error")
 BOOT_TIMEOUT = 60.0  # a worker not Ready by then is hung in boot
 
 
@@ -87,6 +91,7 @@ class TenantHandle:
         self.state = State.STOPPED
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None
+        self.reader: FrameReader | None = None
         self.started_at = 0.0
         self.restarts = 0
         self.heartbeat: protocol.Heartbeat | None = None
@@ -115,8 +120,18 @@ class TenantHandle:
     # -- transitions --------------------------------------------------------
 
     def start(self, ctx: ForkServerContext) -> None:
-        """Spawn the worker now."""
-        self.process, self.conn = spawn_worker(ctx, self.config, self.id)
+        """Spawn the worker now (a spawn that fails counts as a failed run)."""
+        try:
+            self.process, self.conn = spawn_worker(ctx, self.config, self.id)
+        except OSError as exc:  # e.g. out of file descriptors: retry later, keep the rest up
+            logger.error("{}: cannot start a worker: {}", self.id, exc)
+            self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
+            self.boot_error = None
+            self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
+            self.policy.on_start()
+            self._after_failure(None, self.last_exit.reason)
+            return
+        self.reader = FrameReader(self.conn)
         now = self._clock()
         self.state = State.STARTING
         self.started_at = now
@@ -155,7 +170,9 @@ class TenantHandle:
                 self.start_at = self._clock()
             return
         self.after_exit = then
-        if self.kill_at is None:
+        # Once per stop: after SIGKILL `kill_at` is None again, but the first
+        # reason (e.g. "stop requested") must survive until the exit.
+        if self.stopping_reason is None:
             self.stopping_reason = reason
             self.kill_at = self._clock() + self.config.supervisor.stop_grace
             logger.info("{}: stopping pid {} ({})", self.id, self.pid, reason)
@@ -177,8 +194,8 @@ class TenantHandle:
 
         Workers beat from the start of their loop, through boot and replay.
         """
-        if self.process is None or self.kill_at is not None:
-            return False
+        if self.process is None or self.stopping_reason is not None:
+            return False  # already being stopped (maybe SIGKILLed): its exit decides
         silent = self._clock() - self.heartbeat_at
         if self.heartbeat is not None:
             return silent > self.config.supervisor.heartbeat_timeout_s
@@ -192,13 +209,13 @@ class TenantHandle:
         self.process.close()
         if self.conn is not None:
             self.conn.close()
-        self.process, self.conn = None, None
+        self.process, self.conn, self.reader = None, None, None
         self.proc_stats = None
         reason = self.stopping_reason or describe_exit(code)
         self.last_exit = ExitInfo(code=code, reason=reason, at=self._wall())
         asked = self.after_exit
         self.kill_at = self.stopping_reason = self.after_exit = None
-        if asked is not None and not reason.startswith(("hung", "memory")):
+        if asked is not None and not reason.startswith(FAILURE_REASONS):
             self._after_asked_exit(asked)
         else:
             self._after_failure(code, reason)
@@ -252,6 +269,7 @@ class TenantHandle:
             "uptime_s": round(now - self.started_at, 3) if running else None,
             "restarts": self.restarts,
             "last_heartbeat_age_s": round(now - self.heartbeat_at, 3) if beat else None,
+            "heartbeat_seq": beat.seq if beat else None,
             "queued": beat.queued if beat else 0,
             "in_flight": beat.in_flight if beat else 0,
             "processed": beat.processed if beat else 0,

@@ -70,9 +70,15 @@ def _timestamp(item: dict[str, Any], where: str) -> float | None:
     value = item.get("ts")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadMessage(f"{where}.ts: must be a number (seconds since the epoch)")
-    return float(value)
+    try:
+        seconds = float(value)  # a huge JSON integer overflows here
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise BadMessage(f"{where}.ts: must be a finite number (seconds since the epoch)")
+    return seconds
 
 
 def parse_message(item: object, where: str, tenant_id: str, now: float) -> Message:
@@ -98,8 +104,10 @@ def parse_body(raw: bytes, tenant_id: str, now: float) -> list[Message]:
     """The messages of a ``POST /messages`` body: one object or a non-empty list."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also bad UTF-8 and integers over 4300 digits
         raise BadMessage(f"body: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadMessage("body: not valid JSON (nested too deeply)") from None
     if isinstance(body, dict):
         return [parse_message(body, "message", tenant_id, now)]
     if isinstance(body, list):
@@ -137,10 +145,14 @@ class Ingest:
         _clear_socket_path(socket_path)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        with _umask(0o177):  # born 0600: no window where others may connect
-            await web.UnixSite(self._runner, str(socket_path)).start()
-        if port is not None:
-            await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        try:
+            with _umask(0o177):  # born 0600: no window where others may connect
+                await web.UnixSite(self._runner, str(socket_path)).start()
+            if port is not None:
+                await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        except BaseException:
+            await self.stop()  # e.g. the port is taken: do not keep the socket open
+            raise
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -60,6 +60,7 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._store = store
         self._transport = transport
@@ -71,6 +72,7 @@ class Outbox:
         self._retry_backoff = retry_backoff
         self._clock = clock
         self._sleep = sleep
+        self._on_fatal = on_fatal
         self._chats: dict[str, deque[Reply]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -110,8 +112,13 @@ class Outbox:
             while line:
                 await self._deliver(line[0])
                 line.popleft()
-        except Exception:
+        except Exception as exc:
+            # Only the store gets here (transport errors are retried): the
+            # replies left behind would go out of order after newer ones, so
+            # let the worker restart and resend them in order from the store.
             logger.exception("outbox for chat {} stopped; replies stay pending", chat_id)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
         finally:
             if self._chats.get(chat_id) is line:
                 del self._chats[chat_id]
@@ -129,10 +136,11 @@ class Outbox:
                 await self._give_up(reply, str(exc))
                 return
             except Exception as exc:  # retryable, or a transport bug: retry both
-                reply = await self._reschedule(reply, exc)
-                if reply.attempts >= REPLY_MAX_ATTEMPTS:
-                    await self._give_up(reply, f"{exc} (after {reply.attempts} attempts)")
+                attempts = reply.attempts + 1
+                if attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this last attempt
+                    await self._give_up(reply, f"{exc} (after {attempts} attempts)")
                     return
+                reply = await self._reschedule(reply, exc)
                 continue
             await self._store.mark_sent(reply.id, provider_id)
             self._stats.sent += 1

@@ -10,14 +10,17 @@
 A message is acknowledged only once its row is committed. Attempts are
 counted in the store before the handler runs, so a message whose handling
 kills the worker is given up (``failed``) after ``max_attempts`` restarts
-instead of keeping its tenant down.
+instead of keeping its tenant down. After a restart, the messages that were
+in flight when the worker died (*suspects*) run one at a time: run side by
+side, one poison message would use up the attempts of every message in
+flight next to it at each crash, and all of them would end ``failed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,6 +96,8 @@ class Pipeline:
         )
         self._reserved: dict[str, int] = {}  # slots taken by messages being stored
         self._overloaded: set[str] = set()  # chats told to wait in this overload episode
+        self._suspects: set[str] = set()  # replayed ids that were in flight at the last death
+        self._probation = asyncio.Lock()  # suspects run one at a time
 
     # -- intake -------------------------------------------------------------
 
@@ -103,6 +108,9 @@ class Pipeline:
         admitted, refused = self._admit(fresh)
         try:
             stored = await self._store_new(admitted, "queued")
+        except BaseException:
+            self._forget(refused)  # never offered to the store: a retry is not a duplicate
+            raise
         finally:
             self._release(admitted)
         for message in stored:
@@ -115,8 +123,21 @@ class Pipeline:
         self.stats.rejected += len(rejected)
         return Accepted(len(stored) + len(rejected), duplicates, len(rejected))
 
-    async def replay(self, unfinished: Sequence[Message], replies: Sequence[Reply]) -> None:
-        """Requeue what a previous run accepted but did not finish, in arrival order."""
+    async def replay(
+        self,
+        unfinished: Sequence[Message],
+        replies: Sequence[Reply],
+        *,
+        suspects: Collection[str] = (),
+    ) -> None:
+        """Requeue what a previous run accepted but did not finish, in arrival order.
+
+        ``suspects``: ids of the messages that were being handled when the
+        previous run died (stored as ``processing``). One of them may be what
+        killed it, so they run one at a time and a crash is charged to the
+        message that caused it, not to every message in flight beside it.
+        """
+        self._suspects = set(suspects)
         for message in unfinished:
             self._dedup.is_duplicate(message.id)  # remember it as seen
             self._enqueue(message, force=True)
@@ -163,10 +184,13 @@ class Pipeline:
         try:
             new = await self._store.add_messages(messages, status)
         except BaseException:
-            for message in messages:  # not stored: a retry must not look like a duplicate
-                self._dedup.forget(message.id)
+            self._forget(messages)  # not stored: a retry must not look like a duplicate
             raise
         return [m for m, is_new in zip(messages, new, strict=True) if is_new]
+
+    def _forget(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self._dedup.forget(message.id)
 
     async def _tell_to_wait(self, message: Message) -> None:
         """One wait reply per chat per overload episode, not one per message."""
@@ -199,7 +223,14 @@ class Pipeline:
 
     async def _process(self, message: Message) -> None:
         with bind_message(message.chat_id, message.id):
-            await self._attempts(message)
+            if message.id in self._suspects:
+                try:
+                    async with self._probation:
+                        await self._attempts(message)
+                finally:
+                    self._suspects.discard(message.id)
+            else:
+                await self._attempts(message)
         chat = message.chat_id
         if chat in self._overloaded and not self.queue.get_queue_size(chat):
             self._overloaded.discard(chat)  # caught up: the episode is over

@@ -31,7 +31,7 @@ from loguru import logger
 
 from config import ChatqConfig, TenantConfig
 from shared import protocol
-from shared.errors import ChatqError
+from shared.errors import ChatqError, ConfigError
 from shared.log import setup_logging
 from tenant_worker.handlers import Handler, load_handler
 from tenant_worker.ingest import Ingest, IngestState
@@ -85,6 +85,15 @@ def _level_of(line: str) -> str:
 
 
 @dataclass
+class Service:
+    """A started worker's moving parts."""
+
+    pipeline: Pipeline
+    outbox: Outbox
+    ingest: Ingest
+
+
+@dataclass
 class Parts:
     """What a booted worker is made of, closed in reverse order."""
 
@@ -125,16 +134,26 @@ class Worker:
         try:
             parts = await self._boot()
         except ChatqError as exc:
-            logger.error("failed to boot: {}", exc)
-            if self.link is not None:
-                self.link.send(protocol.BootFailed(reason=str(exc)))
-            return EXIT_BOOT_FAILED
+            return self._boot_failed(exc)
         try:
-            await self._serve(parts)
+            return await self._run_booted(parts)
         finally:
             await _close(parts)
+
+    async def _run_booted(self, parts: Parts) -> int:
+        try:
+            service = await self._start(parts)
+        except ChatqError as exc:  # unreadable store, socket or port we cannot bind
+            return self._boot_failed(exc)
+        await self._serve(service)
         logger.info("stopped ({})", self._stop_reason)
         return self._exit
+
+    def _boot_failed(self, exc: ChatqError) -> int:
+        logger.error("failed to boot: {}", exc)
+        if self.link is not None:
+            self.link.send(protocol.BootFailed(reason=str(exc)))
+        return EXIT_BOOT_FAILED
 
     async def _boot(self) -> Parts:
         # Tenant handler modules live next to the config file, like relative paths.
@@ -145,44 +164,69 @@ class Worker:
         store = await Store.open(self.config.store_path(self.tenant.id), self.tenant.id)
         return Parts(store=store, handler=handler, transport=make_transport(self.tenant))
 
-    async def _serve(self, parts: Parts) -> None:
-        tenant = self.tenant
-        counts = await parts.store.counts()
+    async def _start(self, parts: Parts) -> Service:
+        """Read what the last run left, listen, replay it, then take new input.
+
+        Every step that can fail runs before any message is handled, so a
+        failure here is a clean "failed to boot".
+        """
+        tenant, store = self.tenant, parts.store
+        counts = await store.counts()
         stats = parts.stats
         stats.processed, stats.failed = counts["processed"], counts["failed"]
         stats.rejected = counts["rejected"]
+        unfinished = await store.unfinished_messages()
+        replies = await store.pending_replies()
         outbox = Outbox(
-            parts.store,
+            store,
             parts.transport,
             stats,
             per_chat_per_minute=tenant.rate_limit_per_minute,
             tenant_per_minute=tenant.tenant_rate_limit_per_minute,
             retry_backoff=tenant.retry_backoff,
+            on_fatal=self._store_failed,
         )
         pipeline = Pipeline(
-            tenant,
-            parts.store,
-            parts.handler,
-            outbox,
-            stats,
-            on_fatal=lambda exc: self.request_stop(f"store failure: {exc}", EXIT_FATAL),
+            tenant, store, parts.handler, outbox, stats, on_fatal=self._store_failed
         )
-        unfinished = [row.message for row in await parts.store.unfinished_messages()]
-        await pipeline.replay(unfinished, await parts.store.pending_replies())
         ingest = Ingest(tenant.id, pipeline.accept, lambda: _probe(pipeline, outbox))
-        await ingest.start(self.config.socket_path(tenant.id), tenant.port)
+        await self._listen(ingest)  # answers 503 (starting) until the replay is queued
+        await pipeline.replay(
+            [row.message for row in unfinished],
+            replies,
+            suspects=[row.message.id for row in unfinished if row.status == "processing"],
+        )
         ingest.state = IngestState.RUNNING
         self._pipeline = pipeline
+        return Service(pipeline, outbox, ingest)
+
+    async def _listen(self, ingest: Ingest) -> None:
+        path, port = self.config.socket_path(self.tenant.id), self.tenant.port
+        try:
+            await ingest.start(path, port)
+        except OSError as exc:
+            where = f"{path}" if port is None else f"{path} and 127.0.0.1:{port}"
+            raise ConfigError(
+                f"tenant {self.tenant.id}: cannot listen on {where}: {exc.strerror or exc}"
+            ) from exc
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self.request_stop(f"store failure: {exc}", EXIT_FATAL)
+
+    async def _serve(self, service: Service) -> None:
+        """Run until asked to stop, then drain: pending messages stay queued."""
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
-        logger.info("ready on {}", self.config.socket_path(tenant.id))
+        logger.info("ready on {}", self.config.socket_path(self.tenant.id))
         await self._stop.wait()
         logger.info("draining ({})", self._stop_reason)
-        ingest.state = IngestState.DRAINING
-        await pipeline.drain(tenant.drain_timeout)
-        await outbox.wait_empty(grace=min(1.0, tenant.drain_timeout))
-        await outbox.aclose()
-        await ingest.stop()
+        service.ingest.state = IngestState.DRAINING
+        try:
+            await service.pipeline.drain(self.tenant.drain_timeout)
+            await service.outbox.wait_empty(grace=min(1.0, self.tenant.drain_timeout))
+            await service.outbox.aclose()
+        finally:
+            await service.ingest.stop()
 
     async def _heartbeats(self) -> None:
         """Beat from the event loop, so a blocked loop goes silent.

@@ -1,0 +1,13 @@
+"""Imported by the fork server process at start (see ``spawn.PRELOAD``), nowhere else.
+
+The fork server must outlive any signal meant for the supervisor: if a
+SIGTERM or SIGHUP sent to the whole process group killed it, every worker's
+sentinel would close and the supervisor would take live workers for dead
+ones. Workers reset these signals in ``spawn.worker_main``. (The fork server
+already ignores SIGINT.)
+"""
+
+import signal
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)

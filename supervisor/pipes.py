@@ -1,0 +1,70 @@
+"""Reading worker pipes without ever blocking the supervisor.
+
+``Connection.recv_bytes`` blocks until a whole frame is there: a worker
+stopped (SIGSTOP, a debugger) or dying half-way through a frame would stall
+the parent, and ``Connection.poll`` builds a new selector on every call. So
+the supervisor puts the pipe in non-blocking mode, takes whatever bytes are
+there in one read, and cuts complete frames out of a buffer itself.
+
+The framing is multiprocessing's own (what ``send_bytes`` writes): a 4-byte
+big-endian signed length, or -1 followed by an 8-byte length for huge frames.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing.connection import Connection
+
+from shared import protocol
+
+READ_CHUNK = 256 * 1024
+_SHORT = 4
+_LONG = 12
+
+
+class FrameReader:
+    """Complete frames from one worker's pipe, as they arrive."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._fd = conn.fileno()
+        os.set_blocking(self._fd, False)
+        self._buffer = bytearray()
+        self.eof = False
+
+    def read(self) -> list[protocol.Frame]:
+        """Frames complete so far; sets ``eof`` when the worker closed its end.
+
+        Raises ``ProtocolError`` on a malformed or oversized frame: the pipe
+        cannot be trusted after that.
+        """
+        try:
+            chunk = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return []
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return []
+        self._buffer += chunk
+        return self._frames()
+
+    def _frames(self) -> list[protocol.Frame]:
+        frames = []
+        buffer = self._buffer
+        while len(buffer) >= _SHORT:
+            size = int.from_bytes(buffer[:_SHORT], "big", signed=True)
+            header = _SHORT
+            if size == -1:
+                if len(buffer) < _LONG:
+                    break
+                size, header = int.from_bytes(buffer[_SHORT:_LONG], "big"), _LONG
+            if size < 0 or size > protocol.MAX_FRAME_BYTES:
+                raise protocol.ProtocolError(
+                    f"frame of {size} bytes (limit {protocol.MAX_FRAME_BYTES})"
+                )
+            if len(buffer) < header + size:
+                break
+            frames.append(protocol.decode(bytes(buffer[header : header + size])))
+            del buffer[: header + size]
+        return frames

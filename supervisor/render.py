@@ -1,0 +1,258 @@
+"""Human output of the ``chatq`` CLI: the tenant table, the status block, units, colours.
+
+Pure functions of the supervisor's answers (see `TenantHandle.summary` and
+`details`), so they are tested without a supervisor. Colour is decided once
+by the caller with `use_colour` and passed in: ANSI codes only when stdout is
+a terminal and ``NO_COLOR`` is unset (https://no-color.org).
+
+Kept free of heavy imports: it is on the path of every ``chatq list``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TextIO
+
+__all__ = [
+    "TABLE_WIDTH",
+    "colour_state",
+    "human_age",
+    "human_bytes",
+    "human_duration",
+    "status_block",
+    "tenant_table",
+    "use_colour",
+]
+
+TABLE_WIDTH = 80
+_MIN_TENANT_WIDTH = 8
+
+_RESET = "\033[0m"
+_STATE_COLOURS = {
+    "running": "\033[32m",  # green
+    "starting": "\033[33m",  # yellow
+    "backoff": "\033[33m",
+    "fatal": "\033[31m",  # red
+    "stopped": "\033[2m",  # dim
+}
+
+# (header, summary key, how to show it, right-aligned)
+_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
+    ("TENANT", "tenant", "text", False),
+    ("STATE", "state", "text", False),
+    ("PID", "pid", "int", True),
+    ("UPTIME", "uptime_s", "duration", True),
+    ("RESTARTS", "restarts", "int", True),
+    ("BEAT", "last_heartbeat_age_s", "age", True),
+    ("QUEUED", "queued", "int", True),
+    ("PROCESSED", "processed", "int", True),
+    ("FAILED", "failed", "int", True),
+    ("RSS", "rss_bytes", "bytes", True),
+)
+
+
+# -- units ---------------------------------------------------------------------
+
+
+def human_duration(seconds: float | None) -> str:
+    """'45s', '3m12s', '2h05m', '3d04h'; '-' for None."""
+    if seconds is None:
+        return "-"
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def human_age(seconds: float | None) -> str:
+    """A heartbeat age: '0.1s' below ten seconds, then as `human_duration`; '-' for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{max(0.0, seconds):.1f}s"
+    return human_duration(seconds)
+
+
+def human_bytes(count: int | None) -> str:
+    """Binary units as ps and top show them: '512B', '12K', '41M', '9.5M', '1.2G'; '-' for None."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            if unit == "B" or value >= 10:
+                return f"{value:.0f}{unit}"
+            return f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- colour --------------------------------------------------------------------
+
+
+def use_colour(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether to colour output to `stream`: a terminal, and NO_COLOR unset (or empty)."""
+    env = os.environ if environ is None else environ
+    if env.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def colour_state(text: str, state: str, colour: bool) -> str:
+    """`text` in the colour of `state` (green running, yellow starting/backoff, ...)."""
+    code = _STATE_COLOURS.get(state)
+    if not colour or code is None:
+        return text
+    return f"{code}{text}{_RESET}"
+
+
+# -- the tenant table ------------------------------------------------------------
+
+
+def _cell(value: Any, kind: str) -> str:
+    if kind == "duration":
+        return human_duration(value)
+    if kind == "age":
+        return human_age(value)
+    if kind == "bytes":
+        return human_bytes(value)
+    return "-" if value is None else str(value)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` cut to `width` characters, ending in '…' when cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def tenant_table(rows: Sequence[Mapping[str, Any]], colour: bool = False) -> str:
+    """The ``chatq list`` table: aligned columns within TABLE_WIDTH characters.
+
+    Columns are two spaces apart, one when two would not fit; tenant ids too
+    long for what is left are shortened with '…' (``--json`` has them whole).
+    """
+    cells = [[_cell(row.get(key), kind) for _, key, kind, _ in _COLUMNS] for row in rows]
+    widths = [
+        max([len(header), *(len(line[n]) for line in cells)])
+        for n, (header, *_) in enumerate(_COLUMNS)
+    ]
+    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= TABLE_WIDTH else 1
+    spare = TABLE_WIDTH - sum(widths) - gap * (len(widths) - 1)
+    if spare < 0:
+        widths[0] = max(_MIN_TENANT_WIDTH, widths[0] + spare)
+    lines = [_table_line([header for header, *_ in _COLUMNS], widths, gap)]
+    for row, line in zip(rows, cells, strict=True):
+        paint = partial(colour_state, state=str(row.get("state")), colour=colour)
+        lines.append(_table_line(line, widths, gap, paint))
+    return "\n".join(lines)
+
+
+def _table_line(
+    values: Sequence[str],
+    widths: Sequence[int],
+    gap: int,
+    paint_state: Callable[[str], str] = str,
+) -> str:
+    """One aligned line; `paint_state` colours the padded STATE cell (codes take no columns)."""
+    parts = []
+    for n, (value, width, (*_, right)) in enumerate(zip(values, widths, _COLUMNS, strict=True)):
+        cell = _fit(value, width)
+        cell = cell.rjust(width) if right else cell.ljust(width)
+        parts.append(paint_state(cell) if n == 1 else cell)
+    return (" " * gap).join(parts).rstrip()
+
+
+# -- the status block ------------------------------------------------------------
+
+
+def _clock_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _since(details: Mapping[str, Any], now: float) -> str:
+    """When the tenant entered its state, as far as the answer tells."""
+    uptime = details.get("uptime_s")
+    if details.get("pid") is not None and uptime is not None:
+        return f"since {_clock_time(now - uptime)}; {human_duration(uptime)} ago"
+    last_exit = details.get("last_exit")
+    if last_exit:
+        ago = human_duration(now - last_exit["at"])
+        return f"since {_clock_time(last_exit['at'])}; {ago} ago"
+    return "never started" if details.get("state") == "stopped" else ""
+
+
+def _last_exit(details: Mapping[str, Any]) -> str:
+    last_exit = details.get("last_exit")
+    if not last_exit:
+        return "-"
+    code = last_exit.get("code")
+    code_text = "unknown" if code is None else str(code)
+    return f"{last_exit['reason']} (code {code_text}) at {_clock_time(last_exit['at'])}"
+
+
+def _counts(details: Mapping[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(f"{name.replace('_', ' ')} {details.get(name, 0)}" for name in names)
+
+
+def _resources(details: Mapping[str, Any]) -> str:
+    cpu = details.get("cpu_percent")
+    fds = details.get("num_fds")
+    cpu_text = "-" if cpu is None else f"{cpu:.1f}%"
+    fds_text = "-" if fds is None else str(fds)
+    return f"cpu {cpu_text}, fds {fds_text}, rss {human_bytes(details.get('rss_bytes'))}"
+
+
+def _busiest(details: Mapping[str, Any]) -> str:
+    pairs = details.get("busiest") or []
+    return ", ".join(f"{chat} ({depth})" for chat, depth in pairs) or "-"
+
+
+def status_block(details: Mapping[str, Any], colour: bool = False, now: float | None = None) -> str:
+    """The ``chatq status`` block, after ``systemctl status``: fields, then the log tail."""
+    now = time.time() if now is None else now
+    state = str(details.get("state"))
+    dot = colour_state("●", state, colour)
+    backoff = details.get("backoff_left_s")
+    fields = [
+        ("State", _state_line(details, state, colour, now)),
+        ("PID", _cell(details.get("pid"), "int")),
+        ("Enabled", "yes" if details.get("enabled", True) else "no (in the config)"),
+        ("Restarts", str(details.get("restarts", 0))),
+        ("Last exit", _last_exit(details)),
+        ("Backoff", "-" if backoff is None else f"{backoff:.1f}s left"),
+        ("Heartbeat", _heartbeat(details.get("last_heartbeat_age_s"))),
+        ("Resources", _resources(details)),
+        ("Queue", _counts(details, ("queued", "in_flight"))),
+        ("Messages", _counts(details, ("processed", "failed", "rejected", "duplicates"))),
+        ("Replies", _counts(details, ("rate_limited",))),
+        ("Busiest", _busiest(details)),
+    ]
+    if details.get("boot_error"):
+        fields.insert(5, ("Boot error", str(details["boot_error"])))
+    width = max(len(label) for label, _ in fields)
+    lines = [f"{dot} {details.get('tenant')}"]
+    lines += [f"  {label.rjust(width)}: {value}" for label, value in fields]
+    tail = details.get("log_tail") or []
+    if tail:
+        lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):", *tail]
+    return "\n".join(lines)
+
+
+def _state_line(details: Mapping[str, Any], state: str, colour: bool, now: float) -> str:
+    since = _since(details, now)
+    shown = colour_state(state, state, colour)
+    return f"{shown} ({since})" if since else shown
+
+
+def _heartbeat(age: float | None) -> str:
+    return "none yet" if age is None else f"{human_age(age)} ago"

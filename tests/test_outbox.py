@@ -1,0 +1,316 @@
+"""Outbox: per-chat order, rate limits on fake time, retries, permanent failures, giving up."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.errors import PermanentTransportError, RetryableTransportError, StoreError
+from tenant_worker.history import read_history
+from tenant_worker.messages import Message, Reply
+from tenant_worker.outbox import REPLY_MAX_ATTEMPTS, Outbox, reply_backoff
+from tenant_worker.stats import WorkerStats
+from tenant_worker.store import Store
+from tenant_worker.transports import FailWith, MemoryTransport
+
+START = 1_000_000.0
+
+
+@dataclass
+class FakeTime:
+    """One fake clock for wall time and monotonic time; `sleep` advances it at once."""
+
+    now: float = START
+    slept: list[float] = field(default_factory=list)
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.slept.append(delay)
+        self.now += max(delay, 0.0)
+        await asyncio.sleep(0)
+
+
+@dataclass
+class FakeReplyStore:
+    """Records the outbox's writes in order."""
+
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    broken: bool = False
+
+    async def mark_sent(self, reply_id: int, provider_id: str) -> None:
+        if self.broken:
+            raise StoreError("store: disk I/O error")
+        self.calls.append(("sent", reply_id))
+
+    async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None:
+        self.calls.append(("retry", reply_id, next_attempt_at))
+
+    async def fail_reply(self, reply_id: int, error: str) -> None:
+        self.calls.append(("failed", reply_id, error))
+
+
+class TimedTransport(MemoryTransport):
+    """A MemoryTransport that notes the fake time of each successful send."""
+
+    def __init__(self, time: FakeTime, fail_with: FailWith | None = None) -> None:
+        super().__init__(fail_with)
+        self.time = time
+        self.at: list[tuple[str, str, float]] = []
+        self.jitter: Callable[[], float] | None = None
+
+    async def send(self, chat_id: str, text: str) -> str:
+        if self.jitter is not None:
+            await asyncio.sleep(self.jitter())  # real, tiny: lets chats interleave
+        provider_id = await super().send(chat_id, text)
+        self.at.append((chat_id, text, self.time.now - START))
+        return provider_id
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    store: FakeReplyStore
+    transport: TimedTransport
+    stats: WorkerStats
+    time: FakeTime
+    fatal: list[BaseException]
+
+    async def done(self) -> None:
+        assert await self.outbox.wait_empty(grace=5)
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def reply(chat_id: str, text: str, **fields: Any) -> Reply:
+    return Reply(id=next(_ids), message_id=f"m-{text}", chat_id=chat_id, text=text, **fields)
+
+
+@pytest.fixture
+async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
+    outboxes: list[Outbox] = []
+
+    def make(fail_with: FailWith | None = None, **limits: Any) -> Rig:
+        time, store, stats = FakeTime(), FakeReplyStore(), WorkerStats()
+        fatal: list[BaseException] = []
+        transport = TimedTransport(time, fail_with)
+        outbox = Outbox(
+            store,
+            transport,
+            stats,
+            **{"per_chat_per_minute": 1000, **limits},
+            clock=time.clock,
+            monotonic=time.clock,
+            sleep=time.sleep,
+            on_fatal=fatal.append,
+        )
+        outboxes.append(outbox)
+        return Rig(outbox, store, transport, stats, time, fatal)
+
+    yield make
+    for outbox in outboxes:
+        await outbox.aclose()
+
+
+def failing(times: int, error: Callable[[], Exception]) -> FailWith:
+    """Fail the first `times` sends with `error()`, then succeed."""
+    left = [times]
+
+    def fail_with(chat_id: str, text: str) -> Exception | None:
+        if left[0] > 0:
+            left[0] -= 1
+            return error()
+        return None
+
+    return fail_with
+
+
+async def test_replies_go_out_in_order_per_chat_while_chats_interleave(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig()
+    rng = random.Random(3)
+    rig.transport.jitter = lambda: rng.uniform(0, 0.002)
+    chats = ["a", "b", "c", "d"]
+
+    for n in range(10):
+        rig.outbox.submit([reply(chat, f"{chat}{n}") for chat in chats])
+    assert rig.outbox.pending() == 40
+    await rig.done()
+
+    for chat in chats:
+        assert [t for c, t in rig.transport.sent if c == chat] == [f"{chat}{n}" for n in range(10)]
+    assert [c for c, _t in rig.transport.sent[:8]] != ["a"] * 8  # not one chat after another
+    assert rig.stats.sent == 40
+    assert rig.outbox.pending() == 0
+
+
+async def test_per_chat_rate_limit_makes_the_third_reply_wait_a_minute(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(per_chat_per_minute=2)
+
+    # b first: a's wait moves the shared fake clock at once, so b must go before it.
+    rig.outbox.submit([reply("b", "b1"), reply("a", "a1"), reply("a", "a2"), reply("a", "a3")])
+    rig.outbox.submit([reply("b", "b2")])
+    await rig.done()
+
+    at = {text: when for _chat, text, when in rig.transport.at}
+    assert at["b1"] == at["b2"] == at["a1"] == at["a2"] == 0.0
+    assert at["a3"] == pytest.approx(60.0)
+    assert rig.time.slept == [pytest.approx(60.0)]
+    assert rig.stats.rate_limited == 1  # only a3 waited
+    assert [t for c, t, _ in rig.transport.at if c == "a"] == ["a1", "a2", "a3"]
+
+
+async def test_tenant_rate_limit_caps_all_chats_together(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(per_chat_per_minute=100, tenant_per_minute=2)
+
+    rig.outbox.submit([reply("a", "a1"), reply("b", "b1"), reply("c", "c1")])
+    await rig.done()
+
+    times = sorted(when for _chat, _text, when in rig.transport.at)
+    assert times == [0.0, 0.0, pytest.approx(60.0)]
+    assert rig.stats.rate_limited == 1
+
+
+async def test_retryable_error_is_retried_with_backoff_then_sent(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(
+        failing(2, lambda: RetryableTransportError("503 from provider")), retry_backoff=1.0
+    )
+    first, second = reply("a", "first"), reply("a", "second")
+
+    rig.outbox.submit([first, second])
+    await rig.done()
+
+    assert rig.store.calls == [
+        ("retry", first.id, START + 1.0),
+        ("retry", first.id, START + 1.0 + 2.0),
+        ("sent", first.id),
+        ("sent", second.id),  # held back until the first one is out: order is kept
+    ]
+    assert rig.transport.attempts == 4
+    assert rig.transport.sent == [("a", "first"), ("a", "second")]
+    assert rig.time.now - START == pytest.approx(3.0)
+
+
+async def test_permanent_error_fails_the_reply_and_the_chat_goes_on(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(failing(1, lambda: PermanentTransportError("400 unknown recipient")))
+    bad, good = reply("a", "bad"), reply("a", "good")
+
+    rig.outbox.submit([bad, good])
+    await rig.done()
+
+    assert rig.store.calls == [("failed", bad.id, "400 unknown recipient"), ("sent", good.id)]
+    assert rig.transport.attempts == 2
+    assert (rig.stats.send_failed, rig.stats.sent) == (1, 1)
+
+
+async def test_gives_up_after_reply_max_attempts_counting_each_attempt_once(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(lambda chat, text: RetryableTransportError("timeout"), retry_backoff=1.0)
+    doomed = reply("a", "doomed")
+
+    rig.outbox.submit([doomed])
+    await rig.done()
+
+    assert rig.transport.attempts == REPLY_MAX_ATTEMPTS
+    kinds = [call[0] for call in rig.store.calls]
+    assert kinds == ["retry"] * (REPLY_MAX_ATTEMPTS - 1) + ["failed"]
+    assert f"after {REPLY_MAX_ATTEMPTS} attempts" in rig.store.calls[-1][2]
+    due = [call[2] for call in rig.store.calls[:-1]]  # each retry's next_attempt_at
+    waits = [later - earlier for earlier, later in itertools.pairwise(due)]
+    assert waits == [reply_backoff(n, 1.0) for n in range(2, REPLY_MAX_ATTEMPTS)]
+    assert rig.stats.send_failed == 1
+
+
+async def test_a_replayed_reply_keeps_its_attempts_and_due_time(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(lambda chat, text: RetryableTransportError("timeout"))
+    late = reply("a", "late", attempts=REPLY_MAX_ATTEMPTS - 1, next_attempt_at=START + 30.0)
+
+    rig.outbox.submit([late])
+    await rig.done()
+
+    assert rig.time.slept[0] == pytest.approx(30.0)  # waits until it is due
+    assert rig.transport.attempts == 1  # its last attempt
+    assert [call[0] for call in rig.store.calls] == ["failed"]
+
+
+async def test_store_failure_stops_the_chat_and_is_reported_as_fatal(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig()
+    rig.store.broken = True
+
+    rig.outbox.submit([reply("a", "one"), reply("a", "two")])
+    await rig.done()
+
+    (error,) = rig.fatal
+    assert isinstance(error, StoreError)
+    assert rig.transport.sent == [("a", "one")]  # "two" stays pending for the next start
+
+
+async def test_wait_empty_times_out_and_aclose_leaves_replies_pending(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig()
+    release = asyncio.Event()
+
+    async def stuck_send(chat_id: str, text: str) -> str:
+        await release.wait()
+        return "never"
+
+    rig.transport.send = stuck_send  # type: ignore[method-assign]
+    rig.outbox.submit([reply("a", "one"), reply("b", "two")])
+
+    assert await rig.outbox.wait_empty(grace=0.01) is False
+    assert rig.outbox.pending() == 2
+    await rig.outbox.aclose()
+    assert rig.outbox.pending() == 0
+    assert rig.store.calls == []
+
+
+async def test_with_a_real_store_replies_end_sent_with_their_attempts(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    try:
+        await store.add_messages([Message("m1", "c", "hi", "t1")])
+        stored = await store.complete("m1", ["one", "two"])
+        fake = FakeTime(now=max(r.next_attempt_at for r in stored))  # the store's wall clock
+        transport = MemoryTransport(failing(1, lambda: RetryableTransportError("busy")))
+        outbox = Outbox(
+            store,
+            transport,
+            WorkerStats(),
+            per_chat_per_minute=10,
+            clock=fake.clock,
+            monotonic=fake.clock,
+            sleep=fake.sleep,
+        )
+        outbox.submit(stored)
+        assert await outbox.wait_empty(grace=5)
+        await outbox.aclose()
+
+        (entry,) = read_history(store.path)
+        assert [(r["text"], r["status"], r["attempts"]) for r in entry["replies"]] == [
+            ("one", "sent", 2),
+            ("two", "sent", 1),
+        ]
+        assert await store.pending_replies() == []
+    finally:
+        await store.close()

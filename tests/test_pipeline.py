@@ -1,0 +1,611 @@
+"""Pipeline on a real Store: order, one in flight per chat, overload, retries, replay, drain.
+
+Retry backoff goes through an injected sleep that records the delays and
+returns at once; the only real waits are a few milliseconds of handler
+latency and one tiny handler_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from config.settings import TenantConfig
+from shared.errors import HandlerError, PermanentHandlerError, StoreError
+from tenant_worker.handlers import HandlerContext
+from tenant_worker.history import read_history
+from tenant_worker.messages import Message, Reply
+from tenant_worker.outbox import Outbox
+from tenant_worker.pipeline import Accepted, Pipeline, handler_backoff
+from tenant_worker.stats import WorkerStats
+from tenant_worker.store import Store
+from tenant_worker.transports import MemoryTransport
+
+Behaviour = Callable[[Message, HandlerContext], Awaitable[list[str]]]
+
+
+def msg(mid: str, chat_id: str = "c", text: str = "hi") -> Message:
+    return Message(id=mid, chat_id=chat_id, text=text, tenant_id="t1")
+
+
+async def echo(message: Message, ctx: HandlerContext) -> list[str]:
+    return [f"re:{message.text}"]
+
+
+class FakeHandler:
+    """Runs `behaviour`; records every call and how many run at once, per chat and overall."""
+
+    def __init__(self, behaviour: Behaviour = echo) -> None:
+        self.behaviour = behaviour
+        self.calls: list[tuple[str, int]] = []  # (message id, attempt)
+        self.events: list[tuple[str, str]] = []  # ("start" | "end", message id)
+        self.running: dict[str, int] = defaultdict(int)
+        self.max_per_chat = 0
+        self.max_total = 0
+
+    async def handle(self, message: Message, ctx: HandlerContext) -> list[str]:
+        self.calls.append((message.id, ctx.attempt))
+        self.events.append(("start", message.id))
+        self.running[message.chat_id] += 1
+        self.max_per_chat = max(self.max_per_chat, self.running[message.chat_id])
+        self.max_total = max(self.max_total, sum(self.running.values()))
+        try:
+            return await self.behaviour(message, ctx)
+        finally:
+            self.running[message.chat_id] -= 1
+            self.events.append(("end", message.id))
+
+    async def aclose(self) -> None:
+        pass
+
+    def ids(self) -> list[str]:
+        return [mid for mid, _attempt in self.calls]
+
+
+@dataclass
+class RecordingSleep:
+    """Stands in for asyncio.sleep in the retry path: records, then yields once."""
+
+    delays: list[float] = field(default_factory=list)
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await asyncio.sleep(0)
+
+
+@dataclass
+class Rig:
+    store: Store
+    pipeline: Pipeline
+    outbox: Outbox
+    handler: FakeHandler
+    transport: MemoryTransport
+    stats: WorkerStats
+    sleep: RecordingSleep
+    fatal: list[BaseException]
+
+    async def settle(self) -> None:
+        """Wait until every queued message is handled and every reply delivered."""
+        async with asyncio.timeout(10):
+            await self.pipeline.queue.wait_idle()
+            assert await self.outbox.wait_empty(grace=10)
+
+    def history(self, chat_id: str | None = None) -> list[dict[str, Any]]:
+        return read_history(self.store.path, chat_id=chat_id, limit=10_000)
+
+    def status(self) -> dict[str, str]:
+        return {entry["id"]: entry["status"] for entry in self.history()}
+
+    def sent(self, chat_id: str) -> list[str]:
+        return [text for chat, text in self.transport.sent if chat == chat_id]
+
+    async def replay(self) -> None:
+        """What the worker does at start: requeue unfinished rows and pending replies."""
+        rows = await self.store.unfinished_messages()
+        await self.pipeline.replay(
+            [row.message for row in rows],
+            await self.store.pending_replies(),
+            suspects=[row.message.id for row in rows if row.status == "processing"],
+        )
+
+    async def close(self) -> None:
+        self.pipeline.queue.clear_all()
+        self.pipeline.queue.cancel_all()
+        await self.pipeline.queue.wait_idle()
+        await self.outbox.aclose()
+        await self.store.close()
+
+
+RigFactory = Callable[..., Awaitable[Rig]]
+
+
+async def wait_for(check: Callable[[], object]) -> None:
+    await wait_until(check, within=5, interval=0.002)
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[RigFactory]:
+    """Build a pipeline on `tmp_path/t1.sqlite3`; calling it again is a restart on the same file."""
+    rigs: list[Rig] = []
+
+    async def make(
+        handler: FakeHandler | None = None, store: Any = None, **tenant_keys: Any
+    ) -> Rig:
+        real = await Store.open(tmp_path / "t1.sqlite3", "t1")
+        keys = {"rate_limit_per_minute": 10_000, "retry_backoff": 0.5, **tenant_keys}
+        tenant = TenantConfig(id="t1", **keys)
+        stats, transport, sleep = WorkerStats(), MemoryTransport(), RecordingSleep()
+        handler = handler or FakeHandler()
+        fatal: list[BaseException] = []
+        outbox = Outbox(real, transport, stats, per_chat_per_minute=tenant.rate_limit_per_minute)
+        pipeline = Pipeline(
+            tenant,
+            store(real) if store is not None else real,
+            handler,
+            outbox,
+            stats,
+            sleep=sleep,
+            on_fatal=fatal.append,
+        )
+        rig = Rig(real, pipeline, outbox, handler, transport, stats, sleep, fatal)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in reversed(rigs):
+        await rig.close()
+
+
+class Gate:
+    """A handler behaviour that holds each message until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.waiting: list[str] = []
+
+    async def __call__(self, message: Message, ctx: HandlerContext) -> list[str]:
+        self.waiting.append(message.id)
+        await self.open.wait()
+        return [f"re:{message.text}"]
+
+
+# -- order and concurrency ----------------------------------------------------
+
+
+async def test_per_chat_order_under_random_latency_with_one_in_flight_per_chat(
+    make_rig: RigFactory,
+) -> None:
+    rng = random.Random(7)
+
+    async def jittery(message: Message, ctx: HandlerContext) -> list[str]:
+        await asyncio.sleep(rng.uniform(0, 0.003))
+        return [f"re:{message.id}"]
+
+    rig = await make_rig(FakeHandler(jittery))
+    chats = [f"c{n}" for n in range(8)]
+    expected = {chat: [f"{chat}-{i}" for i in range(12)] for chat in chats}
+    for i in range(12):  # twelve requests, each with one message for every chat
+        batch = [msg(f"{chat}-{i}", chat) for chat in chats]
+        assert await rig.pipeline.accept(batch) == Accepted(8, 0, 0)
+        await asyncio.sleep(rng.uniform(0, 0.002))
+
+    await rig.settle()
+
+    for chat in chats:
+        assert [mid for mid in rig.handler.ids() if mid.startswith(f"{chat}-")] == expected[chat]
+        assert rig.sent(chat) == [f"re:{mid}" for mid in expected[chat]]
+    assert rig.handler.max_per_chat == 1
+    assert rig.handler.max_total > 1  # chats did run side by side
+    assert set(rig.status().values()) == {"processed"}
+    assert rig.stats.processed == 96
+
+
+# -- overload -------------------------------------------------------------------
+
+
+async def test_queue_full_rejects_and_sends_one_wait_reply_per_overload_episode(
+    make_rig: RigFactory,
+) -> None:
+    gate = Gate()
+    rig = await make_rig(FakeHandler(gate), max_queue_size=2, wait_text="wait!")
+
+    first = await rig.pipeline.accept([msg(f"a{n}") for n in range(6)])
+    second = await rig.pipeline.accept([msg("a6"), msg("d1", chat_id="d")])
+
+    # One in flight plus max_queue_size pending; the rest are stored as rejected.
+    assert first == Accepted(accepted=6, duplicates=0, rejected=3)
+    assert second == Accepted(accepted=2, duplicates=0, rejected=1)  # other chats unaffected
+    await wait_for(lambda: len(gate.waiting) == 2)
+    status = rig.status()
+    assert [status[f"a{n}"] for n in range(7)] == ["processing"] + ["queued"] * 2 + ["rejected"] * 4
+    assert status["d1"] == "processing"
+    gate.open.set()
+    await rig.settle()
+    assert rig.sent("c") == ["wait!", "re:hi", "re:hi", "re:hi"]
+    (wait_owner,) = [e for e in rig.history("c") if e["replies"] and e["status"] == "rejected"]
+    assert wait_owner["id"] == "a3"
+
+    # The chat caught up: a new overload is a new episode with its own wait reply.
+    gate.open.clear()
+    third = await rig.pipeline.accept([msg(f"b{n}") for n in range(5)])
+    assert third == Accepted(accepted=5, duplicates=0, rejected=2)
+    gate.open.set()
+    await rig.settle()
+    assert rig.sent("c").count("wait!") == 2
+    assert rig.stats.rejected == 6
+    handled_in_c = [mid for mid in rig.handler.ids() if mid != "d1"]
+    assert handled_in_c == ["a0", "a1", "a2", "b0", "b1", "b2"]
+    assert [e["id"] for e in rig.history("c") if e["replies"] and e["status"] == "rejected"] == [
+        "a3",
+        "b3",
+    ]
+
+
+async def test_burst_of_max_queue_size_plus_one_on_an_idle_chat_is_accepted_in_full(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig(max_queue_size=3)
+
+    assert await rig.pipeline.accept([msg(f"m{n}") for n in range(4)]) == Accepted(4, 0, 0)
+    await rig.settle()
+    assert rig.transport.sent == [("c", "re:hi")] * 4
+
+
+# -- retries, timeouts, dead letters --------------------------------------------
+
+
+async def test_retries_with_backoff_then_failed_and_the_chat_moves_on(
+    make_rig: RigFactory,
+) -> None:
+    async def fails_on_fail(message: Message, ctx: HandlerContext) -> list[str]:
+        if message.text == "fail":
+            raise HandlerError("backend down")
+        return [f"re:{message.text}"]
+
+    rig = await make_rig(FakeHandler(fails_on_fail), max_attempts=3, retry_backoff=0.5)
+
+    await rig.pipeline.accept([msg("m1", text="fail"), msg("m2", text="ok")])
+    await rig.settle()
+
+    assert rig.handler.calls == [("m1", 1), ("m1", 2), ("m1", 3), ("m2", 1)]
+    assert rig.sleep.delays == [0.5, 1.0]
+    dead, ok = rig.history()
+    assert dead["status"] == "failed"
+    assert dead["attempts"] == 3
+    assert "backend down" in dead["last_error"]
+    assert "after 3 attempts" in dead["last_error"]
+    assert dead["replies"] == []
+    assert ok["status"] == "processed"
+    assert [r["text"] for r in ok["replies"]] == ["re:ok"]
+    assert (rig.stats.failed, rig.stats.processed) == (1, 1)
+
+
+async def test_retry_that_succeeds_is_processed_once_with_its_replies(
+    make_rig: RigFactory,
+) -> None:
+    async def second_time_lucky(message: Message, ctx: HandlerContext) -> list[str]:
+        if ctx.attempt < 2:
+            raise HandlerError("flaky")
+        return ["one", "two"]
+
+    rig = await make_rig(FakeHandler(second_time_lucky), retry_backoff=2.0)
+
+    await rig.pipeline.accept([msg("m1")])
+    await rig.settle()
+
+    (entry,) = rig.history()
+    assert (entry["status"], entry["attempts"], entry["last_error"]) == ("processed", 2, None)
+    assert [r["text"] for r in entry["replies"]] == ["one", "two"]
+    assert rig.sleep.delays == [2.0]
+    assert rig.sent("c") == ["one", "two"]
+
+
+async def test_permanent_handler_error_fails_without_retry(make_rig: RigFactory) -> None:
+    async def refuses(message: Message, ctx: HandlerContext) -> list[str]:
+        raise PermanentHandlerError("bad request")
+
+    rig = await make_rig(FakeHandler(refuses))
+
+    await rig.pipeline.accept([msg("m1")])
+    await rig.settle()
+
+    assert rig.handler.calls == [("m1", 1)]
+    assert rig.sleep.delays == []
+    assert rig.history()[0]["status"] == "failed"
+
+
+async def test_handler_timeout_fails_the_message_and_the_chat_moves_on(
+    make_rig: RigFactory,
+) -> None:
+    async def stuck_on_slow(message: Message, ctx: HandlerContext) -> list[str]:
+        if message.text == "slow":
+            await asyncio.sleep(3600)
+        return [f"re:{message.text}"]
+
+    rig = await make_rig(FakeHandler(stuck_on_slow), handler_timeout=0.02)
+
+    await rig.pipeline.accept([msg("m1", text="slow"), msg("m2", text="next")])
+    await rig.settle()
+
+    slow, following = rig.history()
+    assert slow["status"] == "failed"
+    assert "handler_timeout" in slow["last_error"]
+    assert following["status"] == "processed"
+    assert rig.handler.calls == [("m1", 1), ("m2", 1)]  # a timeout is not retried
+    assert rig.sent("c") == ["re:next"]
+
+
+def test_handler_backoff_doubles_up_to_a_cap() -> None:
+    assert [handler_backoff(n, 1.0) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert handler_backoff(30, 1.0) == 60.0
+
+
+# -- durability: attempts, duplicates, replay -----------------------------------
+
+
+async def test_message_whose_attempts_are_used_up_is_quarantined_at_replay(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    await before.add_messages([msg("m1", text="poison"), msg("m2")])
+    for _ in range(3):  # three runs died while handling m1
+        await before.begin_attempt("m1")
+    await before.close()
+
+    rig = await make_rig(max_attempts=3)
+    await rig.replay()
+    await rig.settle()
+
+    assert rig.handler.ids() == ["m2"]  # m1's handler is never called again
+    poison, ok = rig.history()
+    assert poison["status"] == "failed"
+    assert "quarantined" in poison["last_error"]
+    assert ok["status"] == "processed"
+    assert rig.stats.failed == 1
+
+
+async def test_attempts_survive_a_restart(make_rig: RigFactory, tmp_path: Path) -> None:
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    await before.add_messages([msg("m1")])
+    await before.begin_attempt("m1")  # the run died during attempt 1
+    await before.close()
+
+    rig = await make_rig(max_attempts=3)
+    await rig.replay()
+    await rig.settle()
+
+    assert rig.handler.calls == [("m1", 2)]
+    assert rig.history()[0]["attempts"] == 2
+
+
+async def test_suspects_from_a_crash_run_one_at_a_time_and_others_go_on(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    await before.add_messages([msg("a1", "a"), msg("b1", "b"), msg("c1", "c"), msg("a2", "a")])
+    for mid in ("a1", "b1"):  # in flight when the previous run died
+        await before.begin_attempt(mid)
+    await before.close()
+
+    async def slow(message: Message, ctx: HandlerContext) -> list[str]:
+        await asyncio.sleep(0.005)
+        return []
+
+    rig = await make_rig(FakeHandler(slow))
+    await rig.replay()
+    await rig.settle()
+
+    events = rig.handler.events
+    # The two suspects never overlap: one ends before the other starts.
+    assert events.index(("end", "a1")) < events.index(("start", "b1"))
+    assert events.index(("start", "c1")) < events.index(("end", "a1"))  # c1 did not wait
+    assert events.index(("end", "a1")) < events.index(("start", "a2"))
+    assert set(rig.status().values()) == {"processed"}
+
+
+async def test_poison_message_does_not_use_up_other_chats_attempts(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    """A crash during replay is charged to the one suspect running, not to its neighbours."""
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    await before.add_messages([msg("bad", "x"), msg("ok1", "y"), msg("ok2", "z")])
+    for mid in ("bad", "ok1", "ok2"):  # all three were in flight at the first crash
+        await before.begin_attempt(mid)
+    await before.close()
+
+    crashing = asyncio.Event()
+
+    async def dies_midway(message: Message, ctx: HandlerContext) -> list[str]:
+        if message.id == "bad":
+            crashing.set()
+        await asyncio.Event().wait()  # nothing in flight finishes: the process is dying
+        return []
+
+    rig = await make_rig(FakeHandler(dies_midway), max_attempts=2)
+    await rig.replay()
+    async with asyncio.timeout(5):
+        await crashing.wait()
+    await asyncio.sleep(0.01)  # give any neighbour the chance to start (and be charged)
+    await rig.close()  # the crash: what was in flight stays "processing"
+    assert rig.handler.ids() == ["bad"]
+
+    final = await make_rig(max_attempts=2)
+    await final.replay()
+    await final.settle()
+
+    assert final.status() == {"bad": "failed", "ok1": "processed", "ok2": "processed"}
+    assert final.handler.ids() == ["ok1", "ok2"]
+
+
+async def test_duplicates_in_memory_are_counted_and_handled_once(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+
+    assert await rig.pipeline.accept([msg("m1")]) == Accepted(1, 0, 0)
+    assert await rig.pipeline.accept([msg("m1"), msg("m2"), msg("m2")]) == Accepted(1, 2, 0)
+    await rig.settle()
+
+    assert rig.handler.ids() == ["m1", "m2"]
+    assert rig.stats.duplicates == 2
+    assert len(rig.history()) == 2
+
+
+async def test_duplicates_are_caught_by_the_store_after_a_restart(make_rig: RigFactory) -> None:
+    first = await make_rig()
+    await first.pipeline.accept([msg("m1")])
+    await first.settle()
+    await first.close()
+
+    second = await make_rig()  # a new pipeline (empty memory) on the same file
+    assert await second.pipeline.accept([msg("m1"), msg("m2")]) == Accepted(1, 1, 0)
+    await second.settle()
+
+    assert second.handler.ids() == ["m2"]
+    assert second.stats.duplicates == 1
+    assert [e["id"] for e in second.history()] == ["m1", "m2"]
+    assert len(second.history()[0]["replies"]) == 1
+
+
+async def test_replay_requeues_in_arrival_order_and_resends_pending_replies_first(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    order = [("a0", "a"), ("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b"), ("a3", "a")]
+    await before.add_messages([msg(mid, chat, text=mid) for mid, chat in order])
+    await before.complete("a0", ["old reply"])  # done, but its reply was never sent
+    await before.begin_attempt("a1")  # in flight when the run died
+    await before.close()
+
+    rig = await make_rig()
+    await rig.replay()
+    await rig.settle()
+
+    handled = rig.handler.ids()
+    assert [m for m in handled if m.startswith("a")] == ["a1", "a2", "a3"]
+    assert [m for m in handled if m.startswith("b")] == ["b1", "b2"]
+    assert rig.sent("a") == ["old reply", "re:a1", "re:a2", "re:a3"]
+    assert set(rig.status().values()) == {"processed"}
+    assert rig.handler.calls[handled.index("a1")] == ("a1", 2)
+
+
+# -- drain ----------------------------------------------------------------------
+
+
+async def test_drain_finishes_in_flight_and_leaves_pending_rows_queued(
+    make_rig: RigFactory,
+) -> None:
+    gate = Gate()
+    rig = await make_rig(FakeHandler(gate))
+    await rig.pipeline.accept([msg("m1"), msg("m2"), msg("m3"), msg("d1", "d")])
+    await asyncio.sleep(0.01)
+    assert sorted(gate.waiting) == ["d1", "m1"]
+
+    drain = asyncio.create_task(rig.pipeline.drain(grace=10))
+    await asyncio.sleep(0.01)
+    assert not drain.done()  # waits for the in-flight ones
+    gate.open.set()
+    assert await drain is True
+
+    assert rig.status() == {"m1": "processed", "m2": "queued", "m3": "queued", "d1": "processed"}
+    assert [e["attempts"] for e in rig.history("c")] == [1, 0, 0]
+    await rig.close()
+
+    restarted = await make_rig()  # the next start processes what was left
+    await restarted.replay()
+    await restarted.settle()
+    assert restarted.handler.ids() == ["m2", "m3"]
+    assert set(restarted.status().values()) == {"processed"}
+
+
+async def test_drain_timeout_cancels_in_flight_handlers(make_rig: RigFactory) -> None:
+    rig = await make_rig(FakeHandler(Gate()))  # never opened
+    await rig.pipeline.accept([msg("m1"), msg("m2")])
+    await asyncio.sleep(0.01)
+
+    assert await rig.pipeline.drain(grace=0.02) is False
+
+    assert rig.status() == {"m1": "processing", "m2": "queued"}  # both replayed next start
+    assert rig.pipeline.queue.in_flight() == 0
+
+
+# -- store failures -------------------------------------------------------------
+
+
+class FlakyStore:
+    """Delegates to the real store; fails the next `add_messages` or every `complete`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.fail_next_add = False
+        self.fail_complete = False
+
+    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+        if self.fail_next_add:
+            self.fail_next_add = False
+            raise StoreError("store: disk I/O error")
+        return await self.store.add_messages(messages, status)
+
+    async def begin_attempt(self, message_id: str) -> int:
+        return await self.store.begin_attempt(message_id)
+
+    async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]:
+        if self.fail_complete:
+            raise StoreError("store: database is locked")
+        return await self.store.complete(message_id, replies)
+
+    async def fail(self, message_id: str, error: str, *, final: bool) -> None:
+        await self.store.fail(message_id, error, final=final)
+
+    async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
+        return await self.store.add_reply(message_id, chat_id, text)
+
+
+async def test_failed_store_write_accepts_nothing_and_a_retry_is_not_a_duplicate(
+    make_rig: RigFactory,
+) -> None:
+    flaky: list[FlakyStore] = []
+
+    def wrap(store: Store) -> FlakyStore:
+        flaky.append(FlakyStore(store))
+        return flaky[-1]
+
+    gate = Gate()
+    rig = await make_rig(FakeHandler(gate), store=wrap, max_queue_size=1)
+    await rig.pipeline.accept([msg("m0")])  # in flight: the chat has room for one more
+    batch = [msg("m1"), msg("m2")]  # m1 fits, m2 would be rejected
+
+    flaky[0].fail_next_add = True
+    with pytest.raises(StoreError):
+        await rig.pipeline.accept(batch)
+    assert [e["id"] for e in rig.history()] == ["m0"]
+
+    assert await rig.pipeline.accept(batch) == Accepted(accepted=2, duplicates=0, rejected=1)
+    gate.open.set()
+    await rig.settle()
+    assert rig.status() == {"m0": "processed", "m1": "processed", "m2": "rejected"}
+
+
+async def test_store_failure_while_processing_is_reported_as_fatal(
+    make_rig: RigFactory,
+) -> None:
+    flaky: list[FlakyStore] = []
+
+    def wrap(store: Store) -> FlakyStore:
+        flaky.append(FlakyStore(store))
+        flaky[-1].fail_complete = True
+        return flaky[-1]
+
+    rig = await make_rig(store=wrap)
+    await rig.pipeline.accept([msg("m1")])
+    await rig.settle()
+
+    (error,) = rig.fatal
+    assert isinstance(error, StoreError)
+    assert rig.status() == {"m1": "processing"}  # replayed by the next start

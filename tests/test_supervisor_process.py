@@ -1,0 +1,392 @@
+"""The supervisor with real processes: crashes, hangs, limits, reloads, shutdown.
+
+Each test starts ``chatq run`` as a subprocess on a config with small
+intervals (see tests/supervisor_fixtures.py), acts on it through the control
+socket, signals and the tenants' ingest sockets, and polls for the outcome
+against a deadline. The harness kills every process it started, whatever
+happens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from supervisor_fixtures import SupervisorHarness, alive, gone, wait_for
+
+from shared.errors import ConfigError, ControlError, NoSuchTenant
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[SupervisorHarness]:
+    with SupervisorHarness(tmp_path) as harness:
+        yield harness
+
+
+ECHO3: dict[str, dict[str, object]] = {"a": {}, "b": {}, "c": {}}
+
+
+def test_crashed_worker_is_restarted_quickly(harness: SupervisorHarness) -> None:
+    harness.write_config(ECHO3)
+    run = harness.start()
+    before = run.wait_all_running()
+
+    killed_at = time.monotonic()
+    os.kill(before["a"], signal.SIGKILL)
+    new_pid = run.wait_running("a", not_pid=before["a"], timeout=5.0)
+    took = time.monotonic() - killed_at
+
+    print(f"\nSIGKILL -> new worker running: {took:.3f} s")
+    assert took < 2.0
+    after = run.pids()
+    assert after == {**before, "a": new_pid}
+    status = run.status("a")
+    assert status["restarts"] == 1
+    assert status["last_exit"]["code"] == -signal.SIGKILL
+    assert "SIGKILL" in status["last_exit"]["reason"]
+
+
+def test_crash_loop_backs_off_then_turns_fatal_and_restart_revives(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_config(
+        ECHO3,
+        supervisor={
+            "backoff_initial": 0.05,
+            "backoff_max": 0.2,
+            "max_restarts": 3,
+            "restart_window": 30.0,
+        },
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+
+    pid = before["a"]
+    for _ in range(3):  # three crashes: each restarted after a growing backoff
+        os.kill(pid, signal.SIGKILL)
+        pid = run.wait_running("a", not_pid=pid)
+    os.kill(pid, signal.SIGKILL)  # the fourth within the window: give up
+    fatal = run.wait_state("a", "fatal")
+
+    assert fatal["pid"] is None
+    assert fatal["restarts"] == 3
+    assert fatal["last_exit"]["code"] == -signal.SIGKILL
+    log = run.log()
+    assert log.count("a: worker exited (killed by SIGKILL); restarting in") == 3
+    assert "a: worker exited (killed by SIGKILL); too many restarts" in log
+    assert {t: p for t, p in run.pids().items() if t != "a"} == {"b": before["b"], "c": before["c"]}
+    time.sleep(0.3)  # longer than backoff_max: fatal means no more restarts
+    assert run.status("a")["state"] == "fatal"
+
+    assert run.request("restart", tenant="a") == {"restarting": ["a"]}
+    revived = run.wait_running("a")
+    assert alive(psutil.Process(revived))
+    assert run.pids() == {**before, "a": revived}
+
+
+def test_a_message_that_crashes_the_worker_is_quarantined(harness: SupervisorHarness) -> None:
+    harness.write_config(
+        {"a": {}, "crashy": {"handler": "tenant_worker.handlers.demo:crash", "max_attempts": 2}}
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+
+    assert run.post("crashy", "crash") == 202
+    # Attempt 1 and its replay (attempt 2) kill the worker; the third start quarantines it.
+    status = wait_for(
+        "crashy running after two crashes",
+        lambda: (s := run.status("crashy"))["restarts"] == 2 and s["state"] == "running" and s,
+    )
+    assert status["last_exit"]["code"] == 70
+    assert run.log().count("crashy: worker exited (exit code 70)") == 2
+    run.wait_log("quarantined: 2 attempts never finished")  # logged just after Ready
+    assert run.post("crashy", "fine", msg_id="m2") == 202
+    time.sleep(0.3)
+    assert run.tenants()["crashy"]["pid"] == status["pid"]
+    assert run.pids()["a"] == before["a"]
+
+
+def test_boot_failure_is_fatal_at_once_with_the_reason(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}, "bad": {"handler": "nonexistent.module:f"}})
+    run = harness.start(wait_running=False)
+    run.wait_running("a")
+
+    status = run.wait_state("bad", "fatal")
+    assert status["pid"] is None
+    assert "nonexistent" in status["boot_error"]
+    assert status["last_exit"]["code"] == 3
+    time.sleep(0.5)  # well past backoff_max: a boot failure is not retried
+    status = run.status("bad")
+    assert (status["state"], status["restarts"]) == ("fatal", 0)
+    assert run.log().count("bad: started worker") == 1
+    assert "bad: failed to boot" in run.log()
+
+
+def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None:
+    harness.write_config(
+        {"a": {}, "hang": {"handler": "tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 0.5},
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+
+    assert run.post("hang", "hang") == 202
+    hung_at = time.monotonic()
+    new_pid = run.wait_running("hang", not_pid=before["hang"], timeout=10.0)
+    took = time.monotonic() - hung_at
+
+    # 0.5 s of silence (counted from the last beat, up to 0.1 s before the message),
+    # then SIGTERM (ignored by the blocked loop), then SIGKILL 0.5 s later.
+    assert took >= 0.8
+    status = run.status("hang")
+    assert status["last_exit"]["code"] == -signal.SIGKILL
+    assert status["last_exit"]["reason"].startswith("hung")
+    killed = f"hang: pid {before['hang']} still running 0.5s after SIGTERM: SIGKILL"
+    assert killed in run.log()
+    assert run.pids()["a"] == before["a"]
+    # The message that hung it is quarantined on replay (max_attempts 1): it stays up.
+    time.sleep(0.7)
+    assert run.tenants()["hang"]["pid"] == new_pid
+
+
+IGNORE_TERM = """
+import signal
+
+# Installed at import, after the worker's own loop handler: SIGTERM does nothing.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+async def reply(message, ctx):
+    return message.text
+"""
+
+
+def test_worker_ignoring_sigterm_gets_sigkill_after_stop_grace(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_module("ignore_term", IGNORE_TERM)
+    harness.write_config(
+        {"a": {}, "stubborn": {"handler": "ignore_term:reply"}}, supervisor={"stop_grace": 0.5}
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+    worker = psutil.Process(before["stubborn"])
+
+    asked_at = time.monotonic()
+    run.request("stop", tenant="stubborn")
+    status = run.wait_state("stubborn", "stopped")
+    took = time.monotonic() - asked_at
+
+    assert 0.45 <= took < 2.5
+    assert not alive(worker)
+    assert status["last_exit"]["code"] == -signal.SIGKILL
+    assert status["restarts"] == 0
+    assert f"stubborn: pid {worker.pid} still running 0.5s after SIGTERM: SIGKILL" in run.log()
+    time.sleep(0.3)
+    assert run.status("stubborn")["state"] == "stopped"  # asked to stop: not restarted
+    assert run.pids()["a"] == before["a"]
+
+
+def test_memory_limit_restarts_the_worker(harness: SupervisorHarness) -> None:
+    harness.write_config(
+        {"a": {}, "fat": {"memory_limit_mb": 30}}, supervisor={"watchdog_interval": 0.2}
+    )
+    run = harness.start(wait_running=False)
+    first = run.wait_running("a")
+
+    def restarted_for_memory() -> dict[str, object] | None:
+        status = run.status("fat")
+        exit_info = status["last_exit"]
+        return status if exit_info and "memory" in exit_info["reason"] else None
+
+    status = wait_for("a memory restart of fat", restarted_for_memory)
+    assert "memory_limit_mb 30" in status["last_exit"]["reason"]  # type: ignore[index]
+    assert "fat: memory: rss" in run.log()
+    assert run.pids()["a"] == first
+
+
+def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) -> None:
+    """SIGKILL after stop_grace must not turn an asked-for stop into a hung-restart."""
+    harness.write_config(
+        {"hang": {"handler": "tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 0.8},
+    )
+    run = harness.start()
+    pid = run.wait_running("hang")
+
+    assert run.post("hang", "hang") == 202
+    time.sleep(0.1)  # let the handler block the loop
+    run.request("stop", tenant="hang")
+    status = run.wait_state("hang", "stopped", timeout=5.0)
+
+    assert status["last_exit"]["code"] == -signal.SIGKILL
+    assert status["last_exit"]["reason"] == "stop requested"
+    time.sleep(0.4)
+    status = run.status("hang")
+    assert (status["state"], status["pid"], status["restarts"]) == ("stopped", None, 0)
+    assert f"hang: pid {pid} still running" in run.log()
+
+
+@pytest.mark.parametrize("via", ["control", "sighup"])
+def test_reload_applies_the_difference_and_refuses_a_bad_file(
+    harness: SupervisorHarness, via: str
+) -> None:
+    harness.write_config(ECHO3)
+    run = harness.start()
+    before = run.wait_all_running()
+
+    def reload() -> None:
+        if via == "control":
+            changes = run.request("reload")
+            assert changes == {
+                "added": ["d"],
+                "removed": ["c"],
+                "changed": ["b"],
+                "unchanged": ["a"],
+            }
+        else:
+            os.kill(run.pid, signal.SIGHUP)
+
+    harness.write_config({"a": {}, "b": {"max_queue_size": 7}, "d": {}})
+    reload()
+    d_pid = run.wait_running("d")
+    b_pid = run.wait_running("b", not_pid=before["b"])
+    wait_for("c to be removed", lambda: "c" not in run.tenants())
+    assert run.pids() == {"a": before["a"], "b": b_pid, "d": d_pid}
+    assert gone(before["c"])
+    assert "reloaded: {'added': ['d'], 'removed': ['c'], 'changed': ['b'], 'unchanged': ['a']}" in (
+        run.log()
+    )
+
+    harness.write_config({"a": {"max_queue_size": 0}, "b": {}})
+    if via == "control":
+        with pytest.raises(ConfigError, match=r"tenants\[0\] \(a\): max_queue_size"):
+            run.request("reload")
+    else:
+        os.kill(run.pid, signal.SIGHUP)
+    log = run.wait_log("reload refused, keeping the running config")
+    assert "max_queue_size" in log.split("reload refused", 1)[1].splitlines()[0]
+    time.sleep(0.2)
+    assert run.pids() == {"a": before["a"], "b": b_pid, "d": d_pid}
+    assert all(row["state"] == "running" for row in run.tenants().values())
+
+
+def test_sigterm_drains_every_worker_and_exits_0(harness: SupervisorHarness) -> None:
+    harness.write_config(ECHO3)
+    run = harness.start()
+    pids = run.wait_all_running()
+    helpers = run.worker_processes()  # the workers, the fork server, the resource tracker
+    assert set(pids.values()) <= {p.pid for p in helpers}
+
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait_exit() == 0
+
+    for tenant, pid in pids.items():
+        assert not psutil.pid_exists(pid), f"{tenant}'s worker {pid} left behind (or a zombie)"
+    wait_for("the fork server to exit", lambda: not any(map(alive, helpers)), 5.0)
+    log = run.log()
+    assert "shutting down (SIGTERM received)" in log
+    assert log.rstrip().endswith("supervisor stopped")
+    assert not run.socket.exists()
+
+
+def test_sigkilled_supervisor_leaves_no_worker_behind(harness: SupervisorHarness) -> None:
+    harness.write_config(ECHO3)
+    run = harness.start()
+    pids = run.wait_all_running()
+    workers = [psutil.Process(pid) for pid in pids.values()]
+
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait_exit()
+
+    # Each worker sees EOF on its pipe, drains (drain_timeout 0.2) and exits.
+    wait_for("orphaned workers to exit", lambda: not any(map(alive, workers)), 5.0)
+
+
+SPAM = """
+import threading
+import time
+
+from loguru import logger
+
+
+def _spam():
+    n = 0
+    while True:
+        n += 1
+        logger.info("spam line {}", n)
+        time.sleep(0.0005)
+
+
+threading.Thread(target=_spam, daemon=True).start()
+
+
+async def reply(message, ctx):
+    return message.text
+"""
+
+
+def _spam_lines(log: str, tenant: str) -> int:
+    return sum(1 for line in log.splitlines() if f"[{tenant} pid=" in line and "spam line" in line)
+
+
+def test_heavy_logging_survives_workers_being_killed(harness: SupervisorHarness) -> None:
+    harness.write_module("spam", SPAM)
+    harness.write_config({"a": {}, "b": {}}, defaults={"handler": "spam:reply"})
+    run = harness.start()
+    before = run.wait_all_running()
+
+    pid = before["a"]
+    counts = [_spam_lines(run.log(), "b")]
+    for _ in range(5):
+        os.kill(pid, signal.SIGKILL)
+        pid = run.wait_running("a", not_pid=pid)
+        time.sleep(0.1)
+        counts.append(_spam_lines(run.log(), "b"))
+
+    # b kept logging the whole time, through every one of a's deaths.
+    assert all(later > earlier for earlier, later in itertools.pairwise(counts)), counts
+    wait_for("more lines from b", lambda: _spam_lines(run.log(), "b") > counts[-1] + 50, 5.0)
+    assert run.pids()["b"] == before["b"]
+    assert run.tenants()["b"]["last_heartbeat_age_s"] < 1.0
+    # Whole lines only: every line starts with a timestamp (none were cut into another).
+    bad = [line for line in run.log().splitlines() if not line[:4].isdigit()]
+    assert not bad, bad[:3]
+
+
+def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}, "b": {}})
+    run = harness.start()
+    before = run.wait_all_running()
+
+    assert stat.S_IMODE(run.socket.stat().st_mode) == 0o600
+
+    assert run.request("stop", tenant="a") == {"stopping": "a"}
+    stopped = run.wait_state("a", "stopped")
+    assert stopped["pid"] is None
+    assert stopped["last_exit"]["reason"] == "stop requested"
+    assert not psutil.pid_exists(before["a"])
+    time.sleep(0.2)
+    assert run.status("a")["state"] == "stopped"
+
+    assert run.request("start", tenant="a") == {"starting": "a"}
+    a_pid = run.wait_running("a", not_pid=before["a"])
+    with pytest.raises(ControlError, match="already running"):
+        run.request("start", tenant="a")
+    assert run.pids()["b"] == before["b"]
+
+    assert run.request("restart", all=True) == {"restarting": ["a", "b"]}
+    new_a = run.wait_running("a", not_pid=a_pid)
+    new_b = run.wait_running("b", not_pid=before["b"])
+    assert run.pids() == {"a": new_a, "b": new_b}
+    assert run.status("b")["last_exit"]["reason"] == "restart requested"
+
+    with pytest.raises(NoSuchTenant):
+        run.request("status", tenant="nope")

@@ -1,0 +1,683 @@
+"""TenantHandle's state machine and the Supervisor's repair steps, without processes.
+
+Spawning is replaced by a fake that hands out fake processes (a pid, an exit
+code set by the test) with a real pipe, so frames go through the real reader;
+signals are recorded instead of sent; time is a fake clock. Each test drives
+one transition or one loop step by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config import ChatqConfig, SupervisorSettings, TenantConfig
+from shared import protocol
+from shared.errors import ConfigError, ControlError, NoSuchTenant
+from supervisor import tenant as tenant_module
+from supervisor.commands import COMMANDS
+from supervisor.logstream import LogStream
+from supervisor.supervisor import Supervisor
+from supervisor.tenant import State, TenantHandle
+from supervisor.watchdog import ProcStats
+
+GRACE = 2.0
+HB_TIMEOUT = 0.5
+SETTINGS = SupervisorSettings(
+    run_dir=Path("/nonexistent/run"),
+    data_dir=Path("/nonexistent/data"),
+    heartbeat_interval_ms=100,
+    heartbeat_timeout_ms=500,
+    stop_grace=GRACE,
+    backoff_initial=0.1,
+    backoff_max=1.0,
+    healthy_after=10.0,
+    max_restarts=3,
+    restart_window=30.0,
+    watchdog_interval=1.0,
+)
+
+
+def make_config(*tenants: TenantConfig, **settings: Any) -> ChatqConfig:
+    supervisor = SETTINGS.model_copy(update=settings) if settings else SETTINGS
+    return ChatqConfig(
+        path=Path("/nonexistent/tenants.toml"), supervisor=supervisor, tenants=tenants
+    )
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+_pids = itertools.count(4_000_000)  # above any real pid_max: never a real process
+
+
+class FakeProcess:
+    """What TenantHandle uses of a multiprocessing process."""
+
+    def __init__(self) -> None:
+        self.pid = next(_pids)
+        self.exitcode: int | None = None
+        self.sentinel = -1
+        self.closed = False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeSpawner:
+    """Stands in for spawn_worker: fake processes, real pipes; records signals."""
+
+    processes: list[FakeProcess] = field(default_factory=list)
+    worker_ends: dict[int, Connection] = field(default_factory=dict)
+    pipes: list[Connection] = field(default_factory=list)
+    signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
+    fail_with: OSError | None = None
+
+    def spawn(self, _ctx: object, _config: ChatqConfig, _tenant_id: str) -> tuple[Any, Connection]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        self.pipes += [ours, theirs]
+        process = FakeProcess()
+        self.processes.append(process)
+        self.worker_ends[process.pid] = theirs
+        return process, ours
+
+    def record_signal(self, process: FakeProcess, signum: int) -> None:
+        self.signals.append((process.pid, signal.Signals(signum)))
+
+    def sent(self, pid: int | None) -> list[signal.Signals]:
+        return [signum for target, signum in self.signals if target == pid]
+
+    def close(self) -> None:
+        for conn in self.pipes:
+            conn.close()
+
+
+@pytest.fixture
+def spawner(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSpawner]:
+    fake = FakeSpawner()
+    monkeypatch.setattr(tenant_module, "spawn_worker", fake.spawn)
+    monkeypatch.setattr(tenant_module, "_signal", fake.record_signal)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+CTX: Any = None  # the fake spawner ignores the multiprocessing context
+
+
+def make_handle(clock: FakeClock, tenant_id: str = "acme", **settings: Any) -> TenantHandle:
+    config = make_config(TenantConfig(id=tenant_id), **settings)
+    return TenantHandle(config, config.tenant(tenant_id), clock=clock, wall=lambda: 1.5e9)
+
+
+def running_handle(clock: FakeClock, **settings: Any) -> TenantHandle:
+    handle = make_handle(clock, **settings)
+    handle.start(CTX)
+    assert handle.pid is not None
+    handle.on_frame(protocol.Ready(pid=handle.pid))
+    return handle
+
+
+def heartbeat(seq: int = 1, *, queued: int = 0, processed: int = 0) -> protocol.Heartbeat:
+    return protocol.Heartbeat(
+        seq=seq,
+        time=0.0,
+        queued=queued,
+        in_flight=0,
+        processed=processed,
+        failed=0,
+        rejected=0,
+        duplicates=0,
+        rate_limited=0,
+    )
+
+
+def state_of(handle: TenantHandle) -> State:
+    """The state now (a call, so mypy does not carry an earlier narrowing over)."""
+    return handle.state
+
+
+def exit_with(handle: TenantHandle, code: int) -> None:
+    """The worker process ends with `code` and the supervisor reaps it."""
+    assert isinstance(handle.process, FakeProcess)
+    handle.process.exitcode = code
+    handle.on_exit()
+
+
+# -- TenantHandle ------------------------------------------------------------------------
+
+
+def test_start_then_ready_is_running(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = make_handle(clock)
+    assert handle.state is State.STOPPED and handle.pid is None
+
+    handle.start(CTX)
+    assert state_of(handle) is State.STARTING
+    assert handle.pid == spawner.processes[0].pid
+
+    clock.advance(0.3)
+    handle.on_frame(protocol.Ready(pid=handle.pid))
+    handle.on_frame(heartbeat(seq=1, queued=4, processed=9))
+    clock.advance(0.2)
+    summary = handle.summary()
+    assert summary["state"] == "running"
+    assert summary["pid"] == handle.pid
+    assert summary["uptime_s"] == pytest.approx(0.5)
+    assert summary["last_heartbeat_age_s"] == pytest.approx(0.2)
+    assert (summary["queued"], summary["processed"], summary["restarts"]) == (4, 9, 0)
+
+
+def test_log_frames_are_passed_on_and_kept_in_the_tail(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    for n in range(tenant_module.LOG_TAIL + 5):
+        assert handle.on_frame(protocol.LogRecord(line=f"line {n}", level="INFO")) == f"line {n}"
+    tail = handle.details()["log_tail"]
+    assert len(tail) == tenant_module.LOG_TAIL
+    assert tail[-1] == f"line {tenant_module.LOG_TAIL + 4}"
+
+
+def test_crash_backs_off_then_restarts(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = running_handle(clock)
+    exit_with(handle, 70)
+
+    assert handle.state is State.BACKOFF
+    assert handle.pid is None
+    assert handle.restarts == 1
+    assert handle.start_at is not None and handle.start_at >= clock.now
+    assert handle.last_exit is not None
+    assert (handle.last_exit.code, handle.last_exit.reason) == (70, "exit code 70")
+    assert handle.policy.failures == 1
+    assert spawner.processes[0].closed
+
+
+def test_backoff_grows_then_too_many_crashes_are_fatal(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    delays = []
+    for _ in range(SETTINGS.max_restarts):
+        exit_with(handle, -signal.SIGKILL)
+        assert handle.state is State.BACKOFF and handle.start_at is not None
+        delays.append(handle.start_at - clock.now)
+        clock.now = handle.start_at
+        handle.start(CTX)
+
+    exit_with(handle, -signal.SIGKILL)  # one more within restart_window
+    assert handle.state is State.FATAL
+    assert handle.restarts == SETTINGS.max_restarts
+    assert handle.last_exit is not None and handle.last_exit.reason == "killed by SIGKILL"
+    assert delays == sorted(delays) and delays[-1] > delays[0]
+    assert all(delay <= SETTINGS.backoff_max * 1.2 for delay in delays)
+
+    handle.revive()  # what `chatq restart` does to a fatal tenant
+    handle.stop("restart requested", State.STARTING)
+    assert (handle.state, handle.start_at) == (State.BACKOFF, clock.now)
+    assert handle.policy.failures == 0
+
+
+def test_a_healthy_run_resets_the_backoff(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = running_handle(clock)
+    exit_with(handle, 1)
+    handle.start(CTX)
+    exit_with(handle, 1)
+    assert handle.policy.failures == 2
+    handle.start(CTX)
+    clock.advance(SETTINGS.healthy_after)
+    exit_with(handle, 1)
+    assert handle.policy.failures == 1
+
+
+def test_boot_failure_is_fatal_without_a_restart(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = make_handle(clock)
+    handle.start(CTX)
+    handle.on_frame(protocol.BootFailed(reason="handler 'x:f': no module named 'x'"))
+    exit_with(handle, 3)
+
+    assert handle.state is State.FATAL
+    assert handle.restarts == 0
+    details = handle.details()
+    assert details["boot_error"] == "handler 'x:f': no module named 'x'"
+    assert details["last_exit"]["code"] == 3
+    assert handle.start_at is None
+
+
+def test_stop_sends_sigterm_once_then_sigkill_after_grace(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    pid = handle.pid
+
+    handle.stop("stop requested", State.STOPPED)
+    handle.stop("stop requested", State.STOPPED)
+    assert spawner.sent(pid) == [signal.SIGTERM]
+    assert handle.kill_at == clock.now + GRACE
+
+    clock.advance(GRACE - 0.01)
+    handle.kill_if_overdue()
+    assert spawner.sent(pid) == [signal.SIGTERM]
+    clock.advance(0.01)
+    handle.kill_if_overdue()
+    handle.kill_if_overdue()
+    assert spawner.sent(pid) == [signal.SIGTERM, signal.SIGKILL]
+
+    exit_with(handle, -signal.SIGKILL)
+    assert handle.state is State.STOPPED
+    assert handle.restarts == 0 and handle.policy.failures == 0
+    assert handle.last_exit is not None
+    assert (handle.last_exit.code, handle.last_exit.reason) == (-9, "stop requested")
+
+
+def test_a_sigkilled_stopping_worker_is_not_hung(spawner: FakeSpawner, clock: FakeClock) -> None:
+    """Regression: after SIGKILL the stop must not turn into a hung-restart."""
+    handle = running_handle(clock)
+    handle.on_frame(heartbeat())
+    handle.stop("stop requested", State.STOPPED)
+    clock.advance(GRACE)
+    handle.kill_if_overdue()
+    assert handle.kill_at is None
+
+    clock.advance(HB_TIMEOUT * 10)
+    assert not handle.is_hung()
+    handle.stop("later reason", State.STOPPED)  # e.g. a second `chatq stop`
+    assert spawner.sent(handle.pid) == [signal.SIGTERM, signal.SIGKILL]
+    exit_with(handle, -signal.SIGKILL)
+    assert handle.state is State.STOPPED
+    assert handle.last_exit is not None and handle.last_exit.reason == "stop requested"
+
+
+def test_silence_past_the_timeout_is_hung_and_counts_as_a_failure(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    handle.on_frame(heartbeat())
+    clock.advance(HB_TIMEOUT)
+    assert not handle.is_hung()
+    clock.advance(0.01)
+    assert handle.is_hung()
+
+    handle.stop("hung: no heartbeat for 0.5s", State.STARTING)
+    assert not handle.is_hung()  # being stopped
+    exit_with(handle, -signal.SIGKILL)
+    assert handle.state is State.BACKOFF
+    assert handle.policy.failures == 1  # a hang is a failure, unlike an asked restart
+    assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
+
+
+@pytest.mark.parametrize("reason", ["memory: rss 99 MB over 30", "protocol error: bad frame"])
+def test_watchdog_and_protocol_stops_count_as_failures(
+    spawner: FakeSpawner, clock: FakeClock, reason: str
+) -> None:
+    handle = running_handle(clock)
+    handle.stop(reason, State.STARTING)
+    exit_with(handle, 0)
+    assert handle.state is State.BACKOFF
+    assert handle.policy.failures == 1
+
+
+def test_asked_restart_starts_again_at_once_without_a_failure(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    handle.stop("restart requested", State.STARTING)
+    exit_with(handle, 0)
+    assert (handle.state, handle.start_at) == (State.BACKOFF, clock.now)
+    assert handle.restarts == 1
+    assert handle.policy.failures == 0
+
+
+def test_restart_asked_while_stopping_wins(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = running_handle(clock)
+    handle.stop("stop requested", State.STOPPED)
+    handle.stop("restart requested", State.STARTING)
+    assert spawner.sent(handle.pid) == [signal.SIGTERM]
+    exit_with(handle, 0)
+    assert handle.state is State.BACKOFF
+
+
+def test_stop_without_a_process_moves_at_once(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = running_handle(clock)
+    exit_with(handle, 70)
+    assert handle.state is State.BACKOFF
+    handle.stop("stop requested", State.STOPPED)
+    assert (handle.state, handle.start_at) == (State.STOPPED, None)
+    handle.stop("restart requested", State.STARTING)
+    assert (handle.state, handle.start_at) == (State.BACKOFF, clock.now)
+    assert spawner.signals == []
+
+
+def test_a_failed_spawn_is_a_failure_not_a_crash(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = make_handle(clock)
+    spawner.fail_with = OSError(24, "Too many open files")
+    handle.start(CTX)
+
+    assert handle.state is State.BACKOFF
+    assert handle.pid is None
+    assert handle.last_exit is not None and "Too many open files" in handle.last_exit.reason
+    for _ in range(SETTINGS.max_restarts):
+        handle.start(CTX)
+    assert state_of(handle) is State.FATAL
+
+    spawner.fail_with = None
+    handle.revive()
+    handle.start(CTX)
+    assert state_of(handle) is State.STARTING
+
+
+def test_no_ready_in_boot_timeout_is_hung(spawner: FakeSpawner, clock: FakeClock) -> None:
+    handle = make_handle(clock)
+    handle.start(CTX)
+    clock.advance(tenant_module.BOOT_TIMEOUT)
+    assert not handle.is_hung()
+    clock.advance(0.01)
+    assert handle.is_hung()
+
+
+# -- Supervisor steps ------------------------------------------------------------------------
+
+
+@dataclass
+class SupervisorUnderTest:
+    sup: Supervisor
+    clock: FakeClock
+    spawner: FakeSpawner
+    reload_to: list[ChatqConfig | Exception]
+
+    def pid(self, tenant_id: str) -> int | None:
+        return self.sup.handle(tenant_id).pid
+
+    def exit(self, tenant_id: str, code: int) -> None:
+        """The tenant's worker exits and the loop reaps it."""
+        handle = self.sup._handles[tenant_id]
+        assert isinstance(handle.process, FakeProcess)
+        handle.process.exitcode = code
+        self.sup._reap(handle)
+
+    def ready_all(self) -> None:
+        for handle in self.sup.handles():
+            if handle.pid is not None:
+                handle.on_frame(protocol.Ready(pid=handle.pid))
+
+
+@pytest.fixture
+def make_supervisor(
+    spawner: FakeSpawner, clock: FakeClock
+) -> Iterator[Callable[..., SupervisorUnderTest]]:
+    made: list[Supervisor] = []
+
+    def make(*tenants: TenantConfig, **settings: Any) -> SupervisorUnderTest:
+        config = make_config(*tenants, **settings)
+        reload_to: list[ChatqConfig | Exception] = []
+
+        def load() -> ChatqConfig:
+            outcome = reload_to.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        sup = Supervisor(config, load, LogStream(stream=io.StringIO()), clock=clock)
+        made.append(sup)
+        for tenant in config.tenants:
+            sup._add(config, tenant.id)
+        under_test = SupervisorUnderTest(sup, clock, spawner, reload_to)
+        under_test.ready_all()
+        return under_test
+
+    yield make
+    for sup in made:
+        os.close(sup._wake_r)
+        os.close(sup._wake_w)
+
+
+def tenants(*ids: str, **keys: Any) -> tuple[TenantConfig, ...]:
+    return tuple(TenantConfig(id=tenant_id, **keys) for tenant_id in ids)
+
+
+def test_start_due_waits_for_the_backoff(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    b_pid = t.pid("b")
+    t.exit("a", 70)  # the first crash restarts at once ...
+    handle = t.sup.handle("a")
+    handle.start(CTX)
+    t.exit("a", 70)  # ... a second one backs off
+    assert handle.state is State.BACKOFF and handle.start_at is not None
+    assert handle.start_at > t.clock.now
+
+    t.sup._start_due()
+    assert handle.pid is None
+    t.clock.now = handle.start_at
+    t.sup._start_due()
+    assert state_of(handle) is State.STARTING and handle.pid is not None
+    assert t.pid("b") == b_pid
+
+
+def test_hung_worker_is_stopped_then_killed_and_restarted(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    for handle in t.sup.handles():
+        handle.on_frame(heartbeat())
+    t.clock.advance(HB_TIMEOUT / 2)
+    t.sup.handle("b").on_frame(heartbeat(seq=2))
+    t.clock.advance(HB_TIMEOUT / 2 + 0.01)
+
+    a_pid, b_pid = t.pid("a"), t.pid("b")
+    t.sup._stop_hung()
+    assert t.spawner.sent(a_pid) == [signal.SIGTERM]
+    assert t.spawner.sent(b_pid) == []
+
+    t.clock.advance(GRACE)
+    t.sup._kill_overdue()
+    t.sup._stop_hung()  # regression: must not stop it again under another reason
+    assert t.spawner.sent(a_pid) == [signal.SIGTERM, signal.SIGKILL]
+    t.exit("a", -signal.SIGKILL)
+    handle = t.sup.handle("a")
+    assert handle.state is State.BACKOFF
+    assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
+
+
+def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any]) -> None:
+    """Regression: SIGKILL after stop_grace, then the hung check, used to restart it."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    t.sup.handle("a").on_frame(heartbeat())
+    t.sup.stop_tenant("a")
+    t.clock.advance(GRACE)  # past heartbeat_timeout too
+    t.sup._kill_overdue()
+    t.sup._stop_hung()
+    t.sup._watchdog()
+    t.exit("a", -signal.SIGKILL)
+    t.sup._start_due()
+    handle = t.sup.handle("a")
+    assert (handle.state, handle.pid) == (State.STOPPED, None)
+    assert handle.last_exit is not None and handle.last_exit.reason == "stop requested"
+
+
+class FakeSampler:
+    def __init__(self, rss_mb: int) -> None:
+        self.rss = rss_mb * 2**20
+
+    def sample(self, pid: int) -> ProcStats:
+        return ProcStats(pid=pid, rss_bytes=self.rss, cpu_percent=0.0, num_fds=7)
+
+    def forget(self, pid: int) -> None:
+        pass
+
+
+def test_watchdog_restarts_a_worker_over_its_memory_limit(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(
+        TenantConfig(id="fat", memory_limit_mb=30), TenantConfig(id="lean")
+    )
+    t.sup._sampler = FakeSampler(rss_mb=64)  # type: ignore[assignment]
+    fat, lean = t.pid("fat"), t.pid("lean")
+
+    t.sup._watchdog()
+    assert t.spawner.sent(fat) == [signal.SIGTERM]
+    assert t.spawner.sent(lean) == []
+    assert t.sup.handle("lean").summary()["rss_bytes"] == 64 * 2**20
+
+    t.clock.advance(0.5)
+    t.sup._watchdog()  # not due yet
+    t.clock.advance(SETTINGS.watchdog_interval)
+    t.sup._watchdog()  # due, but fat is already stopping
+    t.clock.advance(GRACE)
+    t.sup._kill_overdue()
+    t.clock.advance(SETTINGS.watchdog_interval)
+    t.sup._watchdog()  # regression: after SIGKILL it is still the same stop
+    assert t.spawner.sent(fat) == [signal.SIGTERM, signal.SIGKILL]
+
+    t.exit("fat", -signal.SIGKILL)
+    details = t.sup.handle("fat").details()
+    assert details["state"] == "backoff"
+    assert "memory" in details["last_exit"]["reason"]
+    assert "memory_limit_mb 30" in details["last_exit"]["reason"]
+
+
+def test_reap_reads_a_boot_failed_frame_left_in_the_pipe(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    pid = t.pid("a")
+    assert pid is not None
+    protocol.send(t.spawner.worker_ends[pid], protocol.BootFailed(reason="store: disk full"))
+    t.exit("a", 3)
+    handle = t.sup.handle("a")
+    assert (handle.state, handle.boot_error) == (State.FATAL, "store: disk full")
+
+
+def test_reload_applies_the_difference(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    before = {h.id: h.pid for h in t.sup.handles()}
+    new = make_config(
+        TenantConfig(id="a"), TenantConfig(id="b", max_queue_size=7), TenantConfig(id="d")
+    )
+    t.reload_to.append(new)
+
+    changes = t.sup.reload()
+    assert changes == {"added": ["d"], "removed": ["c"], "changed": ["b"], "unchanged": ["a"]}
+    assert t.spawner.sent(before["a"]) == []
+    assert t.spawner.sent(before["b"]) == [signal.SIGTERM]
+    assert t.spawner.sent(before["c"]) == [signal.SIGTERM]
+    assert t.sup.handle("d").state is State.STARTING
+    with pytest.raises(NoSuchTenant):
+        t.sup.handle("c")  # draining, but no longer a tenant
+
+    t.exit("b", 0)
+    t.exit("c", 0)
+    t.sup._start_due()
+    assert t.sup.handle("b").pid not in (None, before["b"])
+    assert t.sup.handle("b").tenant.max_queue_size == 7
+    assert "c" not in t.sup._handles
+    assert t.sup.config is new
+
+
+def test_a_refused_reload_changes_nothing(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    config = t.sup.config
+    t.reload_to.append(ConfigError("tenants.toml: tenants[0] (a): max_queue_size: too small"))
+    with pytest.raises(ConfigError, match="max_queue_size"):
+        t.sup.reload()
+    assert t.sup.config is config
+    assert t.spawner.signals == []
+    assert [h.state for h in t.sup.handles()] == [State.RUNNING, State.RUNNING]
+
+
+def test_a_tenant_added_back_while_draining_restarts_once_it_exits(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """Regression: the draining worker was forgotten and a second one started."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    first = t.pid("b")
+    t.reload_to += [make_config(*tenants("a")), make_config(*tenants("a", "b", max_attempts=5))]
+    t.sup.reload()  # b removed: draining
+    assert t.sup.reload()["added"] == ["b"]  # back before it exited
+
+    handle = t.sup.handle("b")
+    assert handle.pid == first  # still the draining one: never two workers for one store
+    assert len(t.spawner.processes) == 2
+    t.exit("b", 0)
+    t.sup._start_due()
+    assert handle.state is State.STARTING and handle.pid not in (None, first)
+    assert handle.tenant.max_attempts == 5
+    assert t.sup._handles["b"] is handle
+
+
+def test_a_disabled_tenant_is_not_started_by_restart_all(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(
+        TenantConfig(id="a"), TenantConfig(id="off", enabled=False), TenantConfig(id="gone")
+    )
+    t.reload_to.append(make_config(TenantConfig(id="a"), TenantConfig(id="off", enabled=False)))
+    t.sup.reload()  # "gone" is draining
+    assert t.sup.handle("off").state is State.STOPPED
+
+    result = COMMANDS["restart"](t.sup, {"cmd": "restart", "all": True})
+    assert result == {"restarting": ["a"]}
+    t.exit("a", 0)
+    t.sup._start_due()
+    assert t.sup.handle("off").state is State.STOPPED
+    assert t.sup.handle("a").state is State.STARTING
+
+
+def test_start_stop_and_restart_commands(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    with pytest.raises(ControlError, match="already running"):
+        t.sup.start_tenant("a")
+    t.sup.stop_tenant("a")
+    t.exit("a", 0)
+    assert t.sup.handle("a").state is State.STOPPED
+    t.sup.start_tenant("a")
+    assert t.sup.handle("a").state is State.STARTING
+    with pytest.raises(NoSuchTenant):
+        t.sup.restart("nope")
+
+
+def test_shutdown_stops_everything_and_starts_nothing(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    t.exit("b", 70)  # b is in backoff
+    t.sup.begin_shutdown("SIGTERM received")
+
+    assert t.sup.handle("b").state is State.STOPPED
+    assert t.spawner.sent(t.pid("a")) == [signal.SIGTERM]
+    with pytest.raises(ControlError, match="shutting down"):
+        t.sup._dispatch({"cmd": "restart", "tenant": "a"})
+    assert t.sup._dispatch({"cmd": "list"})[0]["tenant"] == "a"
+
+    t.exit("a", 0)
+    t.clock.advance(60)
+    t.sup._start_due()
+    assert [h.state for h in t.sup.handles()] == [State.STOPPED, State.STOPPED]
+    assert not any(h.alive for h in t.sup.handles())
