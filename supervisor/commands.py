@@ -23,7 +23,9 @@ def cmd_list(sup: Supervisor, _request: dict[str, Any]) -> Any:
 
 def cmd_status(sup: Supervisor, request: dict[str, Any]) -> Any:
     """``status`` {tenant} -- ``chatq status T``: the summary plus details and log tail."""
-    return sup.handle(request["tenant"]).details()
+    handle = sup.handle(request["tenant"])
+    sup.sample_now(handle)
+    return handle.details()
 
 
 def cmd_restart(sup: Supervisor, request: dict[str, Any]) -> Any:

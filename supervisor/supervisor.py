@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from types import FrameType
@@ -36,9 +37,11 @@ from supervisor.logstream import LogStream
 from supervisor.metrics import start_metrics_server
 from supervisor.tenant import State, TenantHandle
 from supervisor.waiter import Waiter
-from supervisor.watchdog import ProcessSampler, over_memory
+from supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
-MAX_WAIT = 1.0
+MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
+COALESCE = 0.002  # seconds to let a wave of heartbeats finish arriving
+FULL_SAMPLE_EVERY = 6  # watchdog ticks between CPU/fd readings (30 s by default)
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -71,6 +74,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._shutting_down = False
         self._next_watchdog = 0.0
+        self._watch_ticks = 0
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -131,11 +135,18 @@ class Supervisor:
         sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
         waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
         ready = self._waiter.wait(waitables, self._wait_time())
+        if ready and all(obj in conns for obj in ready):
+            # Only worker pipes: most likely the start of a heartbeat wave
+            # (workers beat on the same wall-clock instants). Let the rest of
+            # it land and take it in one pass rather than one pass per worker.
+            time.sleep(COALESCE)
+            ready = self._waiter.wait(waitables, 0)
+        ready_set = set(ready)
         for conn, handle in conns.items():
-            if conn in ready:
+            if conn in ready_set:
                 self._read_frames(handle)
         for sentinel, handle in sentinels.items():
-            if sentinel in ready:
+            if sentinel in ready_set:
                 self._reap(handle)
         self.control.handle_ready(ready)
         self._act_on_signals()
@@ -223,10 +234,15 @@ class Supervisor:
         if now < self._next_watchdog:
             return
         self._next_watchdog = now + self.config.supervisor.watchdog_interval
+        # Every tick reads memory (the limit); CPU and fds, which cost several
+        # /proc reads per worker, every FULL_SAMPLE_EVERY ticks, on `status`,
+        # or every tick while metrics are served.
+        self._watch_ticks += 1
+        full = self.publishing or self._watch_ticks % FULL_SAMPLE_EVERY == 1
         for handle in self.handles():
             if handle.pid is None:
                 continue
-            handle.proc_stats = stats = self._sampler.sample(handle.pid)
+            stats = self._read_stats(handle, full)
             limit = handle.tenant.memory_limit_mb
             if stats is not None and over_memory(stats, limit) and handle.stopping_reason is None:
                 reason = (
@@ -234,6 +250,21 @@ class Supervisor:
                 )
                 logger.warning("{}: {}; restarting it", handle.id, reason)
                 handle.stop(reason, State.STARTING)
+
+    def _read_stats(self, handle: TenantHandle, full: bool) -> ProcStats | None:
+        assert handle.pid is not None
+        old = handle.proc_stats
+        if full or old is None:
+            handle.proc_stats = self._sampler.sample(handle.pid)
+        else:
+            rss = self._sampler.rss(handle.pid)
+            handle.proc_stats = None if rss is None else replace(old, rss_bytes=rss)
+        return handle.proc_stats
+
+    def sample_now(self, handle: TenantHandle) -> None:
+        """Fresh CPU, fds and memory readings of one tenant (for `status`)."""
+        if handle.pid is not None:
+            self._read_stats(handle, full=True)
 
     def _start_due(self) -> None:
         if self._shutting_down:

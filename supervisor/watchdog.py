@@ -60,6 +60,14 @@ class ProcessSampler:
             return None
         return stats
 
+    def rss(self, pid: int) -> int | None:
+        """Only the resident memory of `pid` (one /proc read), or None if it is gone."""
+        try:
+            return int(self._process(pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            self.forget(pid)
+            return None
+
     def forget(self, pid: int) -> None:
         """Drop what is kept for `pid` (a new process with the same pid starts afresh)."""
         self._procs.pop(pid, None)

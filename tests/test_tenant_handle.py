@@ -523,10 +523,13 @@ def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any])
 
 class FakeSampler:
     def __init__(self, rss_mb: int) -> None:
-        self.rss = rss_mb * 2**20
+        self.rss_bytes = rss_mb * 2**20
 
     def sample(self, pid: int) -> ProcStats:
-        return ProcStats(pid=pid, rss_bytes=self.rss, cpu_percent=0.0, num_fds=7)
+        return ProcStats(pid=pid, rss_bytes=self.rss_bytes, cpu_percent=0.0, num_fds=7)
+
+    def rss(self, pid: int) -> int:
+        return self.rss_bytes
 
     def forget(self, pid: int) -> None:
         pass
