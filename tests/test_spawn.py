@@ -1,0 +1,95 @@
+"""Spawning workers while other threads of the parent hold locks (logging)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing import forkserver
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from config import ChatqConfig, load_config
+from shared import protocol
+from supervisor import spawn
+from supervisor.pipes import FrameReader
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Iterator[ChatqConfig]:
+    run_dir = Path(tempfile.mkdtemp(prefix="cq-", dir="/tmp"))  # short: socket paths are limited
+    path = tmp_path / "tenants.toml"
+    path.write_text(
+        f'[supervisor]\nrun_dir = "{run_dir}"\ndata_dir = "data"\nheartbeat_interval_ms = 100\n'
+        'log_level = "WARNING"\n[[tenants]]\nid = "t1"\n'
+    )
+    yield load_config(path, env={})
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def chatty_threads() -> Iterator[None]:
+    """Two threads logging flat out (loguru and stdlib): locks held at any moment."""
+    stop = threading.Event()
+    sink_calls = 0
+
+    def sink(_message: object) -> None:
+        nonlocal sink_calls
+        sink_calls += 1
+
+    handler_id = logger.add(sink, level="DEBUG")
+    stdlib = logging.getLogger("chatty")
+    stdlib.addHandler(logging.NullHandler())
+
+    def hammer() -> None:
+        while not stop.is_set():
+            logger.debug("busy")
+            stdlib.warning("busy")
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    yield
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    logger.remove(handler_id)
+    assert sink_calls > 0
+
+
+def wait_ready(reader: FrameReader, within: float) -> protocol.Ready:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for frame in reader.read():
+            if isinstance(frame, protocol.Ready):
+                return frame
+        time.sleep(0.01)
+    raise AssertionError(f"no Ready within {within}s")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("chatty_threads")
+def test_workers_boot_while_parent_threads_are_logging(config: ChatqConfig) -> None:
+    forkserver.ensure_running()
+    ctx = spawn.context()
+    for _ in range(5):
+        process, conn = spawn.spawn_worker(ctx, config, "t1")
+        try:
+            ready = wait_ready(FrameReader(conn), within=20)
+            assert ready.pid == process.pid
+        finally:
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+            process.join(15)
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+            conn.close()
+        assert process.exitcode == 0
