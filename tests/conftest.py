@@ -10,13 +10,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from fakes import FakeClock
+from sandbox import clean_env, short_run_dir, toml_value
 
 from shared.errors import StoreError
 from tenant_worker.history import read_history
@@ -31,16 +31,6 @@ from tenant_worker.history import read_history
 REPO = Path(__file__).resolve().parents[1]
 _WORKER_COMMAND = (sys.executable, "-m", "tenant_worker")
 T = TypeVar("T")
-
-# Variables the config loader reads; a developer's shell must not change the tests.
-_CHATQ_ENV = (
-    "CHATQ_CONFIG",
-    "MAX_QUEUE_SIZE",
-    "RATE_LIMIT_MAX_PER_MINUTE",
-    "HEARTBEAT_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
 
 
 async def wait_until(
@@ -59,17 +49,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within:g}s waiting for {what}; last: {value!r}")
         await asyncio.sleep(interval)
-
-
-def toml_value(value: object) -> str:
-    """A Python scalar as a TOML value (strings as JSON strings, which TOML accepts)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    raise TypeError(f"cannot write {value!r} as TOML")
 
 
 def write_config(path: Path, run_dir: Path, data_dir: Path, tenant: dict[str, Any]) -> Path:
@@ -107,7 +86,7 @@ class WorkerProcess:
         self.runs += 1
         folder = self.config.parent
         self._stderr = folder / f"{self.tenant_id}.run{self.runs}.stderr"
-        env = {k: v for k, v in os.environ.items() if k not in _CHATQ_ENV}
+        env = clean_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self._stderr.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -221,8 +200,7 @@ class WorkerFactory:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        # Unix socket paths are short (107 bytes): keep run_dir out of the long tmp_path.
-        self.run_dir = Path(tempfile.mkdtemp(prefix="cq-", dir="/tmp"))
+        self.run_dir = short_run_dir()
         self.workers: list[WorkerProcess] = []
 
     def __call__(self, tenant_id: str = "t1", **tenant_keys: Any) -> WorkerProcess:
@@ -253,3 +231,9 @@ def worker_factory(tmp_path: Path) -> Iterator[WorkerFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake monotonic clock at 1000.0 that the test advances by hand."""
+    return FakeClock()

@@ -13,7 +13,7 @@ Use it from a fixture in the test module::
         with SupervisorHarness(tmp_path) as harness:
             yield harness
 
-Everything waits by polling against a deadline (`wait_for`), never by a fixed
+Everything waits by polling against a deadline (`sandbox.wait_for`), never by a fixed
 sleep, so the tests run as fast as the processes let them.
 """
 
@@ -28,14 +28,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
+from sandbox import clean_env, short_run_dir, toml_value, wait_for
 
 from shared.errors import ControlError
 from supervisor.control_client import request
@@ -48,10 +47,8 @@ __all__ = [
     "alive",
     "gone",
     "toml_text",
-    "wait_for",
 ]
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 # Small intervals so that every process path takes a fraction of a second.
 FAST_SUPERVISOR: dict[str, Any] = {
@@ -67,29 +64,7 @@ FAST_SUPERVISOR: dict[str, Any] = {
     "log_level": "INFO",
 }
 FAST_DEFAULTS: dict[str, Any] = {"handler": "echo", "drain_timeout": 0.2, "retry_backoff": 0.05}
-# Variables the config loader reads; the tests' configs must not be overridden by them.
-_CHATQ_ENV = (
-    "CHATQ_CONFIG",
-    "MAX_QUEUE_SIZE",
-    "RATE_LIMIT_MAX_PER_MINUTE",
-    "HEARTBEAT_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
-POLL_S = 0.02
 LOG_TAIL_ON_FAILURE = 60
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 10.0) -> T:
-    """Poll `probe` until it returns something other than None/False; AssertionError on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -111,19 +86,9 @@ def gone(pid: int) -> bool:
 # -- config files ---------------------------------------------------------------
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def _table(lines: list[str], header: str, values: Mapping[str, object]) -> None:
     lines.append(header)
-    lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+    lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
     lines.append("")
 
 
@@ -299,8 +264,7 @@ class SupervisorHarness:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        # Unix socket paths are short (107 bytes): keep run_dir out of the long tmp_path.
-        self.run_dir = Path(tempfile.mkdtemp(prefix="cq-", dir="/tmp"))
+        self.run_dir = short_run_dir()
         self.data_dir = tmp_path / "data"
         self.config_path = tmp_path / "tenants.toml"
         self.runs: list[SupervisorRun] = []
@@ -329,7 +293,7 @@ class SupervisorHarness:
 
     def start(self, *, wait_running: bool = True) -> SupervisorRun:
         """Run the supervisor on the config written last; wait for its socket (and tenants)."""
-        env = {k: v for k, v in os.environ.items() if k not in _CHATQ_ENV}
+        env = clean_env()
         env["PYTHONPATH"] = str(REPO)
         stderr = self.tmp_path / f"supervisor-{len(self.runs)}.log"
         with stderr.open("wb") as sink:

@@ -24,6 +24,8 @@ from typing import Any
 
 import psutil
 import pytest
+import sandbox
+from fakes import FakeClock
 
 from config import DEFAULT_CONFIG_PATH, load_config
 from config.settings import TENANT_ID_PATTERN
@@ -53,14 +55,6 @@ id = "acme"
 [[tenants]]
 id = "globex"
 """
-CHATQ_ENV = (
-    "CHATQ_CONFIG",
-    "MAX_QUEUE_SIZE",
-    "RATE_LIMIT_MAX_PER_MINUTE",
-    "HEARTBEAT_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
 STARTUP_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 10.0
 
@@ -73,16 +67,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = SETTLE_TIMEOUT) -> Any:
-    """Poll `check` until it returns something truthy; fail the test after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Poll `check` until it returns something truthy (a ChatqError counts as not yet)."""
+
+    def probe() -> Any:
         with contextlib.suppress(ChatqError):
-            found = check()
-            if found:
-                return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
+            return check() or None
+        return None
+
+    return sandbox.wait_for(what, probe, timeout)
 
 
 class Supervisor:
@@ -146,7 +138,7 @@ class Supervisor:
 
 def _clean_env() -> dict[str, str]:
     """The environment without chatq's overrides, so the config file alone decides."""
-    env = {k: v for k, v in os.environ.items() if k not in CHATQ_ENV}
+    env = sandbox.clean_env()
     env["NO_COLOR"] = "1"
     return env
 
@@ -597,14 +589,6 @@ ANSI = re.compile(r"\033\[[0-9;]*m")
 NOW = 1_800_000_000.0
 
 
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Tty:
     """A stream that says it is a terminal."""
 
@@ -617,7 +601,7 @@ def handle(tmp_path: Path, tenant: str = "acme") -> TenantHandle:
     config_path = tmp_path / "tenants.toml"
     config_path.write_text(TWO_TENANTS)
     config = load_config(config_path)
-    return TenantHandle(config, config.tenant(tenant), clock=FakeClock(), wall=lambda: NOW)
+    return TenantHandle(config, config.tenant(tenant), clock=FakeClock(100.0), wall=lambda: NOW)
 
 
 @pytest.mark.parametrize(

@@ -18,19 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeClock
 
 from shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
 from supervisor import control
 from supervisor.control import MAX_REQUEST_BYTES, ControlServer, parse_request, peer_allowed
 from supervisor.control_client import request
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeSupervisor:

@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from fakes import FakeClock
 
 from tenant_worker.dedup import MessageDeduplicator
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def test_first_sight_is_new_and_repeat_is_duplicate(clock: FakeClock) -> None:

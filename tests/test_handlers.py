@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import socket
 import sys
 import textwrap
 import uuid
@@ -12,8 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
+from http_fakes import FakeService, free_port, serving
 
 from config.settings import TenantConfig
 from shared.errors import (
@@ -41,44 +39,12 @@ def msg(text: str = "hello", **fields: Any) -> Message:
     return Message(id="m1", chat_id="c1", text=text, tenant_id="t", **fields)
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 # --- a fake handler service -------------------------------------------------
 
 
-class Service:
-    """Answers POST /h with the status and body a test sets; records request bodies."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[Any] = []
-        self.status = 200
-        self.body = b""
-        self.delay = 0.0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(await request.json())
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        return web.Response(status=self.status, body=self.body or None)
-
-    def answer(self, status: int, body: bytes = b"") -> None:
-        self.status, self.body = status, body
-
-
 @pytest.fixture
-async def service() -> AsyncIterator[Service]:
-    svc = Service()
-    app = web.Application()
-    app.router.add_post("/h", svc.handle)
-    async with TestServer(app, host="127.0.0.1") as server:
-        svc.url = str(server.make_url("/h"))
+async def service() -> AsyncIterator[FakeService]:
+    async with serving("/h") as svc:
         yield svc
 
 
@@ -87,7 +53,7 @@ def http_tenant(url: str, timeout: float = 5.0) -> TenantConfig:
 
 
 @pytest.fixture
-async def http_handler(service: Service) -> AsyncIterator[Handler]:
+async def http_handler(service: FakeService) -> AsyncIterator[Handler]:
     handler = load_handler(http_tenant(service.url))
     yield handler
     await handler.aclose()
@@ -118,7 +84,7 @@ async def test_echo_replies_with_the_text() -> None:
 # --- http handler -------------------------------------------------------------
 
 
-async def test_http_posts_the_message_as_json(service: Service, http_handler: Handler) -> None:
+async def test_http_posts_the_message_as_json(service: FakeService, http_handler: Handler) -> None:
     service.answer(200, b'{"reply": "ok"}')
     message = msg("hey", sender="alice", ts=12.5)
     assert await http_handler.handle(message, HandlerContext("t", attempt=2)) == ["ok"]
@@ -149,7 +115,7 @@ async def test_http_posts_the_message_as_json(service: Service, http_handler: Ha
     ],
 )
 async def test_http_good_answers(
-    service: Service, http_handler: Handler, status: int, body: bytes, replies: list[str]
+    service: FakeService, http_handler: Handler, status: int, body: bytes, replies: list[str]
 ) -> None:
     service.answer(status, body)
     assert await http_handler.handle(msg(), CTX) == replies
@@ -167,7 +133,7 @@ async def test_http_good_answers(
     ],
 )
 async def test_http_bad_2xx_shapes_are_permanent(
-    service: Service, http_handler: Handler, body: bytes, complaint: str
+    service: FakeService, http_handler: Handler, body: bytes, complaint: str
 ) -> None:
     service.answer(200, body)
     with pytest.raises(PermanentHandlerError) as info:
@@ -177,7 +143,7 @@ async def test_http_bad_2xx_shapes_are_permanent(
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])
 async def test_http_5xx_and_429_are_retryable(
-    service: Service, http_handler: Handler, status: int
+    service: FakeService, http_handler: Handler, status: int
 ) -> None:
     service.answer(status, b"busy\nnow")
     with pytest.raises(HandlerError) as info:
@@ -188,14 +154,14 @@ async def test_http_5xx_and_429_are_retryable(
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422, 302])
 async def test_http_other_statuses_are_permanent(
-    service: Service, http_handler: Handler, status: int
+    service: FakeService, http_handler: Handler, status: int
 ) -> None:
     service.answer(status)
     with pytest.raises(PermanentHandlerError, match=f"answered {status}$"):
         await http_handler.handle(msg(), CTX)
 
 
-async def test_http_timeout_is_retryable(service: Service) -> None:
+async def test_http_timeout_is_retryable(service: FakeService) -> None:
     service.delay = 0.15
     handler = load_handler(http_tenant(service.url, timeout=0.05))
     try:
@@ -217,7 +183,7 @@ async def test_http_connection_refused_is_retryable() -> None:
 
 
 async def test_http_aclose_twice_and_reuse_after_close(
-    service: Service, http_handler: Handler
+    service: FakeService, http_handler: Handler
 ) -> None:
     service.answer(200, b'{"reply": "again"}')
     await http_handler.handle(msg(), CTX)

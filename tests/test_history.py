@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from fakes import FakeClock
 
 from shared.errors import StoreError
 from tenant_worker.history import format_transcript, iso_utc, read_history
@@ -14,14 +15,6 @@ from tenant_worker.messages import Message
 from tenant_worker.store import Store
 
 NOON = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOON + 0.123
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def msg(mid: str, chat: str = "c1", text: str = "hello", sender: str | None = None) -> Message:
@@ -35,7 +28,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def store(db_path: Path) -> AsyncIterator[Store]:
-    store = await Store.open(db_path, "acme", clock=Clock())
+    store = await Store.open(db_path, "acme", clock=FakeClock(NOON + 0.123))
     yield store
     await store.close()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeClock
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,21 +44,13 @@ WORKER_METRICS = {
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def snapshot(tmp_path: Path) -> list[dict[str, Any]]:
     """acme running with a heartbeat and a process sample; globex never started."""
     path = tmp_path / "tenants.toml"
     path.write_text(CONFIG)
     config = load_config(path)
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     acme = TenantHandle(config, config.tenant("acme"), clock=clock)
     globex = TenantHandle(config, config.tenant("globex"), clock=clock)
     acme.state, acme.restarts = State.RUNNING, 2

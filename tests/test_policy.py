@@ -6,19 +6,9 @@ Clock and random are injected: nothing here sleeps.
 from __future__ import annotations
 
 import pytest
+from fakes import FakeClock
 
 from supervisor.policy import Decision, RestartPolicy, compute_backoff
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def middle() -> float:

@@ -11,23 +11,13 @@ import asyncio
 from collections import defaultdict
 
 import pytest
+from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tenant_worker.rate_limiter import RateLimiter
 
 WINDOW = 60.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class AdvancingSleep:
@@ -68,11 +58,6 @@ async def settle() -> None:
     """Let every ready task run until it blocks again."""
     for _ in range(10):
         await asyncio.sleep(0)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 # --- try_acquire and wait_time -------------------------------------------------

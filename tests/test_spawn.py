@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from loguru import logger
+from sandbox import short_run_dir
 
 from config import ChatqConfig, load_config
 from shared import protocol
@@ -24,7 +24,7 @@ from supervisor.pipes import FrameReader
 
 @pytest.fixture
 def config(tmp_path: Path) -> Iterator[ChatqConfig]:
-    run_dir = Path(tempfile.mkdtemp(prefix="cq-", dir="/tmp"))  # short: socket paths are limited
+    run_dir = short_run_dir()  # socket paths are limited
     path = tmp_path / "tenants.toml"
     path.write_text(
         f'[supervisor]\nrun_dir = "{run_dir}"\ndata_dir = "data"\nheartbeat_interval_ms = 100\n'

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from supervisor_fixtures import SupervisorHarness, alive, gone, wait_for
+from sandbox import wait_for
+from supervisor_fixtures import SupervisorHarness, alive, gone
 
 from shared.errors import ConfigError, ControlError, NoSuchTenant
 

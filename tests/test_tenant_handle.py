@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeClock
 
 from config import ChatqConfig, SupervisorSettings, TenantConfig
 from shared import protocol
@@ -53,17 +54,6 @@ def make_config(*tenants: TenantConfig, **settings: Any) -> ChatqConfig:
     return ChatqConfig(
         path=Path("/nonexistent/tenants.toml"), supervisor=supervisor, tenants=tenants
     )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 _pids = itertools.count(4_000_000)  # above any real pid_max: never a real process
@@ -123,11 +113,6 @@ def spawner(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSpawner]:
     monkeypatch.setattr(tenant_module, "_signal", fake.record_signal)
     yield fake
     fake.close()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 CTX: Any = None  # the fake spawner ignores the multiprocessing context

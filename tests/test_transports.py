@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
+from http_fakes import FakeService, free_port, serving
 from loguru import logger
 
 from config.settings import TenantConfig
@@ -24,46 +21,14 @@ from tenant_worker.transports import (
 )
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class Provider:
-    """Answers POST /send with the status and body a test sets; records request bodies."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[Any] = []
-        self.status = 200
-        self.body = b""
-        self.delay = 0.0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append(await request.json())
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        return web.Response(status=self.status, body=self.body or None)
-
-    def answer(self, status: int, body: bytes = b"") -> None:
-        self.status, self.body = status, body
-
-
 @pytest.fixture
-async def provider() -> AsyncIterator[Provider]:
-    fake = Provider()
-    app = web.Application()
-    app.router.add_post("/send", fake.handle)
-    async with TestServer(app, host="127.0.0.1") as server:
-        fake.url = str(server.make_url("/send"))
+async def provider() -> AsyncIterator[FakeService]:
+    async with serving("/send") as fake:
         yield fake
 
 
 @pytest.fixture
-async def webhook(provider: Provider) -> AsyncIterator[Transport]:
+async def webhook(provider: FakeService) -> AsyncIterator[Transport]:
     transport = make_transport(webhook_tenant(provider.url))
     yield transport
     await transport.aclose()
@@ -114,7 +79,9 @@ async def test_local_logs_the_reply_and_returns_a_fresh_id(log_lines: list[str])
 # --- webhook ----------------------------------------------------------------------
 
 
-async def test_webhook_posts_tenant_chat_and_text(provider: Provider, webhook: Transport) -> None:
+async def test_webhook_posts_tenant_chat_and_text(
+    provider: FakeService, webhook: Transport
+) -> None:
     provider.answer(200, b'{"id": "wamid.1"}')
     assert await webhook.send("c1", "hi") == "wamid.1"
     assert provider.requests == [{"tenant_id": "t", "chat_id": "c1", "text": "hi"}]
@@ -134,7 +101,7 @@ async def test_webhook_posts_tenant_chat_and_text(provider: Provider, webhook: T
     ],
 )
 async def test_webhook_2xx_gives_the_provider_id_or_a_fresh_one(
-    provider: Provider, webhook: Transport, status: int, body: bytes, expected: str | None
+    provider: FakeService, webhook: Transport, status: int, body: bytes, expected: str | None
 ) -> None:
     provider.answer(status, body)
     message_id = await webhook.send("c1", "hi")
@@ -146,7 +113,7 @@ async def test_webhook_2xx_gives_the_provider_id_or_a_fresh_one(
 
 @pytest.mark.parametrize("status", [500, 502, 503, 429])
 async def test_webhook_5xx_and_429_are_retryable(
-    provider: Provider, webhook: Transport, status: int
+    provider: FakeService, webhook: Transport, status: int
 ) -> None:
     provider.answer(status, b'{"error": "try later"}')
     with pytest.raises(RetryableTransportError) as info:
@@ -158,7 +125,7 @@ async def test_webhook_5xx_and_429_are_retryable(
 
 @pytest.mark.parametrize("status", [400, 403, 404, 410, 301])
 async def test_webhook_other_statuses_are_permanent(
-    provider: Provider, webhook: Transport, status: int
+    provider: FakeService, webhook: Transport, status: int
 ) -> None:
     provider.answer(status)
     with pytest.raises(PermanentTransportError) as info:
@@ -166,14 +133,14 @@ async def test_webhook_other_statuses_are_permanent(
     assert str(info.value) == f"webhook_url {provider.url} answered {status}"
 
 
-async def test_webhook_error_body_is_cut_short(provider: Provider, webhook: Transport) -> None:
+async def test_webhook_error_body_is_cut_short(provider: FakeService, webhook: Transport) -> None:
     provider.answer(400, b"x" * 1000)
     with pytest.raises(PermanentTransportError) as info:
         await webhook.send("c1", "hi")
     assert str(info.value).endswith(": " + "x" * 200 + "…")
 
 
-async def test_webhook_timeout_is_retryable(provider: Provider) -> None:
+async def test_webhook_timeout_is_retryable(provider: FakeService) -> None:
     provider.delay = 0.15
     transport = WebhookTransport(provider.url, tenant_id="t", timeout=0.05)
     try:
@@ -194,7 +161,7 @@ async def test_webhook_connection_refused_is_retryable() -> None:
 
 
 async def test_webhook_aclose_twice_and_reuse_after_close(
-    provider: Provider, webhook: Transport
+    provider: FakeService, webhook: Transport
 ) -> None:
     provider.answer(200, b'{"id": "a"}')
     await webhook.send("c1", "hi")

@@ -1,0 +1,68 @@
+"""Running chatq processes from tests, apart from the developer's shell, and waiting on them.
+
+- `clean_env()`: ``os.environ`` without the variables chatq's config loader
+  reads, so the test's config file alone decides.
+- `short_run_dir()`: a fresh directory under /tmp for unix sockets.
+- `toml_value(value)`: a Python scalar as a TOML value, for writing configs.
+- `wait_for(what, probe)`: poll (blocking) with a deadline instead of a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = ["CHATQ_ENV", "POLL_S", "clean_env", "short_run_dir", "toml_value", "wait_for"]
+
+T = TypeVar("T")
+# Variables the config loader reads; a developer's shell must not change the tests.
+CHATQ_ENV = (
+    "CHATQ_CONFIG",
+    "MAX_QUEUE_SIZE",
+    "RATE_LIMIT_MAX_PER_MINUTE",
+    "HEARTBEAT_INTERVAL_MS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
+POLL_S = 0.02
+
+
+def clean_env() -> dict[str, str]:
+    """A copy of the environment without chatq's overrides (`CHATQ_ENV`)."""
+    return {k: v for k, v in os.environ.items() if k not in CHATQ_ENV}
+
+
+def short_run_dir() -> Path:
+    """A new empty directory in /tmp; the caller removes it.
+
+    Unix socket paths are short (107 bytes): keep run_dir out of the long tmp_path.
+    """
+    return Path(tempfile.mkdtemp(prefix="cq-", dir="/tmp"))
+
+
+def toml_value(value: object) -> str:
+    """A Python scalar as a TOML value (strings as JSON strings, which TOML accepts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 10.0) -> T:
+    """Poll `probe` until it returns something other than None/False; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result is not None and result is not False:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(POLL_S)
