@@ -162,6 +162,7 @@ def supervisord_conf(folder: Path, programs: int, port: int) -> Path:
         "[supervisord]",
         f"logfile={folder}/supervisord.log",
         f"pidfile={folder}/supervisord.pid",
+        f"childlogdir={folder}",
         "nodaemon=true",
         "[inet_http_server]",
         f"port=127.0.0.1:{port}",

@@ -40,7 +40,7 @@ from supervisor.waiter import Waiter
 from supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
 MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
-COALESCE = 0.002  # seconds to let a wave of heartbeats finish arriving
+COALESCE = 0.005  # seconds to let a wave of heartbeats finish arriving
 FULL_SAMPLE_EVERY = 6  # watchdog ticks between CPU/fd readings (30 s by default)
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
