@@ -128,7 +128,7 @@ class TenantConfig(BaseModel):
     drain_timeout: Annotated[float, Field(ge=0)] = 10.0
     memory_limit_mb: Annotated[int, Field(ge=1)] | None = None
     dedup_ttl_seconds: Seconds = 3600.0
-    dedup_max_entries: Annotated[int, Field(ge=1)] = 100_000
+    dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
 
     @field_validator("handler")
     @classmethod

@@ -257,8 +257,10 @@ class Pipeline:
                 await self._store.fail(message.id, repr(exc), final=False)
                 await self._sleep(handler_backoff(attempts, self._tenant.retry_backoff))
                 continue
-            # The final write must not be lost to a drain's cancellation.
-            stored = await asyncio.shield(self._store.complete(message.id, replies))
+            # A drain's cancellation cannot lose this write: the store queues it
+            # before the first suspension and commits it even if we stop waiting
+            # (its replies then go out from the store on the next start).
+            stored = await self._store.complete(message.id, replies)
             self.stats.processed += 1
             self._outbox.submit(stored)
             return
