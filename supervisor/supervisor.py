@@ -359,7 +359,8 @@ class Supervisor:
         handle.tenant = tenant
         if not tenant.enabled:
             handle.stop("disabled in the config", State.STOPPED)
-        elif handle.alive or handle.state is not State.FATAL:
+        else:  # a fatal tenant gets a fresh chance too: the change may be its fix
+            handle.revive()
             handle.stop("config changed", State.STARTING)
         return "changed"
 

@@ -589,6 +589,21 @@ def test_reload_applies_the_difference(make_supervisor: Callable[..., Any]) -> N
     assert t.sup.config is new
 
 
+def test_a_changed_fatal_tenant_is_started_again_by_reload(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    handle.on_frame(protocol.BootFailed(reason="handler 'x:f': no module named 'x'"))
+    t.exit("a", 3)
+    assert handle.state is State.FATAL
+    t.reload_to.append(make_config(TenantConfig(id="a", handler="echo", max_queue_size=9)))
+
+    assert t.sup.reload()["changed"] == ["a"]
+    t.sup._start_due()
+    assert handle.state is State.STARTING and handle.boot_error is None
+
+
 def test_a_refused_reload_changes_nothing(make_supervisor: Callable[..., Any]) -> None:
     t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
     config = t.sup.config
