@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_TEXT_CHARS = 4096
 
@@ -30,4 +30,3 @@ class Reply:
     text: str
     attempts: int = 0
     next_attempt_at: float = 0.0
-    extra: dict[str, str] = field(default_factory=dict)
