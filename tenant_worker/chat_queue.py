@@ -240,6 +240,14 @@ class ChatQueueManager:
         """
         for task in self._tasks:
             task.cancel()
+        # A pump cancelled before its first step never runs its clean-up, so
+        # the chats waiting to start are failed here rather than left hanging.
+        ready = self._ready
+        while ready:
+            chat_id, fut, _ = ready.popleft()
+            fut.cancel()
+            self._abandon(chat_id)
+        self._pumping = False
 
     # -- running messages ---------------------------------------------------
 

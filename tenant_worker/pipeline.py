@@ -32,6 +32,7 @@ from shared.errors import (
     PermanentHandlerError,
     QueueClearedError,
     QueueFullError,
+    StoreError,
 )
 from shared.log import bind_message
 from tenant_worker.chat_queue import ChatQueueManager
@@ -95,6 +96,7 @@ class Pipeline:
             tenant.dedup_ttl_seconds, tenant.dedup_max_entries, clock=monotonic
         )
         self._reserved: dict[str, int] = {}  # slots taken by messages being stored
+        self._storing: dict[str, asyncio.Future[bool]] = {}  # id -> its write's outcome
         self._overloaded: set[str] = set()  # chats told to wait in this overload episode
         self._suspects: set[str] = set()  # replayed ids that were in flight at the last death
         self._probation = asyncio.Lock()  # suspects run one at a time
@@ -102,17 +104,50 @@ class Pipeline:
     # -- intake -------------------------------------------------------------
 
     async def accept(self, messages: Sequence[Message]) -> Accepted:
-        """Store and queue messages; return once every stored row is committed."""
+        """Store and queue messages; return once every stored row is committed.
+
+        An id seen in memory whose first write is still being committed is
+        not acknowledged before that commit (and not at all if it failed).
+        """
+        earlier = {self._storing[m.id] for m in messages if m.id in self._storing}
         fresh = [m for m in messages if not self._dedup.is_duplicate(m.id)]
         duplicates = len(messages) - len(fresh)
         admitted, refused = self._admit(fresh)
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        for message in fresh:
+            self._storing[message.id] = written
         try:
             stored = await self._store_new(admitted, "queued")
         except BaseException:
             self._forget(refused)  # never offered to the store: a retry is not a duplicate
+            self._end_write(fresh, written, ok=False)
             raise
         finally:
             self._release(admitted)
+        try:
+            result = await self._finish_accept(fresh, stored, refused, duplicates)
+        except BaseException:
+            self._end_write(fresh, written, ok=False)
+            raise
+        self._end_write(fresh, written, ok=True)  # before waiting on others: no cycles
+        if earlier and not all(await asyncio.gather(*earlier)):
+            raise StoreError("an earlier write of the same message id failed; send it again")
+        return result
+
+    def _end_write(self, fresh: Sequence[Message], written: asyncio.Future[bool], ok: bool) -> None:
+        if not written.done():
+            written.set_result(ok)
+        for message in fresh:
+            if self._storing.get(message.id) is written:
+                del self._storing[message.id]
+
+    async def _finish_accept(
+        self,
+        fresh: Sequence[Message],
+        stored: Sequence[Message],
+        refused: Sequence[Message],
+        duplicates: int,
+    ) -> Accepted:
         for message in stored:
             self._enqueue(message)
         rejected = await self._store_new(refused, "rejected")

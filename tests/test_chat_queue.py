@@ -453,3 +453,13 @@ async def test_force_bypasses_the_limit_for_replay() -> None:
         manager.enqueue("c", rec.handler("c", 9))
     assert await asyncio.gather(*futures) == [0, 1, 2, 3, 4]
     assert not manager.is_busy("c")
+
+
+async def test_cancel_all_right_after_enqueue_leaves_nothing_hanging() -> None:
+    manager = ChatQueueManager("t")
+    rec = Recorder()
+    first = manager.enqueue("a", rec.handler("a", 1))
+    manager.cancel_all()  # its pump task has not run yet
+    await asyncio.wait_for(manager.wait_idle(), 1)
+    assert first.cancelled()
+    assert await asyncio.wait_for(manager.enqueue("b", rec.handler("b", 2)), 1) == 2

@@ -609,3 +609,39 @@ async def test_store_failure_while_processing_is_reported_as_fatal(
     (error,) = rig.fatal
     assert isinstance(error, StoreError)
     assert rig.status() == {"m1": "processing"}  # replayed by the next start
+
+
+class SlowFailingAdd(FlakyStore):
+    """The first add_messages waits for `release`, then fails."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.release = asyncio.Event()
+
+    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+        if not self.release.is_set():
+            await self.release.wait()
+            raise StoreError("store: disk I/O error")
+        return await self.store.add_messages(messages, status)
+
+
+async def test_a_resend_during_a_failing_first_write_is_not_acknowledged(
+    make_rig: RigFactory,
+) -> None:
+    holder: list[SlowFailingAdd] = []
+
+    def wrap(real: Store) -> SlowFailingAdd:
+        holder.append(SlowFailingAdd(real))
+        return holder[0]
+
+    rig = await make_rig(store=wrap)
+    first = asyncio.create_task(rig.pipeline.accept([msg("m1")]))
+    await asyncio.sleep(0)
+    resend = asyncio.create_task(rig.pipeline.accept([msg("m1")]))
+    await asyncio.sleep(0.01)
+    assert not resend.done()  # no 202 for an id whose write is not committed
+    holder[0].release.set()
+    for task in (first, resend):
+        with pytest.raises(StoreError):
+            await task
+    assert await rig.pipeline.accept([msg("m1")]) == Accepted(1, 0, 0)
