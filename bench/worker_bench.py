@@ -58,6 +58,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from config.loader import ENV_VARIABLES
 from config.settings import LOG_LEVELS
 from tenant_worker.store import MIGRATIONS
 
@@ -67,15 +68,6 @@ TENANT = "bench"
 BATCH = 100  # messages per request, as the issue asks
 CHATS = 1000
 LATENCY_RATE = 1000.0  # msg/s, the WhatsApp Cloud API's cap per number
-# Variables the config loader lets override the file; the bench sets its own.
-CHATQ_ENV = (
-    "CHATQ_CONFIG",
-    "MAX_QUEUE_SIZE",
-    "RATE_LIMIT_MAX_PER_MINUTE",
-    "HEARTBEAT_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
 TARGETS = {"e2e_msgs_per_s": 10_000.0, "p99_processed_ms": 50.0, "rss_latency_mb": 60.0}
 
 Result = dict[str, float]
@@ -118,7 +110,7 @@ max_queue_size = 1000000           # a backlog of 100k must not turn into QUEUE_
 
 def worker_env() -> dict[str, str]:
     """This environment, less chatq's overrides, with the repo importable."""
-    env = {k: v for k, v in os.environ.items() if k not in CHATQ_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 

@@ -75,6 +75,10 @@ class EnvOverrides(BaseSettings):
     LOG_FORMAT: str | None = None
 
 
+# Every variable chatq reads (tests and benchmarks clear them for a known setup).
+ENV_VARIABLES: tuple[str, ...] = tuple(EnvOverrides.model_fields)
+
+
 def load_config(
     path: str | Path | None = None, env: Mapping[str, str] | None = None
 ) -> ChatqConfig:

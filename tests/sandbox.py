@@ -17,18 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from config.loader import ENV_VARIABLES
+
 __all__ = ["CHATQ_ENV", "POLL_S", "clean_env", "short_run_dir", "toml_value", "wait_for"]
 
 T = TypeVar("T")
-# Variables the config loader reads; a developer's shell must not change the tests.
-CHATQ_ENV = (
-    "CHATQ_CONFIG",
-    "MAX_QUEUE_SIZE",
-    "RATE_LIMIT_MAX_PER_MINUTE",
-    "HEARTBEAT_INTERVAL_MS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
+CHATQ_ENV = ENV_VARIABLES  # a developer's shell must not change the tests
 POLL_S = 0.02
 
 
