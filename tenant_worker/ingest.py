@@ -63,6 +63,8 @@ def _identifier(item: dict[str, Any], where: str, name: str) -> str:
     assert value is not None
     if len(value) > MAX_ID_CHARS:
         raise BadMessage(f"{where}.{name}: longer than {MAX_ID_CHARS} characters")
+    if "\x00" in value:  # the store looks ids up through SQLite JSON, which ends text at NUL
+        raise BadMessage(f"{where}.{name}: must not contain NUL characters")
     return value
 
 

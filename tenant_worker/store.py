@@ -7,10 +7,16 @@ acknowledged row survives a crash or a power loss.
 Group commit: each write method enqueues an operation and awaits its future.
 One writer task takes every waiting operation (up to `max_batch`), lingers up
 to `linger` seconds for more while the batch is not full, runs them all in
-ONE transaction (runs of same-kind operations become one `executemany`, to
-limit aiosqlite thread hops), commits, then resolves every caller. If the
-batch fails it is rolled back and each operation is retried alone, so one bad
-operation fails only its own caller.
+ONE transaction, commits, then resolves every caller. If the batch fails it
+is rolled back and each operation is retried alone, so one bad operation
+fails only its own caller.
+
+The writer's connection lives on a thread of its own, and a whole
+transaction (BEGIN, one statement per kind of operation, COMMIT) is one hop
+to it. aiosqlite, which the reads use, makes every statement a round trip
+through the event loop: under load each one queued behind the loop's
+callbacks while SQLite sat idle (measured: the two threads together never
+used more than one core).
 
 Operations waiting together are concurrent (no caller has its result yet), so
 the writer may group them by kind, unless two of them touch the same row; then
@@ -29,8 +35,8 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import groupby
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -89,7 +95,10 @@ _V1 = (
 # to N + 1. Append only; never edit a released entry.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
 
-_IN_KEYS = "IN (SELECT value FROM json_each(?))"  # one bound JSON list, any length
+# Page cache per connection. Writes touch the tail of each table and index,
+# reads are rare (replay, counts): SQLite's default 2 MiB per connection bought
+# no throughput in bench/worker_bench.py and was 4 MB of a worker's 60 MB.
+CACHE_KIB = 256
 _MESSAGE_COLUMNS = "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error"
 
 T = TypeVar("T")
@@ -113,7 +122,7 @@ class Store:
         self,
         path: Path,
         tenant_id: str,
-        db: aiosqlite.Connection,
+        writer: _Writer,
         reader: aiosqlite.Connection,
         *,
         clock: Callable[[], float],
@@ -123,7 +132,7 @@ class Store:
         self.path = path
         self.tenant_id = tenant_id
         self.commits = 0  # committed write transactions; tests read it to see batching
-        self._db = db
+        self._db = writer
         self._reader = reader
         self._clock = clock
         self._linger = linger
@@ -150,8 +159,10 @@ class Store:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
-        db, reader = await _open_connections(path)
-        store = cls(path, tenant_id, db, reader, clock=clock, linger=linger, max_batch=max_batch)
+        writer, reader = await _open_connections(path, tenant_id)
+        store = cls(
+            path, tenant_id, writer, reader, clock=clock, linger=linger, max_batch=max_batch
+        )
         store._writer = asyncio.create_task(store._write_loop(), name=f"store-writer:{tenant_id}")
         return store
 
@@ -191,7 +202,11 @@ class Store:
 
     async def mark_sent(self, reply_id: int, provider_id: str) -> None:
         """Record that a reply was delivered; counts the attempt."""
-        await self._submit(_MarkSent(reply_id, provider_id))
+        await self.mark_sent_soon(reply_id, provider_id)
+
+    def mark_sent_soon(self, reply_id: int, provider_id: str) -> asyncio.Future[None]:
+        """`mark_sent` without waiting: queue the write, return its outcome's future."""
+        return self._enqueue(_MarkSent(reply_id, provider_id))
 
     async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None:
         """Record a failed send to try again at `next_attempt_at`; stays pending."""
@@ -229,12 +244,15 @@ class Store:
     # -- internals ------------------------------------------------------------
 
     async def _submit(self, op: _Op[T]) -> T:
+        # If this caller is cancelled the write still happens; only the wait ends.
+        return await self._enqueue(op)
+
+    def _enqueue(self, op: _Op[T]) -> asyncio.Future[T]:
         if self._closing:
             raise StoreError(f"store {self.path}: closed")
         self._pending.append(op)
         self._wake.set()
-        # If this caller is cancelled the write still happens; only the wait ends.
-        return await op.future
+        return op.future
 
     async def _read(self, sql: str) -> list[tuple[Any, ...]]:
         if self._closing:
@@ -252,7 +270,8 @@ class Store:
     async def _shutdown(self) -> None:
         if self._writer is not None:
             await self._writer
-        await _close_quietly(self._db, self._reader)
+        await self._db.close()
+        await _close_quietly(self._reader)
 
     async def _write_loop(self) -> None:
         while self._pending or not self._closing:
@@ -300,15 +319,7 @@ class Store:
             op.settle(f"store {self.path}")
 
     async def _transaction(self, batch: list[_Op[Any]]) -> None:
-        now = self._clock()
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            for run in _runs(batch):
-                await type(run[0]).run_many(self._db, run, now)
-            await self._db.commit()
-        except BaseException:
-            await self._db.rollback()
-            raise
+        await self._db.run(_transaction, batch, self._clock())
 
     def _error(self, op: _Op[Any], exc: Exception) -> StoreError:
         if isinstance(exc, StoreError):
@@ -321,25 +332,76 @@ class Store:
 # -- opening ------------------------------------------------------------------
 
 
-async def _open_connections(path: Path) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+class _Writer:
+    """The writer's sqlite3 connection, used only on its own thread."""
+
+    def __init__(self, tenant_id: str) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"store-writer:{tenant_id}")
+        self._conn: sqlite3.Connection | None = None
+
+    async def connect(self, path: Path) -> None:
+        self._conn = await self._call(_connect_writer, path)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(connection, *args)`` on the writer's thread."""
+        assert self._conn is not None, "not connected"
+        return await self._call(fn, self._conn, *args)
+
+    async def close(self) -> None:
+        """Close the connection (quietly) and end the thread."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self.run(sqlite3.Connection.close)
+            self._conn = None
+        self._thread.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    _prepare_file(path)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        # FULL: a commit is on disk before we acknowledge it, even across power loss.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _transaction(db: sqlite3.Connection, batch: list[_Op[Any]], now: float) -> None:
+    """On the writer's thread: apply `batch` in one transaction, or none of it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for run in _runs(batch):
+            type(run[0]).run_many(db, run, now)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+
+
+async def _open_connections(path: Path, tenant_id: str) -> tuple[_Writer, aiosqlite.Connection]:
     """Writer and reader connections, schema migrated; any failure is one StoreError line."""
-    db: aiosqlite.Connection | None = None
+    writer = _Writer(tenant_id)
     reader: aiosqlite.Connection | None = None
     try:
-        # Sync sqlite3 in a thread first: it reports a bad file cleanly, whereas a
-        # failed aiosqlite connect leaves its thread calling back into our loop.
-        await asyncio.to_thread(_prepare_file, path)
-        db = await aiosqlite.connect(path, isolation_level=None, timeout=5.0)
-        # FULL: a commit is on disk before we acknowledge it, even across power loss.
-        await db.execute("PRAGMA synchronous = FULL")
-        await db.execute("PRAGMA foreign_keys = ON")
+        # The writer first, with sync sqlite3: it reports a bad file cleanly,
+        # whereas a failed aiosqlite connect leaves its thread calling back.
+        await writer.connect(path)
         reader = await aiosqlite.connect(read_only_uri(path), uri=True, timeout=5.0)
+        await reader.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     except BaseException as exc:
-        await _close_quietly(db, reader)
+        await writer.close()
+        await _close_quietly(reader)
         if isinstance(exc, OSError | sqlite3.Error):
             raise StoreError(f"store {path}: {_one_line(exc)}") from exc
         raise
-    return db, reader
+    return writer, reader
 
 
 def _prepare_file(path: Path) -> None:
@@ -401,47 +463,80 @@ def _one_line(exc: BaseException) -> str:
 # -- operations ---------------------------------------------------------------
 
 
-async def _fetch(db: aiosqlite.Connection, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    return [tuple(row) for row in await db.execute_fetchall(sql, params)]
+def _fetch(db: sqlite3.Connection, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in db.execute(sql, params).fetchall()]
 
 
-async def _fetch_by_id(
-    db: aiosqlite.Connection, columns: str, table: str, keys: Iterable[str | int]
-) -> dict[Any, Any]:
-    """{id: value of the one other column} for the ids of `keys` present in `table`."""
-    sql = f"SELECT id, {columns} FROM {table} WHERE id {_IN_KEYS}"
-    return dict(await _fetch(db, sql, json.dumps(list(keys))))
+def _json(rows: Any) -> str:
+    return json.dumps(rows, ensure_ascii=False, allow_nan=False)
+
+
+def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]]) -> None:
+    """Run ``insert`` ("INSERT INTO t (c1, ..., cN)") for every row, in order.
+
+    One statement over a JSON array. SQLite's JSON functions cut a text at
+    a NUL character, so the rare rows holding one go in row by row.
+    """
+    if not rows:
+        return
+    payload = _json(rows)
+    if "\\u0000" in payload:
+        db.executemany(f"{insert} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        return
+    values = ", ".join(f"value ->> {n}" for n in range(len(rows[0])))
+    db.execute(f"{insert} SELECT {values} FROM json_each(?) ORDER BY key", (payload,))
 
 
 def _runs(batch: list[_Op[Any]]) -> list[list[_Op[Any]]]:
-    """Split a batch into runs of one kind, each run one executemany."""
+    """Split a batch into runs of one kind, each run one set-based statement.
+
+    Without two ops on one row, ops of a kind are grouped whatever their
+    order. Otherwise submission order is kept, and a run ends before a row
+    it already touches: one statement must not touch a row twice.
+    """
     keys = [key for op in batch for key in op.rows()]
-    if len(keys) != len(set(keys)):  # two ops touch one row: keep submission order
-        return [list(run) for _, run in groupby(batch, key=type)]
-    runs: dict[type[_Op[Any]], list[_Op[Any]]] = {}
+    if len(keys) == len(set(keys)):
+        by_kind: dict[type[_Op[Any]], list[_Op[Any]]] = {}
+        for op in batch:
+            by_kind.setdefault(type(op), []).append(op)
+        return list(by_kind.values())
+    runs: list[list[_Op[Any]]] = []
+    touched: set[Any] = set()
     for op in batch:
-        runs.setdefault(type(op), []).append(op)
-    return list(runs.values())
+        rows = set(op.rows())
+        if not runs or type(op) is not type(runs[-1][0]) or not rows.isdisjoint(touched):
+            runs.append([])
+            touched = set()
+        runs[-1].append(op)
+        touched |= rows
+    return runs
 
 
 @dataclass(eq=False)
 class _Op(Generic[T]):
-    """One caller's write. `run_many` sets each op's outcome; `settle` hands it over."""
+    """One caller's write. `run_many` sets each op's outcome; `settle` hands it over.
+
+    Each kind runs as one statement over a JSON array of all its ops' rows
+    (``json_each``): SQLite then does the whole run in one call with the GIL
+    released, instead of one Python round trip per row, which would contend
+    for the GIL with the event loop at every row.
+    """
 
     NAME: ClassVar[str]
+    TABLE: ClassVar[str] = "messages"
     future: asyncio.Future[T] = field(init=False, repr=False)
     outcome: T | StoreError = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.future = asyncio.get_running_loop().create_future()
 
-    @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
-        """Apply `ops` (all of this kind) inside the open transaction."""
-        raise NotImplementedError
-
     def rows(self) -> Iterable[tuple[str, str | int]]:
         """The (table, id) rows this op reads or writes."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        """Apply `ops` (all of this kind, no row twice) inside the open transaction."""
         raise NotImplementedError
 
     def settle(self, where: str) -> None:
@@ -455,6 +550,10 @@ class _Op(Generic[T]):
         if not self.future.done():
             self.future.set_exception(error)
 
+    def unknown(self, row_id: str | int) -> StoreError:
+        noun = "message" if self.TABLE == "messages" else "reply"
+        return StoreError(f"{self.NAME}: unknown {noun} id {row_id!r}")
+
 
 @dataclass(eq=False)
 class _AddMessages(_Op[list[bool]]):
@@ -466,9 +565,10 @@ class _AddMessages(_Op[list[bool]]):
         return [("messages", message.id) for message in self.messages]
 
     @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
         ids = [message.id for op in ops for message in op.messages]
-        seen = set(await _fetch_by_id(db, "NULL", "messages", ids))
+        sql = "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        seen = {row[0] for row in _fetch(db, sql, _json(ids))}
         rows: list[tuple[Any, ...]] = []
         for op in ops:
             fresh = []
@@ -478,9 +578,9 @@ class _AddMessages(_Op[list[bool]]):
                     seen.add(m.id)
                     rows.append((*_message_row(m, now), op.status, now))
             op.outcome = fresh
-        await db.executemany(
-            "INSERT INTO messages (id, chat_id, sender, text, ts, received_at, status, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        _insert_rows(
+            db,
+            "INSERT INTO messages (id, chat_id, sender, text, ts, received_at, status, updated_at)",
             rows,
         )
 
@@ -498,35 +598,29 @@ class _BeginAttempt(_Op[int]):
         return [("messages", self.message_id)]
 
     @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
-        attempts = await _fetch_by_id(db, "attempts", "messages", [op.message_id for op in ops])
-        rows = []
-        for op in ops:
-            if op.message_id not in attempts:
-                op.outcome = StoreError(f"begin_attempt: unknown message id {op.message_id!r}")
-                continue
-            attempts[op.message_id] += 1
-            op.outcome = attempts[op.message_id]
-            rows.append((op.outcome, now, op.message_id))
-        await db.executemany(
-            "UPDATE messages SET status = 'processing', attempts = ?, updated_at = ? WHERE id = ?",
-            rows,
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        sql = (
+            "UPDATE messages SET status = 'processing', attempts = attempts + 1, updated_at = ?"
+            " WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, attempts"
         )
+        attempts = dict(_fetch(db, sql, now, _json([op.message_id for op in ops])))
+        for op in ops:
+            op.outcome = attempts.get(op.message_id) or op.unknown(op.message_id)
 
 
-async def _insert_replies(
-    db: aiosqlite.Connection, specs: list[tuple[str, str, str]], now: float
+def _insert_replies(
+    db: sqlite3.Connection, specs: list[tuple[str, str, str]], now: float
 ) -> list[Reply]:
     """Insert pending replies (message_id, chat_id, text), due now; returns them with ids."""
     if not specs:
         return []
     # The writer is the only one writing, inside BEGIN IMMEDIATE: ids are ours to pick.
-    first = (await _fetch(db, "SELECT COALESCE(MAX(id), 0) + 1 FROM replies"))[0][0]
+    first = (_fetch(db, "SELECT COALESCE(MAX(id), 0) + 1 FROM replies"))[0][0]
     replies = [Reply(first + i, *spec, next_attempt_at=now) for i, spec in enumerate(specs)]
-    await db.executemany(
-        "INSERT INTO replies (id, message_id, chat_id, text, status, next_attempt_at, created_at)"
-        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        [(r.id, r.message_id, r.chat_id, r.text, now, now) for r in replies],
+    _insert_rows(
+        db,
+        "INSERT INTO replies (id, message_id, chat_id, text, status, next_attempt_at, created_at)",
+        [(r.id, r.message_id, r.chat_id, r.text, "pending", now, now) for r in replies],
     )
     return replies
 
@@ -541,19 +635,18 @@ class _Complete(_Op[list[Reply]]):
         return [("messages", self.message_id)]
 
     @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
-        chats = await _fetch_by_id(db, "chat_id", "messages", [op.message_id for op in ops])
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        sql = (
+            "UPDATE messages SET status = 'processed', last_error = NULL, updated_at = ?"
+            " WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, chat_id"
+        )
+        chats = dict(_fetch(db, sql, now, _json([op.message_id for op in ops])))
         done = [op for op in ops if op.message_id in chats]
         for op in ops:
             if op.message_id not in chats:
-                op.outcome = StoreError(f"complete: unknown message id {op.message_id!r}")
-        await db.executemany(
-            "UPDATE messages SET status = 'processed', last_error = NULL, updated_at = ?"
-            " WHERE id = ?",
-            [(now, op.message_id) for op in done],
-        )
+                op.outcome = op.unknown(op.message_id)
         specs = [(op.message_id, chats[op.message_id], text) for op in done for text in op.texts]
-        replies = iter(await _insert_replies(db, specs, now))
+        replies = iter(_insert_replies(db, specs, now))
         for op in done:
             op.outcome = [next(replies) for _ in op.texts]
 
@@ -566,115 +659,111 @@ class _AddReply(_Op[Reply]):
     text: str
 
     def rows(self) -> Iterable[tuple[str, str | int]]:
-        return [("messages", self.message_id)]
+        return [("messages", self.message_id)]  # reads it; its reply is a new row
 
     @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
-        known = await _fetch_by_id(db, "NULL", "messages", [op.message_id for op in ops])
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        sql = "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+        known = {row[0] for row in _fetch(db, sql, _json([op.message_id for op in ops]))}
         done = [op for op in ops if op.message_id in known]
         for op in ops:
             if op.message_id not in known:
-                op.outcome = StoreError(f"add_reply: unknown message id {op.message_id!r}")
+                op.outcome = op.unknown(op.message_id)
         specs = [(op.message_id, op.chat_id, op.text) for op in done]
-        for op, reply in zip(done, await _insert_replies(db, specs, now), strict=True):
+        for op, reply in zip(done, _insert_replies(db, specs, now), strict=True):
             op.outcome = reply
 
 
 @dataclass(eq=False)
 class _RowUpdate(_Op[None]):
-    """An update of one existing row by id: `SQL` bound to `params(now)`."""
+    """An update of one existing row by id.
 
-    TABLE: ClassVar[str]
-    SQL: ClassVar[str]
+    `SET` assigns from ``j.value ->> N``: item N of `params(now)` (item 0 is
+    the id), so a whole run is one ``UPDATE ... FROM json_each``.
+    """
 
-    def key(self) -> str | int:
+    SET: ClassVar[str]
+
+    def row_id(self) -> str | int:
         raise NotImplementedError
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [(self.TABLE, self.row_id())]
 
     def params(self, now: float) -> tuple[Any, ...]:
         raise NotImplementedError
 
-    def rows(self) -> Iterable[tuple[str, str | int]]:
-        return [(self.TABLE, self.key())]
-
     @classmethod
-    async def run_many(cls, db: aiosqlite.Connection, ops: Sequence[Self], now: float) -> None:
-        known = await _fetch_by_id(db, "NULL", cls.TABLE, [op.key() for op in ops])
-        noun = "message" if cls.TABLE == "messages" else "reply"
-        rows = []
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        sql = (
+            f"UPDATE {cls.TABLE} SET {cls.SET} FROM json_each(?) AS j"
+            f" WHERE {cls.TABLE}.id = j.value ->> 0 RETURNING {cls.TABLE}.id"
+        )
+        rows = _json([op.params(now) for op in ops])
+        known = {row[0] for row in _fetch(db, sql, rows)}
         for op in ops:
-            if op.key() in known:
-                op.outcome = None
-                rows.append(op.params(now))
-            else:
-                op.outcome = StoreError(f"{cls.NAME}: unknown {noun} id {op.key()!r}")
-        await db.executemany(cls.SQL, rows)
+            op.outcome = None if op.row_id() in known else op.unknown(op.row_id())
 
 
 @dataclass(eq=False)
 class _Fail(_RowUpdate):
     NAME = "fail"
-    TABLE = "messages"
-    SQL = "UPDATE messages SET status = ?, last_error = ?, updated_at = ? WHERE id = ?"
+    SET = "status = j.value ->> 1, last_error = j.value ->> 2, updated_at = j.value ->> 3"
     message_id: str
     error: str
     final: bool
 
-    def key(self) -> str:
+    def row_id(self) -> str:
         return self.message_id
 
     def params(self, now: float) -> tuple[Any, ...]:
-        return ("failed" if self.final else "queued", self.error, now, self.message_id)
+        return (self.message_id, "failed" if self.final else "queued", self.error, now)
 
 
 @dataclass(eq=False)
 class _MarkSent(_RowUpdate):
     NAME = "mark_sent"
     TABLE = "replies"
-    SQL = (
-        "UPDATE replies SET status = 'sent', attempts = attempts + 1, provider_id = ?,"
-        " last_error = NULL, sent_at = ? WHERE id = ?"
+    SET = (
+        "status = 'sent', attempts = attempts + 1, provider_id = j.value ->> 1,"
+        " last_error = NULL, sent_at = j.value ->> 2"
     )
     reply_id: int
     provider_id: str
 
-    def key(self) -> int:
+    def row_id(self) -> int:
         return self.reply_id
 
     def params(self, now: float) -> tuple[Any, ...]:
-        return (self.provider_id, now, self.reply_id)
+        return (self.reply_id, self.provider_id, now)
 
 
 @dataclass(eq=False)
 class _RetryReply(_RowUpdate):
     NAME = "retry_reply"
     TABLE = "replies"
-    SQL = (
-        "UPDATE replies SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
-        " WHERE id = ?"
-    )
+    SET = "attempts = attempts + 1, last_error = j.value ->> 1, next_attempt_at = j.value ->> 2"
     reply_id: int
     error: str
     next_attempt_at: float
 
-    def key(self) -> int:
+    def row_id(self) -> int:
         return self.reply_id
 
     def params(self, now: float) -> tuple[Any, ...]:
-        return (self.error, self.next_attempt_at, self.reply_id)
+        return (self.reply_id, self.error, self.next_attempt_at)
 
 
 @dataclass(eq=False)
 class _FailReply(_RowUpdate):
     NAME = "fail_reply"
     TABLE = "replies"
-    SQL = (
-        "UPDATE replies SET status = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?"
-    )
+    SET = "status = 'failed', attempts = attempts + 1, last_error = j.value ->> 1"
     reply_id: int
     error: str
 
-    def key(self) -> int:
+    def row_id(self) -> int:
         return self.reply_id
 
     def params(self, now: float) -> tuple[Any, ...]:
-        return (self.error, self.reply_id)
+        return (self.reply_id, self.error)

@@ -85,6 +85,8 @@ MALFORMED: list[tuple[str, object, str]] = [
     ("id too long", good(id="x" * (MAX_ID_CHARS + 1)), "message.id: longer than"),
     ("missing chat_id", without("chat_id"), "message.chat_id: missing"),
     ("empty chat_id", good(chat_id=""), "message.chat_id: must not be empty"),
+    ("NUL in id", good(id="m\u00001"), "message.id: must not contain NUL characters"),
+    ("NUL in chat_id", good(chat_id="c\x00"), "message.chat_id: must not contain NUL"),
     ("missing text", without("text"), "message.text: missing"),
     ("id int", good(id=5), "message.id: must be a string, got int"),
     ("chat_id int", good(chat_id=5), "message.chat_id: must be a string, got int"),

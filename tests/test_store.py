@@ -145,6 +145,20 @@ async def test_add_messages_keeps_fields_and_refuses_bad_status(open_store: Open
     assert (await store.counts())["queued"] == 1
 
 
+@pytest.mark.parametrize(
+    "text", ["plain", "emoji \U0001f600 and \u00fc", "quotes \" ' \\ \u2028", "", "a\x00b"]
+)
+async def test_texts_round_trip_exactly(open_store: OpenStore, text: str) -> None:
+    # Rows travel to SQLite as JSON; a NUL must not cut a text short there.
+    store = await open_store()
+    await store.add_messages([msg("m1", text=text, sender=text)])
+    [stored] = await store.unfinished_messages()
+    assert (stored.message.text, stored.message.sender) == (text, text)
+    [reply] = await store.complete("m1", [text])
+    assert reply.text == text
+    assert [r.text for r in await store.pending_replies()] == [text]
+
+
 async def test_attempt_fail_and_complete_transitions(open_store: OpenStore) -> None:
     store = await open_store()
     await store.add_messages([msg("m1")])
