@@ -3,7 +3,8 @@
 `setup_logging()` gives the process exactly one sink. Every record carries the
 process's `tenant_id` ("-" in the supervisor) and its pid; inside
 `bind_message()` it also carries `chat_id` and `message_id`, across awaits in
-the same task (loguru's contextualize rides on contextvars). Records that
+the same task (a contextvar, copied into a record by a patcher only when one
+is written: the worker binds every message, and most log nothing). Records that
 libraries write through stdlib `logging` (aiohttp, asyncio, aiosqlite) are
 routed into loguru, so one process has one format.
 
@@ -33,8 +34,8 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
@@ -86,7 +87,7 @@ def setup_logging(
     if fmt not in _FORMATTERS:
         raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', got {fmt!r}")
     logger.remove()
-    logger.configure(extra={"tenant_id": tenant_id or _NO_TENANT})
+    logger.configure(extra={"tenant_id": tenant_id or _NO_TENANT}, patcher=_add_message_ids)
     logger.add(
         _line_writer(sink if sink is not None else sys.stderr, _FORMATTERS[fmt]),
         level=levelno,
@@ -104,11 +105,31 @@ def debug_enabled() -> bool:
     return _current.debug
 
 
-@contextmanager
-def bind_message(chat_id: str, message_id: str) -> Iterator[None]:
+_message_ids: ContextVar[tuple[str, str] | None] = ContextVar("chatq_message_ids", default=None)
+
+
+class _MessageScope:
+    __slots__ = ("_ids", "_token")
+
+    def __init__(self, ids: tuple[str, str]) -> None:
+        self._ids = ids
+
+    def __enter__(self) -> None:
+        self._token: Token[tuple[str, str] | None] = _message_ids.set(self._ids)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _message_ids.reset(self._token)
+
+
+def bind_message(chat_id: str, message_id: str) -> _MessageScope:
     """Tag every record written inside (in this task or thread) with the message's ids."""
-    with logger.contextualize(chat_id=chat_id, message_id=message_id):
-        yield
+    return _MessageScope((chat_id, message_id))
+
+
+def _add_message_ids(record: Record) -> None:
+    ids = _message_ids.get()
+    if ids is not None:
+        record["extra"]["chat_id"], record["extra"]["message_id"] = ids
 
 
 def format_text(record: Record) -> str:

@@ -83,7 +83,7 @@ class ChatFuture(asyncio.Future[T]):
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
+def resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
     """Go on with a coroutine that was stepped once by hand and suspended.
 
     Equivalent to ``yield from coro`` after its first ``send(None)``
@@ -299,7 +299,7 @@ class ChatQueueManager:
                     suspended = self._step(chat_id, fut, execute)
                     if suspended is not None:
                         self._hand_off()
-                        return chat_id, fut, _resume(*suspended)
+                        return chat_id, fut, resume(*suspended)
                     done += 1
                     if done % _PUMP_SLICE == 0:
                         await asyncio.sleep(0)
@@ -330,7 +330,7 @@ class ChatQueueManager:
         """Run ``execute`` up to its first suspension.
 
         Returns None when it finished (the future is settled), else the
-        coroutine and what it yielded, for ``_resume``.
+        coroutine and what it yielded, for ``resume``.
         """
         if self._debug:
             logger.debug("processing chat={}", chat_id)

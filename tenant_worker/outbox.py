@@ -5,23 +5,26 @@ crash loses none: the next start resubmits every pending reply. Delivery is
 at-least-once towards the transport: a reply sent just before a crash, but
 not yet marked sent, is sent again.
 
-One small task per chat with replies waiting keeps each chat's replies in
-order while chats send in parallel; it ends when its chat has nothing left,
-so memory follows the chats with pending replies, not all chats ever seen.
+Replies ride a `ChatQueueManager` of their own: in order per chat, chats in
+parallel, state only for chats with replies waiting, and a send that does
+not suspend (rate limit free, a local transport) costs no task. Marking a
+reply sent is not waited for, for the same reason; if that write fails the
+worker stops (``on_fatal``) and the next start sends what is unconfirmed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from typing import Protocol
 
 from loguru import logger
 
 from shared.errors import PermanentTransportError
+from tenant_worker.chat_queue import ChatQueueManager
 from tenant_worker.messages import Reply
 from tenant_worker.rate_limiter import RateLimiter
 from tenant_worker.stats import WorkerStats
@@ -35,7 +38,7 @@ _TENANT_KEY = "*"
 class ReplyStore(Protocol):
     """The part of the store the outbox writes to."""
 
-    async def mark_sent(self, reply_id: int, provider_id: str) -> None: ...
+    def mark_sent_soon(self, reply_id: int, provider_id: str) -> asyncio.Future[None]: ...
     async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None: ...
     async def fail_reply(self, reply_id: int, error: str) -> None: ...
 
@@ -73,55 +76,39 @@ class Outbox:
         self._clock = clock
         self._sleep = sleep
         self._on_fatal = on_fatal
-        self._chats: dict[str, deque[Reply]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._lines = ChatQueueManager("outbox", max_queue_size=1)  # submit never refuses
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
         for reply in replies:
-            line = self._chats.get(reply.chat_id)
-            if line is None:
-                line = self._chats[reply.chat_id] = deque()
-                task = asyncio.get_running_loop().create_task(self._drain_chat(reply.chat_id))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            line.append(reply)
+            done = self._lines.enqueue(reply.chat_id, partial(self._deliver, reply), force=True)
+            done.add_done_callback(self._check)
 
     def pending(self) -> int:
         """Replies not yet delivered or given up on."""
-        return sum(len(line) for line in self._chats.values())
+        return self._lines.get_total_queued() + self._lines.in_flight()
 
     async def wait_empty(self, grace: float) -> bool:
         """Wait up to ``grace`` s for every queued reply to be handled."""
-        tasks = list(self._tasks)
-        if not tasks:
-            return True
-        _done, still = await asyncio.wait(tasks, timeout=grace)
-        return not still
+        try:
+            async with asyncio.timeout(grace):
+                await self._lines.wait_idle()
+        except TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Stop sending; undelivered replies stay pending in the store."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._chats.clear()
+        self._lines.cancel_all()
+        await self._lines.wait_idle()
 
-    async def _drain_chat(self, chat_id: str) -> None:
-        line = self._chats[chat_id]
-        try:
-            while line:
-                await self._deliver(line[0])
-                line.popleft()
-        except Exception as exc:
-            # Only the store gets here (transport errors are retried): the
-            # replies left behind would go out of order after newer ones, so
-            # let the worker restart and resend them in order from the store.
-            logger.exception("outbox for chat {} stopped; replies stay pending", chat_id)
+    def _check(self, done: asyncio.Future[None]) -> None:
+        # Only a store write gets here (transport errors are retried): the
+        # worker restarts and sends the unconfirmed replies, in order, again.
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            logger.opt(exception=exc).error("outbox: a store write failed; replies stay pending")
             if self._on_fatal is not None:
                 self._on_fatal(exc)
-        finally:
-            if self._chats.get(chat_id) is line:
-                del self._chats[chat_id]
 
     async def _deliver(self, reply: Reply) -> None:
         """Send one reply, retrying transient failures; record the outcome."""
@@ -142,7 +129,7 @@ class Outbox:
                     return
                 reply = await self._reschedule(reply, exc)
                 continue
-            await self._store.mark_sent(reply.id, provider_id)
+            self._store.mark_sent_soon(reply.id, provider_id).add_done_callback(self._check)
             self._stats.sent += 1
             return
 

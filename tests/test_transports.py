@@ -68,11 +68,13 @@ async def test_local_logs_the_reply_and_returns_a_fresh_id(log_lines: list[str])
     first = await transport.send("c1", "hello {there}")
     second = await transport.send("c1", "again")
     await transport.aclose()
-    assert re.fullmatch(r"local-[0-9a-f]{32}", first)
-    assert first != second
+    after_restart = await LocalTransport().send("c1", "later")
+    assert re.fullmatch(r"local-[0-9a-f]{16}-\d+", first)
+    assert len({first, second, after_restart}) == 3
     assert [line.rstrip("\n") for line in log_lines] == [
         "INFO reply to c1: hello {there}",
         "INFO reply to c1: again",
+        "INFO reply to c1: later",
     ]
 
 

@@ -6,6 +6,7 @@ are in the store and in the log, which is where an operator looks.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 from loguru import logger
@@ -16,10 +17,15 @@ __all__ = ["LocalTransport"]
 class LocalTransport:
     """Logs each reply at INFO and calls it sent."""
 
+    def __init__(self) -> None:
+        # Unique per instance, then a counter: a uuid4 per reply costs more than the send.
+        self._prefix = f"local-{uuid.uuid4().hex[:16]}-"
+        self._count = itertools.count(1)
+
     async def send(self, chat_id: str, text: str) -> str:
-        """Log the reply; a fresh id ``local-<hex>``."""
+        """Log the reply; a fresh id ``local-<hex>-<n>``."""
         logger.info("reply to {}: {}", chat_id, text)
-        return f"local-{uuid.uuid4().hex}"
+        return f"{self._prefix}{next(self._count)}"
 
     async def aclose(self) -> None:
         """Nothing to release."""
