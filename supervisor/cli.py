@@ -73,7 +73,7 @@ def config_file(given: Path | None) -> Path:
 
 
 def _dotenv_config() -> str | None:
-    """CHATQ_CONFIG from ./.env, parsed as pydantic-settings parses it (python-dotenv)."""
+    """CHATQ_CONFIG from ./.env, parsed as config.loader parses it (python-dotenv)."""
     if not Path(".env").is_file():
         return None
     from dotenv import dotenv_values

@@ -233,6 +233,18 @@ async def test_cancelling_the_sleeping_head_passes_the_turn_on(clock: FakeClock)
 # --- idle keys -----------------------------------------------------------------
 
 
+def test_a_long_busy_log_stays_exact(clock: FakeClock) -> None:
+    # One grant a second for 5 minutes: the log keeps dropping expired grants
+    # (and reclaiming their room); the window must still count exactly.
+    limiter = RateLimiter(100, clock=clock)
+    for _ in range(300):
+        assert limiter.try_acquire("busy")
+        clock.advance(1)
+    # At t=300 the grants of t=241..299 are in the window: room for 41 more.
+    assert sum(limiter.try_acquire("busy") for _ in range(50)) == 41
+    assert limiter.wait_time("busy") == pytest.approx(1.0)  # until t=241 leaves
+
+
 def test_idle_keys_are_dropped(clock: FakeClock) -> None:
     limiter = RateLimiter(2, clock=clock)
     for i in range(10_000):
