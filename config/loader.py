@@ -56,8 +56,8 @@ class EnvOverrides(BaseModel):
 
     Only parsing happens here; the values are checked against the models they
     override by `load_config`. Empty variables count as unset. (A plain model
-    and python-dotenv, not pydantic-settings: that one costs every worker
-    process ~6.7 MB of memory for six variables.)
+    and python-dotenv, not pydantic-settings: that one cost every worker
+    process ~1 MB of memory and 75 ms of start-up for six variables.)
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)

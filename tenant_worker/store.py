@@ -517,9 +517,9 @@ class _Op(Generic[T]):
     """One caller's write. `run_many` sets each op's outcome; `settle` hands it over.
 
     Each kind runs as one statement over a JSON array of all its ops' rows
-    (``json_each``): SQLite then does the whole run in one call with the GIL
-    released, instead of one Python round trip per row, which would contend
-    for the GIL with the event loop at every row.
+    (``json_each``): SQLite does the whole run in one call, giving up and
+    taking back the GIL once rather than once per row (``executemany``),
+    and each take-back can wait for the busy event loop.
     """
 
     NAME: ClassVar[str]
