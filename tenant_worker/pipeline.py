@@ -28,6 +28,7 @@ from loguru import logger
 
 from config.settings import TenantConfig
 from shared.errors import (
+    HandlerError,
     HandlerTimeoutError,
     PermanentHandlerError,
     QueueClearedError,
@@ -301,6 +302,17 @@ class Pipeline:
             return
 
     async def _run_handler(self, message: Message, attempt: int) -> list[str]:
+        try:
+            return await self._call_handler(message, attempt)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a drain cancelling us: the row stays for the next start
+            # The handler's own (e.g. a cancelled call inside it): a failed
+            # attempt like any other, not a row left `processing` until restart.
+            raise HandlerError("handler raised CancelledError") from None
+
+    async def _call_handler(self, message: Message, attempt: int) -> list[str]:
         started = asyncio.get_running_loop().time()
         work = self._handler.handle(
             message, HandlerContext(tenant_id=self._tenant.id, attempt=attempt)

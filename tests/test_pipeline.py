@@ -308,6 +308,29 @@ async def test_retry_that_succeeds_is_processed_once_with_its_replies(
     assert rig.sent("c") == ["one", "two"]
 
 
+@pytest.mark.parametrize("suspends", [False, True])
+async def test_handler_raising_cancelled_error_is_a_failed_attempt(
+    make_rig: RigFactory, suspends: bool
+) -> None:
+    async def cancelled_inside(message: Message, ctx: HandlerContext) -> list[str]:
+        if suspends:
+            await asyncio.sleep(0)
+        if message.text == "bad":
+            raise asyncio.CancelledError  # e.g. a cancelled call inside the handler
+        return [f"re:{message.text}"]
+
+    rig = await make_rig(FakeHandler(cancelled_inside), max_attempts=2)
+
+    await rig.pipeline.accept([msg("m1", text="bad"), msg("m2", text="ok")])
+    await rig.settle()
+
+    bad, ok = rig.history()
+    assert (bad["status"], bad["attempts"]) == ("failed", 2)
+    assert "CancelledError" in bad["last_error"]
+    assert ok["status"] == "processed"
+    assert rig.sent("c") == ["re:ok"]
+
+
 async def test_permanent_handler_error_fails_without_retry(make_rig: RigFactory) -> None:
     async def refuses(message: Message, ctx: HandlerContext) -> list[str]:
         raise PermanentHandlerError("bad request")
