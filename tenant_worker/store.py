@@ -467,6 +467,12 @@ def _fetch(db: sqlite3.Connection, sql: str, *params: Any) -> list[tuple[Any, ..
     return [tuple(row) for row in db.execute(sql, params).fetchall()]
 
 
+def _stored_ids(db: sqlite3.Connection, ids: list[str]) -> set[str]:
+    """Those of `ids` that are stored messages."""
+    sql = "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+    return {row[0] for row in _fetch(db, sql, _json(ids))}
+
+
 def _json(rows: Any) -> str:
     return json.dumps(rows, ensure_ascii=False, allow_nan=False)
 
@@ -567,8 +573,7 @@ class _AddMessages(_Op[list[bool]]):
     @classmethod
     def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
         ids = [message.id for op in ops for message in op.messages]
-        sql = "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-        seen = {row[0] for row in _fetch(db, sql, _json(ids))}
+        seen = _stored_ids(db, ids)
         rows: list[tuple[Any, ...]] = []
         for op in ops:
             fresh = []
@@ -663,8 +668,7 @@ class _AddReply(_Op[Reply]):
 
     @classmethod
     def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
-        sql = "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-        known = {row[0] for row in _fetch(db, sql, _json([op.message_id for op in ops]))}
+        known = _stored_ids(db, [op.message_id for op in ops])
         done = [op for op in ops if op.message_id in known]
         for op in ops:
             if op.message_id not in known:
