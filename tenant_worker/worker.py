@@ -40,6 +40,7 @@ from tenant_worker.outbox import Outbox
 from tenant_worker.pipeline import Pipeline
 from tenant_worker.stats import WorkerStats
 from tenant_worker.store import Store
+from tenant_worker.store_lock import StoreLock
 from tenant_worker.transports import Transport, make_transport
 
 EXIT_OK = 0
@@ -99,6 +100,7 @@ class Parts:
     """What a booted worker is made of, closed in reverse order."""
 
     store: Store
+    lock: StoreLock
     handler: Handler
     transport: Transport
     stats: WorkerStats = field(default_factory=WorkerStats)
@@ -162,8 +164,15 @@ class Worker:
         if folder not in sys.path:
             sys.path.insert(0, folder)
         handler = load_handler(self.tenant)
-        store = await Store.open(self.config.store_path(self.tenant.id), self.tenant.id)
-        return Parts(store=store, handler=handler, transport=make_transport(self.tenant))
+        path = self.config.store_path(self.tenant.id)
+        lock = StoreLock.acquire(path)
+        try:
+            store = await Store.open(path, self.tenant.id)
+            transport = make_transport(self.tenant)
+        except BaseException:
+            lock.release()
+            raise
+        return Parts(store=store, lock=lock, handler=handler, transport=transport)
 
     async def _start(self, parts: Parts) -> Service:
         """Read what the last run left, listen, replay it, then take new input.
@@ -307,6 +316,7 @@ async def _close(parts: Parts) -> None:
             await close()
         except Exception:
             logger.exception("error while closing")
+    parts.lock.release()  # last: the next worker may open the store now
 
 
 def run_worker(config: ChatqConfig, tenant_id: str, conn: Connection | None = None) -> int:

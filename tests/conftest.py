@@ -85,7 +85,7 @@ class WorkerProcess:
         assert self.proc is None or self.proc.poll() is not None, "worker still running"
         self.runs += 1
         folder = self.config.parent
-        self._stderr = folder / f"{self.tenant_id}.run{self.runs}.stderr"
+        self._stderr = folder / f"{self.tenant_id}.{id(self):x}.run{self.runs}.stderr"
         env = clean_env()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self._stderr.open("wb") as err:

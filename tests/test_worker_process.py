@@ -283,3 +283,23 @@ async def test_taken_port_fails_to_boot_with_exit_3_and_one_line(
     assert len(lines) == 1, lines
     assert "failed to boot" in lines[0]
     assert "cannot listen on" in lines[0]
+
+
+async def test_second_worker_on_the_same_store_fails_to_boot_and_the_first_serves_on(
+    worker_factory: WorkerFactory,
+) -> None:
+    first = worker_factory(handler=SHOUT)
+    await first.started()
+    second = worker_factory(handler=SHOUT)  # same tenant, config, store and socket
+    second.start()
+
+    assert await second.wait_exit() == 3
+    lines = second.stderr().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "failed to boot" in lines[0]
+    assert first.proc is not None
+    assert f"is in use by another worker (pid {first.proc.pid};" in lines[0]
+    async with first.client() as session:  # its socket was left alone
+        assert (await post(session, message("m1", "c", "hi")))[0] == 202
+    await wait_until(lambda: all_done(first, 1), what="m1 done by the first worker")
+    assert await first.stop() == 0
