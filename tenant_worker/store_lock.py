@@ -6,17 +6,25 @@ happen when a worker outlives its supervisor's record of it, or when
 ``python -m tenant_worker`` is started by hand beside a supervised worker.
 The lock is flock(2) on ``<store>.lock``: the kernel drops it when its holder
 exits, however it exits, so a SIGKILLed worker never leaves a stale lock. The
-file holds the holder's pid, for the error message only.
+file holds the holder's pid, for the error message only. A starting worker
+waits a while for the lock, since its predecessor may still be draining.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from loguru import logger
+
 from shared.errors import StoreError
+
+POLL_SECONDS = 0.1
 
 
 def lock_path(store: Path) -> Path:
@@ -31,11 +39,17 @@ class StoreLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, store: Path) -> StoreLock:
-        """Take the store's lock; StoreError naming the holder's pid if it is held.
+    async def acquire(
+        cls,
+        store: Path,
+        *,
+        wait: float = 0.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> StoreLock:
+        """Take the store's lock, waiting up to ``wait`` s for its holder to exit.
 
-        No waiting: a worker's lock goes with its process, and the supervisor
-        starts a tenant's next worker only after the last one has exited.
+        Raises StoreError naming the holder's pid if it is still held then.
         """
         path = lock_path(store)
         try:
@@ -44,7 +58,23 @@ class StoreLock:
         except OSError as exc:
             raise StoreError(f"store lock {path}: {exc.strerror or exc}") from exc
         try:
-            _lock(fd, store, path)
+            deadline = monotonic() + wait
+            if not _try_lock(fd) and wait > 0:
+                logger.warning(
+                    "store {} is in use by another worker (pid {}); waiting up to {:g}s",
+                    store,
+                    _holder(fd),
+                    wait,
+                )
+            while not _try_lock(fd):
+                if monotonic() >= deadline:
+                    holder = _holder(fd)
+                    raise StoreError(
+                        f"store {store} is in use by another worker (pid {holder}; lock {path})"
+                    )
+                await sleep(POLL_SECONDS)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
             os.close(fd)
             raise
@@ -57,15 +87,12 @@ class StoreLock:
             self._fd = None
 
 
-def _lock(fd: int, store: Path, path: Path) -> None:
+def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise StoreError(
-            f"store {store} is in use by another worker (pid {_holder(fd)}; lock {path})"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return False
+    return True
 
 
 def _holder(fd: int) -> str:

@@ -46,6 +46,7 @@ from tenant_worker.transports import Transport, make_transport
 EXIT_OK = 0
 EXIT_FATAL = 1  # a store failure while running: restart and replay
 EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
+STORE_LOCK_MARGIN = 2.0  # s beyond drain_timeout to wait for a store's last worker
 MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
 
 
@@ -165,7 +166,9 @@ class Worker:
             sys.path.insert(0, folder)
         handler = load_handler(self.tenant)
         path = self.config.store_path(self.tenant.id)
-        lock = StoreLock.acquire(path)
+        # The previous worker may still be draining: its supervisor lost track
+        # of it (it stops when its pipe closes) or it was stopped by hand.
+        lock = await StoreLock.acquire(path, wait=self.tenant.drain_timeout + STORE_LOCK_MARGIN)
         try:
             store = await Store.open(path, self.tenant.id)
             transport = make_transport(self.tenant)

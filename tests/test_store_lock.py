@@ -2,59 +2,99 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from fakes import FakeClock
 
 from shared.errors import StoreError
-from tenant_worker.store_lock import StoreLock, lock_path
+from tenant_worker.store_lock import POLL_SECONDS, StoreLock, lock_path
 
 
-def test_a_held_store_is_refused_with_the_holders_pid_until_released(tmp_path: Path) -> None:
+async def test_a_held_store_is_refused_with_the_holders_pid_until_released(tmp_path: Path) -> None:
     store = tmp_path / "data" / "acme.sqlite3"
-    first = StoreLock.acquire(store)
+    first = await StoreLock.acquire(store)
     assert lock_path(store).read_text() == f"{os.getpid()}\n"
 
     with pytest.raises(StoreError, match=rf"in use by another worker \(pid {os.getpid()};"):
-        StoreLock.acquire(store)
+        await StoreLock.acquire(store)
 
     first.release()
     first.release()  # idempotent
-    StoreLock.acquire(store).release()
+    (await StoreLock.acquire(store)).release()
 
 
-def test_other_stores_are_not_affected(tmp_path: Path) -> None:
-    held = StoreLock.acquire(tmp_path / "acme.sqlite3")
-    StoreLock.acquire(tmp_path / "globex.sqlite3").release()
+async def test_other_stores_are_not_affected(tmp_path: Path) -> None:
+    held = await StoreLock.acquire(tmp_path / "acme.sqlite3")
+    (await StoreLock.acquire(tmp_path / "globex.sqlite3")).release()
     held.release()
+
+
+HOLD = """
+import asyncio, sys, time
+from pathlib import Path
+from tenant_worker.store_lock import StoreLock
+asyncio.run(StoreLock.acquire(Path(sys.argv[1])))
+print("held", flush=True)
+time.sleep(60)
+"""
 
 
 def test_a_sigkilled_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     store = tmp_path / "acme.sqlite3"
-    code = (
-        "import time; from pathlib import Path; from tenant_worker.store_lock import StoreLock;"
-        f" StoreLock.acquire(Path({str(store)!r})); print('held', flush=True); time.sleep(60)"
-    )
-    with subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
-    ) as holder:
+    argv = [sys.executable, "-c", HOLD, str(store)]
+    repo = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, text=True) as holder:
         try:
             assert holder.stdout is not None
             assert holder.stdout.readline() == "held\n"
             with pytest.raises(StoreError, match=rf"pid {holder.pid};"):
-                StoreLock.acquire(store)
+                asyncio.run(StoreLock.acquire(store))
         finally:
             holder.kill()
             holder.wait(10)
-    StoreLock.acquire(store).release()  # the kernel dropped it with the process
+    asyncio.run(StoreLock.acquire(store)).release()  # the kernel dropped it with the process
 
 
-def test_an_unusable_folder_is_one_line_naming_the_lock(tmp_path: Path) -> None:
+async def test_an_unusable_folder_is_one_line_naming_the_lock(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(StoreError, match=r"^store lock .*file/acme\.sqlite3\.lock: ") as caught:
-        StoreLock.acquire(blocker / "acme.sqlite3")
+        await StoreLock.acquire(blocker / "acme.sqlite3")
     assert "\n" not in str(caught.value)
+
+
+async def test_waits_for_the_holder_to_let_go(tmp_path: Path) -> None:
+    store = tmp_path / "acme.sqlite3"
+    holder = await StoreLock.acquire(store)
+    clock = FakeClock()
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the holder exits during the second nap
+        naps.append(seconds)
+        clock.advance(seconds)
+        if len(naps) == 2:
+            holder.release()
+
+    lock = await StoreLock.acquire(store, wait=5.0, sleep=sleep, monotonic=clock)
+    assert naps == [POLL_SECONDS, POLL_SECONDS]
+    assert lock_path(store).read_text() == f"{os.getpid()}\n"
+    lock.release()
+
+
+async def test_gives_up_after_wait(tmp_path: Path) -> None:
+    store = tmp_path / "acme.sqlite3"
+    holder = await StoreLock.acquire(store)
+    clock = FakeClock()
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+
+    with pytest.raises(StoreError, match="in use by another worker"):
+        await StoreLock.acquire(store, wait=1.0, sleep=sleep, monotonic=clock)
+    assert clock() == pytest.approx(1001.0)  # waited the full second, then gave up
+    holder.release()

@@ -288,18 +288,39 @@ async def test_taken_port_fails_to_boot_with_exit_3_and_one_line(
 async def test_second_worker_on_the_same_store_fails_to_boot_and_the_first_serves_on(
     worker_factory: WorkerFactory,
 ) -> None:
-    first = worker_factory(handler=SHOUT)
+    first = worker_factory(handler=SHOUT, drain_timeout=0.2)  # the second waits 2.2 s
     await first.started()
-    second = worker_factory(handler=SHOUT)  # same tenant, config, store and socket
+    second = worker_factory(handler=SHOUT, drain_timeout=0.2)  # same tenant, store, socket
     second.start()
 
     assert await second.wait_exit() == 3
-    lines = second.stderr().strip().splitlines()
-    assert len(lines) == 1, lines
-    assert "failed to boot" in lines[0]
+    waiting, failed = second.stderr().strip().splitlines()
     assert first.proc is not None
-    assert f"is in use by another worker (pid {first.proc.pid};" in lines[0]
+    assert f"in use by another worker (pid {first.proc.pid}); waiting up to 2.2s" in waiting
+    assert "failed to boot" in failed
+    assert f"is in use by another worker (pid {first.proc.pid};" in failed
     async with first.client() as session:  # its socket was left alone
         assert (await post(session, message("m1", "c", "hi")))[0] == 202
     await wait_until(lambda: all_done(first, 1), what="m1 done by the first worker")
     assert await first.stop() == 0
+
+
+async def test_a_worker_waiting_for_the_store_takes_over_once_the_first_exits(
+    worker_factory: WorkerFactory,
+) -> None:
+    first = worker_factory(handler=SHOUT, drain_timeout=5.0)
+    await first.started()
+    second = worker_factory(handler=SHOUT, drain_timeout=5.0)
+    second.start()
+    await wait_until(lambda: "waiting up to" in second.stderr(), what="the second one waiting")
+    async with first.client() as session:  # still the first one's socket
+        assert (await post(session, message("m1", "c", "one")))[0] == 202
+    await wait_until(lambda: all_done(first, 1), what="m1 done by the first worker")
+
+    assert await first.stop() == 0
+    await second.ready()
+    async with second.client() as session:
+        assert (await post(session, message("m2", "c", "two")))[0] == 202
+    await wait_until(lambda: all_done(second, 2), what="m2 done by the second worker")
+    assert [[r["text"] for r in e["replies"]] for e in second.history()] == [["ONE"], ["TWO"]]
+    assert await second.stop() == 0
