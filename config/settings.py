@@ -57,7 +57,7 @@ class SupervisorSettings(BaseModel):
     heartbeat_interval_ms: Annotated[int, Field(ge=10)] = 1000
     # None means five missed intervals; see heartbeat_timeout_s.
     heartbeat_timeout_ms: Annotated[int, Field(ge=10)] | None = None
-    stop_grace: Seconds = 10.0
+    stop_grace: Seconds = 15.0  # above drain_timeout (10) + what exiting takes
     backoff_initial: Seconds = 0.1
     backoff_max: Seconds = 30.0
     healthy_after: Annotated[float, Field(ge=0)] = 10.0

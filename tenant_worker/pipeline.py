@@ -10,10 +10,12 @@
 A message is acknowledged only once its row is committed. Attempts are
 counted in the store before the handler runs, so a message whose handling
 kills the worker is given up (``failed``) after ``max_attempts`` restarts
-instead of keeping its tenant down. After a restart, the messages that were
-in flight when the worker died (*suspects*) run one at a time: run side by
-side, one poison message would use up the attempts of every message in
-flight next to it at each crash, and all of them would end ``failed``.
+instead of keeping its tenant down; a handler cut short by a drain (a stop,
+not the message's fault) gives its attempt back. After a restart, the
+messages that were in flight when the worker died (*suspects*) run one at a
+time: run side by side, one poison message would use up the attempts of
+every message in flight next to it at each crash, and all of them would end
+``failed``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class MessageStore(Protocol):
     async def begin_attempt(self, message_id: str) -> int: ...
     async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]: ...
     async def fail(self, message_id: str, error: str, *, final: bool) -> None: ...
+    async def release(self, message_id: str) -> None: ...
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply: ...
 
 
@@ -259,17 +262,32 @@ class Pipeline:
 
     async def _process(self, message: Message) -> None:
         with bind_message(message.chat_id, message.id):
-            if message.id in self._suspects:
-                try:
-                    async with self._probation:
-                        await self._attempts(message)
-                finally:
-                    self._suspects.discard(message.id)
-            else:
-                await self._attempts(message)
+            try:
+                if message.id in self._suspects:
+                    try:
+                        async with self._probation:
+                            await self._attempts(message)
+                    finally:
+                        self._suspects.discard(message.id)
+                else:
+                    await self._attempts(message)
+            except asyncio.CancelledError:
+                await self._put_back(message)
+                raise
         chat = message.chat_id
         if chat in self._overloaded and not self.queue.get_queue_size(chat):
             self._overloaded.discard(chat)  # caught up: the episode is over
+
+    async def _put_back(self, message: Message) -> None:
+        """A drain cancelled the message: its attempt is not counted against it.
+
+        (A handler's own CancelledError is a failed attempt, see
+        `_run_handler`: only a cancellation of the task itself gets here.)
+        """
+        try:
+            await self._store.release(message.id)
+        except StoreError as exc:  # it stays `processing`: a suspect at the next start
+            logger.warning("could not put the interrupted message back: {}", exc)
 
     async def _attempts(self, message: Message) -> None:
         limit = self._tenant.max_attempts

@@ -196,6 +196,14 @@ class Store:
         """Record a failed attempt: `failed` for good if final, else `queued` for a retry."""
         await self._submit(_Fail(message_id, error, final))
 
+    async def release(self, message_id: str) -> None:
+        """Undo `begin_attempt` for a message whose attempt a drain cut short.
+
+        Queued again, the attempt not counted: being stopped is not the
+        message's fault. A row no longer ``processing`` is left as it is.
+        """
+        await self._submit(_Release(message_id))
+
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
         """Store one pending reply to a stored message (e.g. a wait text)."""
         return await self._submit(_AddReply(message_id, chat_id, text))
@@ -722,6 +730,23 @@ class _Fail(_RowUpdate):
 
     def params(self, now: float) -> tuple[Any, ...]:
         return (self.message_id, "failed" if self.final else "queued", self.error, now)
+
+
+@dataclass(eq=False)
+class _Release(_RowUpdate):
+    NAME = "release"
+    SET = (  # every CASE reads the row as it was: only a `processing` one changes
+        "status = CASE status WHEN 'processing' THEN 'queued' ELSE status END,"
+        " attempts = CASE status WHEN 'processing' THEN MAX(attempts - 1, 0) ELSE attempts END,"
+        " updated_at = CASE status WHEN 'processing' THEN j.value ->> 1 ELSE updated_at END"
+    )
+    message_id: str
+
+    def row_id(self) -> str:
+        return self.message_id
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        return (self.message_id, now)
 
 
 @dataclass(eq=False)

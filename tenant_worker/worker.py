@@ -46,7 +46,11 @@ from tenant_worker.transports import Transport, make_transport
 EXIT_OK = 0
 EXIT_FATAL = 1  # a store failure while running: restart and replay
 EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
-STORE_LOCK_MARGIN = 2.0  # s beyond drain_timeout to wait for a store's last worker
+# What a stopping worker needs beyond drain_timeout: the outbox's last second,
+# putting cut-short messages back, closing the store. The supervisor's
+# stop_grace should cover drain_timeout + this; a new worker waits as long
+# for the last one to let go of the store.
+EXIT_MARGIN = 2.0
 MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
 
 
@@ -168,7 +172,7 @@ class Worker:
         path = self.config.store_path(self.tenant.id)
         # The previous worker may still be draining: its supervisor lost track
         # of it (it stops when its pipe closes) or it was stopped by hand.
-        lock = await StoreLock.acquire(path, wait=self.tenant.drain_timeout + STORE_LOCK_MARGIN)
+        lock = await StoreLock.acquire(path, wait=self.tenant.drain_timeout + EXIT_MARGIN)
         try:
             store = await Store.open(path, self.tenant.id)
             transport = make_transport(self.tenant)
@@ -339,8 +343,22 @@ def run_worker(config: ChatqConfig, tenant_id: str, conn: Connection | None = No
         if link is not None:
             link.send(protocol.BootFailed(reason=str(exc)))
         return EXIT_BOOT_FAILED
+    if link is not None and (warning := stop_grace_warning(config, tenant)) is not None:
+        logger.warning(warning)
     _tune_gc()
     return asyncio.run(Worker(config, tenant, link).run())
+
+
+def stop_grace_warning(config: ChatqConfig, tenant: TenantConfig) -> str | None:
+    """Why the supervisor's stop_grace is too short for this tenant's drain, if it is."""
+    grace, drain = config.supervisor.stop_grace, tenant.drain_timeout
+    if grace >= drain + EXIT_MARGIN:
+        return None
+    return (
+        f"stop_grace ({grace:g}s) < drain_timeout ({drain:g}s) + {EXIT_MARGIN:g}s: a stop may"
+        " SIGKILL this worker while it drains, and the messages it cuts short then use up an"
+        " attempt"
+    )
 
 
 def _tune_gc() -> None:

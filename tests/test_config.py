@@ -438,3 +438,20 @@ def test_error_names_the_file_as_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config("deploy/prod.toml", env={})
     assert_one_line_error(error, "deploy/prod.toml: tenants[0]: id: missing")
+
+
+def test_default_stop_grace_covers_the_default_drain_and_a_short_one_is_warned_of() -> None:
+    from tenant_worker.worker import stop_grace_warning
+
+    config = load_config(write(ONE_TENANT), env={})
+    assert stop_grace_warning(config, config.tenant("acme")) is None
+    demo = load_config(DEMO, env={})
+    assert all(stop_grace_warning(demo, tenant) is None for tenant in demo.tenants)
+
+    short = load_config(
+        write('[supervisor]\nstop_grace = 11.0\n[[tenants]]\nid = "acme"\ndrain_timeout = 9.5\n'),
+        env={},
+    )
+    warning = stop_grace_warning(short, short.tenant("acme"))
+    assert warning is not None
+    assert warning.startswith("stop_grace (11s) < drain_timeout (9.5s) + 2s: a stop may SIGKILL")

@@ -116,6 +116,11 @@ class Rig:
             suspects=[row.message.id for row in rows if row.status == "processing"],
         )
 
+    async def crash(self) -> None:
+        """The process dies: nothing more is written, in-flight rows stay `processing`."""
+        await self.store.close()
+        await self.close()
+
     async def close(self) -> None:
         self.pipeline.queue.clear_all()
         self.pipeline.queue.cancel_all()
@@ -457,7 +462,7 @@ async def test_poison_message_does_not_use_up_other_chats_attempts(
     async with asyncio.timeout(5):
         await crashing.wait()
     await asyncio.sleep(0.01)  # give any neighbour the chance to start (and be charged)
-    await rig.close()  # the crash: what was in flight stays "processing"
+    await rig.crash()  # what was in flight stays "processing"
     assert rig.handler.ids() == ["bad"]
 
     final = await make_rig(max_attempts=2)
@@ -554,8 +559,32 @@ async def test_drain_timeout_cancels_in_flight_handlers(make_rig: RigFactory) ->
 
     assert await rig.pipeline.drain(grace=0.02) is False
 
-    assert rig.status() == {"m1": "processing", "m2": "queued"}  # both replayed next start
+    # Both replayed at the next start; being stopped did not use up m1's attempt.
+    assert [(e["id"], e["status"], e["attempts"]) for e in rig.history()] == [
+        ("m1", "queued", 0),
+        ("m2", "queued", 0),
+    ]
     assert rig.pipeline.queue.in_flight() == 0
+
+
+async def test_restarts_that_cut_a_slow_handler_short_never_quarantine_it(
+    make_rig: RigFactory,
+) -> None:
+    for _ in range(5):  # more drains than max_attempts (3)
+        rig = await make_rig(FakeHandler(Gate()))  # never finishes
+        await rig.replay()
+        await rig.pipeline.accept([msg("m1")])
+        handler = rig.handler
+        await wait_for(lambda: handler.ids() == ["m1"])  # noqa: B023 (called before the loop moves on)
+        assert await rig.pipeline.drain(grace=0.01) is False
+        await rig.close()
+
+    rig = await make_rig()
+    await rig.replay()
+    await rig.settle()
+    (entry,) = rig.history()
+    assert (entry["status"], entry["attempts"]) == ("processed", 1)
+    assert [r["text"] for r in entry["replies"]] == ["re:hi"]
 
 
 # -- store failures -------------------------------------------------------------

@@ -190,6 +190,26 @@ async def test_final_failure_leaves_unfinished(open_store: OpenStore, db_path: P
     assert query(db_path, "SELECT status, last_error FROM messages") == [("failed", "bad input")]
 
 
+async def test_release_uncounts_an_interrupted_attempt_and_nothing_else(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    store = await open_store()
+    await store.add_messages([msg("cut"), msg("done"), msg("retry")])
+    for mid in ("cut", "done", "retry"):
+        await store.begin_attempt(mid)
+    await store.begin_attempt("cut")  # its second attempt is the one a drain cuts short
+    await store.complete("done", [])
+    await store.fail("retry", "boom", final=False)
+
+    await asyncio.gather(*(store.release(mid) for mid in ("cut", "done", "retry")))
+
+    assert query(db_path, "SELECT id, status, attempts FROM messages ORDER BY seq") == [
+        ("cut", "queued", 1),
+        ("done", "processed", 1),
+        ("retry", "queued", 1),
+    ]
+
+
 async def test_complete_is_atomic(open_store: OpenStore, db_path: Path) -> None:
     store = await open_store()
     await store.add_messages([msg("m1")])
@@ -207,6 +227,7 @@ async def test_unknown_ids_are_store_errors(open_store: OpenStore) -> None:
         store.begin_attempt("nope"),
         store.complete("nope", ["x"]),
         store.fail("nope", "e", final=True),
+        store.release("nope"),
         store.add_reply("nope", "c1", "x"),
         store.mark_sent(99, "p"),
         store.retry_reply(99, "e", NOW),
