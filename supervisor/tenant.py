@@ -215,7 +215,8 @@ class TenantHandle:
         self.last_exit = ExitInfo(code=code, reason=reason, at=self._wall())
         asked = self.after_exit
         self.kill_at = self.stopping_reason = self.after_exit = None
-        if asked is not None and not reason.startswith(FAILURE_REASONS):
+        # An operator's stop wins even over a failure-stop already under way.
+        if asked is State.STOPPED or (asked is not None and not reason.startswith(FAILURE_REASONS)):
             self._after_asked_exit(asked)
         else:
             self._after_failure(code, reason)

@@ -506,6 +506,23 @@ def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any])
     assert handle.last_exit is not None and handle.last_exit.reason == "stop requested"
 
 
+def test_operator_stop_during_a_hung_restart_ends_stopped(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """Regression: the first reason ("hung") made the exit a failure, so it restarted."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    t.sup.handle("a").on_frame(heartbeat())
+    t.clock.advance(HB_TIMEOUT + 0.01)
+    t.sup._stop_hung()  # a restart is on its way
+    t.sup.stop_tenant("a")  # the operator wants it stopped
+    t.exit("a", 0)
+    t.clock.advance(60)
+    t.sup._start_due()
+    handle = t.sup.handle("a")
+    assert (handle.state, handle.pid) == (State.STOPPED, None)
+    assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
+
+
 class FakeSampler:
     def __init__(self, rss_mb: int) -> None:
         self.rss_bytes = rss_mb * 2**20
