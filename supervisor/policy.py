@@ -108,6 +108,23 @@ class RestartPolicy:
         clock: Clock = time.monotonic,
         rand: Rand = random.random,
     ) -> None:
+        self.set_limits(initial, maximum, healthy_after, max_restarts, window)
+        self._clock = clock
+        self._rand = rand
+        self._started_at: float | None = None
+        self._failures = 0
+        self._exits: deque[float] = deque()  # exit times within the window, oldest first
+        self._fatal = False
+
+    def set_limits(
+        self,
+        initial: float,
+        maximum: float,
+        healthy_after: float,
+        max_restarts: int,
+        window: float,
+    ) -> None:
+        """Set (or, on a config reload, change) the limits; the history stays."""
         _check_backoff_args(0, initial, maximum, 0.0)
         if not healthy_after >= 0:
             raise ValueError(f"healthy_after must be >= 0, got {healthy_after!r}")
@@ -120,12 +137,6 @@ class RestartPolicy:
         self._healthy_after = healthy_after
         self._max_restarts = max_restarts
         self._window = window
-        self._clock = clock
-        self._rand = rand
-        self._started_at: float | None = None
-        self._failures = 0
-        self._exits: deque[float] = deque()  # exit times within the window, oldest first
-        self._fatal = False
 
     @property
     def failures(self) -> int:

@@ -347,16 +347,20 @@ class Supervisor:
             if draining is None:
                 self._add(new, tenant_id)
             else:  # removed earlier and still draining: one worker per store, so start it after
-                draining.config, draining.tenant = new, new.tenant(tenant_id)
+                draining.use_config(new)
+                draining.tenant = new.tenant(tenant_id)
                 then = State.STARTING if draining.tenant.enabled else State.STOPPED
                 draining.stop("added again to the config", then)
             return "added"
         handle = self._handles[tenant_id]
         tenant = new.tenant(tenant_id)
-        handle.config = new
+        handle.use_config(new)
         if tenant == handle.tenant and not force:
             return "unchanged"
+        stopped_by_operator = handle.state is State.STOPPED and handle.tenant.enabled
         handle.tenant = tenant
+        if stopped_by_operator:
+            return "changed"  # it stays stopped: `chatq start` runs the new config
         if not tenant.enabled:
             handle.stop("disabled in the config", State.STOPPED)
         else:  # a fatal tenant gets a fresh chance too: the change may be its fix

@@ -79,15 +79,7 @@ class TenantHandle:
         self.tenant = tenant
         self._clock = clock
         self._wall = wall
-        settings = config.supervisor
-        self.policy = RestartPolicy(
-            settings.backoff_initial,
-            settings.backoff_max,
-            settings.healthy_after,
-            settings.max_restarts,
-            settings.restart_window,
-            clock=clock,
-        )
+        self.policy = RestartPolicy(*_limits(config), clock=clock)
         self.state = State.STOPPED
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None
@@ -112,6 +104,11 @@ class TenantHandle:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    def use_config(self, config: ChatqConfig) -> None:
+        """A reloaded config: restart limits apply now, the rest at the next start."""
+        self.config = config
+        self.policy.set_limits(*_limits(config))
 
     @property
     def alive(self) -> bool:
@@ -312,3 +309,8 @@ def _signal(process: BaseProcess, signum: int) -> None:
         return
     with contextlib.suppress(ProcessLookupError):  # already gone: the sentinel tells
         os.kill(process.pid, signum)
+
+
+def _limits(config: ChatqConfig) -> tuple[float, float, float, int, float]:
+    s = config.supervisor
+    return s.backoff_initial, s.backoff_max, s.healthy_after, s.max_restarts, s.restart_window

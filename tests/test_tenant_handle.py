@@ -621,6 +621,39 @@ def test_a_changed_fatal_tenant_is_started_again_by_reload(
     assert handle.state is State.STARTING and handle.boot_error is None
 
 
+def test_reload_leaves_an_operator_stopped_tenant_stopped_with_its_new_config(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    t.sup.stop_tenant("a")
+    t.exit("a", 0)
+    b_pid = t.pid("b")
+    # a's own change, and one every worker depends on (its log level)
+    t.reload_to.append(
+        make_config(TenantConfig(id="a", max_queue_size=9), TenantConfig(id="b"), log_level="DEBUG")
+    )
+
+    assert t.sup.reload()["changed"] == ["a", "b"]
+    t.exit("b", 0)
+    t.clock.advance(60)
+    t.sup._start_due()
+    a = t.sup.handle("a")
+    assert (a.state, a.pid) == (State.STOPPED, None)
+    assert t.pid("b") not in (None, b_pid)  # b was running: restarted
+    t.sup.start_tenant("a")
+    assert a.state is State.STARTING and a.tenant.max_queue_size == 9
+
+
+def test_reload_applies_new_restart_limits_at_once(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))  # max_restarts=3
+    t.reload_to.append(make_config(*tenants("a"), max_restarts=0))
+    assert t.sup.reload()["unchanged"] == ["a"]
+
+    t.exit("a", 1)  # a crash: with the old limit, a restart
+    handle = t.sup.handle("a")
+    assert handle.state is State.FATAL
+
+
 def test_a_refused_reload_changes_nothing(make_supervisor: Callable[..., Any]) -> None:
     t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
     config = t.sup.config
