@@ -278,8 +278,10 @@ class Store:
     async def _shutdown(self) -> None:
         if self._writer is not None:
             await self._writer
-        await self._db.close()
+        # The read-write connection last: the last one to close checkpoints
+        # the WAL into the file and deletes it, which a read-only one cannot.
         await _close_quietly(self._reader)
+        await self._db.close()
 
     async def _write_loop(self) -> None:
         while self._pending or not self._closing:

@@ -350,6 +350,8 @@ async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) 
         await store.add_messages([msg("late")])
     with pytest.raises(StoreError, match="closed"):
         await store.counts()
+    # Checkpointed into the file itself: a stopped tenant's store is one file to copy.
+    assert not db_path.with_name(db_path.name + "-wal").exists()
     assert query(db_path, "SELECT COUNT(*) FROM messages") == [(1,)]
 
 
