@@ -23,7 +23,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from shared.errors import PermanentTransportError
+from shared.errors import PermanentTransportError, StoreError
 from tenant_worker.chat_queue import ChatQueueManager
 from tenant_worker.messages import Reply
 from tenant_worker.rate_limiter import RateLimiter
@@ -77,6 +77,7 @@ class Outbox:
         self._sleep = sleep
         self._on_fatal = on_fatal
         self._lines = ChatQueueManager("outbox", max_queue_size=1)  # submit never refuses
+        self._halted = False  # a store write failed: send nothing more (see _deliver)
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
@@ -106,11 +107,27 @@ class Outbox:
         # Only a store write gets here (transport errors are retried): the
         # worker restarts and sends the unconfirmed replies, in order, again.
         if not done.cancelled() and (exc := done.exception()) is not None:
+            self._halted = True
             logger.opt(exception=exc).error("outbox: a store write failed; replies stay pending")
             if self._on_fatal is not None:
                 self._on_fatal(exc)
 
     async def _deliver(self, reply: Reply) -> None:
+        """Send one reply unless halted; a failed store write halts the outbox.
+
+        Halted, nothing more is sent: a chat's next reply must not go out
+        before one whose retry or failure could not be recorded. They all
+        stay pending and go out, in order, after the restart.
+        """
+        if self._halted:
+            return
+        try:
+            await self._send(reply)
+        except StoreError:
+            self._halted = True
+            raise
+
+    async def _send(self, reply: Reply) -> None:
         """Send one reply, retrying transient failures; record the outcome."""
         while True:
             delay = reply.next_attempt_at - self._clock()

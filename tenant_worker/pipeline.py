@@ -104,6 +104,10 @@ class Pipeline:
         self._overloaded: set[str] = set()  # chats told to wait in this overload episode
         self._suspects: set[str] = set()  # replayed ids that were in flight at the last death
         self._probation = asyncio.Lock()  # suspects run one at a time
+        # Set by drain() and by a failed store write: from then on nothing
+        # new starts, and what is left replays, in order, at the next start.
+        self._draining = False
+        self._halted = False
 
     # -- intake -------------------------------------------------------------
 
@@ -152,8 +156,9 @@ class Pipeline:
         refused: Sequence[Message],
         duplicates: int,
     ) -> Accepted:
-        for message in stored:
-            self._enqueue(message)
+        if not self._draining:  # else a request that arrived before the drain: rows
+            for message in stored:  # stay queued, behind the chat's cleared backlog
+                self._enqueue(message)
         rejected = await self._store_new(refused, "rejected")
         for message in rejected:
             await self._tell_to_wait(message)
@@ -261,6 +266,8 @@ class Pipeline:
     # -- processing ---------------------------------------------------------
 
     async def _process(self, message: Message) -> None:
+        if self._halted:
+            return  # an earlier store write failed: the row replays after it, in order
         with bind_message(message.chat_id, message.id):
             try:
                 if message.id in self._suspects:
@@ -273,6 +280,11 @@ class Pipeline:
                     await self._attempts(message)
             except asyncio.CancelledError:
                 await self._put_back(message)
+                raise
+            except StoreError:
+                # The chat's next message must not run ahead of this one: stop
+                # processing altogether (the worker stops and replays).
+                self._halted = True
                 raise
         chat = message.chat_id
         if chat in self._overloaded and not self.queue.get_queue_size(chat):
@@ -365,6 +377,7 @@ class Pipeline:
 
         Returns False when in-flight handlers had to be cancelled.
         """
+        self._draining = True
         self.queue.clear_all()
         try:
             async with asyncio.timeout(grace):

@@ -56,6 +56,8 @@ class FakeReplyStore:
         return done
 
     async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None:
+        if self.broken:
+            raise StoreError("store: disk I/O error")
         self.calls.append(("retry", reply_id, next_attempt_at))
 
     async def fail_reply(self, reply_id: int, error: str) -> None:
@@ -269,6 +271,21 @@ async def test_store_failure_is_reported_as_fatal_and_nothing_is_confirmed(
     # the store and go out again, in order, on the next start.
     assert rig.fatal and all(isinstance(error, StoreError) for error in rig.fatal)
     assert rig.store.calls == []
+
+
+async def test_an_unrecorded_retry_stops_the_outbox_so_the_chat_keeps_its_order(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(fail_with=failing(1, lambda: RetryableTransportError("503")))
+    rig.store.broken = True  # so the retry of "one" cannot be recorded
+
+    rig.outbox.submit([reply("a", "one"), reply("a", "two"), reply("b", "other")])
+    await rig.done()
+
+    # Sending "two" (or anything) now would put it ahead of "one" after the
+    # restart: everything stays pending and goes out, in order, from the store.
+    assert rig.transport.sent == []
+    assert rig.fatal and all(isinstance(error, StoreError) for error in rig.fatal)
 
 
 async def test_wait_empty_times_out_and_aclose_leaves_replies_pending(

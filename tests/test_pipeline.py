@@ -615,6 +615,9 @@ class FlakyStore:
     async def fail(self, message_id: str, error: str, *, final: bool) -> None:
         await self.store.fail(message_id, error, final=final)
 
+    async def release(self, message_id: str) -> None:
+        await self.store.release(message_id)
+
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
         return await self.store.add_reply(message_id, chat_id, text)
 
@@ -661,6 +664,75 @@ async def test_store_failure_while_processing_is_reported_as_fatal(
     (error,) = rig.fatal
     assert isinstance(error, StoreError)
     assert rig.status() == {"m1": "processing"}  # replayed by the next start
+
+
+async def test_a_store_failure_stops_processing_so_the_chat_keeps_its_order(
+    make_rig: RigFactory,
+) -> None:
+    def wrap(store: Store) -> FlakyStore:
+        flaky = FlakyStore(store)
+        flaky.fail_complete = True
+        return flaky
+
+    rig = await make_rig(store=wrap)
+    await rig.pipeline.accept([msg("m1"), msg("m2")])
+    await rig.settle()
+
+    assert rig.handler.ids() == ["m1"]  # m2 must not be answered before m1
+    assert rig.status() == {"m1": "processing", "m2": "queued"}
+    assert len(rig.fatal) == 1
+    await rig.close()
+
+    restarted = await make_rig()
+    await restarted.replay()
+    await restarted.settle()
+    assert restarted.handler.ids() == ["m1", "m2"]
+    assert set(restarted.status().values()) == {"processed"}
+
+
+class GatedAdd(FlakyStore):
+    """add_messages waits for `release` before it writes."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.release_add = asyncio.Event()
+        self.release_add.set()
+
+    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+        await self.release_add.wait()
+        return await self.store.add_messages(messages, status)
+
+
+async def test_a_message_stored_during_a_drain_waits_behind_the_cleared_backlog(
+    make_rig: RigFactory,
+) -> None:
+    holder: list[GatedAdd] = []
+
+    def wrap(real: Store) -> GatedAdd:
+        holder.append(GatedAdd(real))
+        return holder[0]
+
+    gate = Gate()
+    rig = await make_rig(FakeHandler(gate), store=wrap)
+    await rig.pipeline.accept([msg("m1"), msg("m2")])  # m1 in flight, m2 pending
+    await wait_for(lambda: gate.waiting == ["m1"])
+    holder[0].release_add.clear()
+    late = asyncio.create_task(rig.pipeline.accept([msg("m3")]))  # arrived before the drain
+    await asyncio.sleep(0.01)
+    drain = asyncio.create_task(rig.pipeline.drain(grace=10))
+    await asyncio.sleep(0.01)
+    holder[0].release_add.set()
+    assert await late == Accepted(1, 0, 0)  # acknowledged: it is stored
+    gate.open.set()
+    assert await drain is True
+
+    assert rig.handler.ids() == ["m1"]
+    assert rig.status() == {"m1": "processed", "m2": "queued", "m3": "queued"}
+    await rig.close()
+    restarted = await make_rig()
+    await restarted.replay()
+    await restarted.settle()
+    assert restarted.handler.ids() == ["m2", "m3"]
 
 
 class SlowFailingAdd(FlakyStore):
