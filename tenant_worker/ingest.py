@@ -21,11 +21,15 @@ from typing import Any
 from aiohttp import web
 
 from shared.errors import StoreError
-from tenant_worker.messages import MAX_TEXT_CHARS, Message
+from tenant_worker.messages import MAX_TEXT_CHARS, Message, storable
 from tenant_worker.pipeline import Accepted
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ID_CHARS = 256
+# At stop, how long requests still in progress get (aiohttp's default is 60 s):
+# one whose body is still arriving would otherwise hold the worker's exit past
+# the supervisor's stop_grace. Its client gets no answer and sends it again.
+SHUTDOWN_GRACE = 0.5
 
 Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
 Probe = Callable[[], dict[str, Any]]
@@ -53,6 +57,8 @@ def _string(item: dict[str, Any], where: str, name: str, *, required: bool) -> s
         return None
     if not isinstance(value, str):
         raise BadMessage(f"{where}.{name}: must be a string, got {type(value).__name__}")
+    if not storable(value):
+        raise BadMessage(f"{where}.{name}: not valid Unicode (a lone UTF-16 surrogate)")
     return value
 
 
@@ -145,7 +151,9 @@ class Ingest:
     async def start(self, socket_path: Path, port: int | None = None) -> None:
         """Listen on the unix socket (0600) and, if given, 127.0.0.1:port."""
         _clear_socket_path(socket_path)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+        )
         await self._runner.setup()
         try:
             with _umask(0o177):  # born 0600: no window where others may connect

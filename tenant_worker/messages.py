@@ -30,3 +30,18 @@ class Reply:
     text: str
     attempts: int = 0
     next_attempt_at: float = 0.0
+
+
+def storable(text: str) -> bool:
+    """Whether SQLite can store `text` as UTF-8: not with a lone surrogate in it.
+
+    JSON (``"\\ud800"``) and Python strings allow lone surrogates; UTF-8 has
+    no encoding for them.
+    """
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -41,7 +41,7 @@ from shared.log import bind_message
 from tenant_worker.chat_queue import ChatQueueManager, resume
 from tenant_worker.dedup import MessageDeduplicator
 from tenant_worker.handlers import Handler, HandlerContext
-from tenant_worker.messages import Message, Reply
+from tenant_worker.messages import Message, Reply, storable
 from tenant_worker.outbox import Outbox
 from tenant_worker.stats import WorkerStats
 
@@ -333,7 +333,7 @@ class Pipeline:
 
     async def _run_handler(self, message: Message, attempt: int) -> list[str]:
         try:
-            return await self._call_handler(message, attempt)
+            replies = await self._call_handler(message, attempt)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -341,6 +341,12 @@ class Pipeline:
             # The handler's own (e.g. a cancelled call inside it): a failed
             # attempt like any other, not a row left `processing` until restart.
             raise HandlerError("handler raised CancelledError") from None
+        for index, text in enumerate(replies):
+            if not storable(text):  # it would fail the store write, not just this message
+                raise PermanentHandlerError(
+                    f"reply {index} is not valid Unicode (a lone UTF-16 surrogate)"
+                )
+        return replies
 
     async def _call_handler(self, message: Message, attempt: int) -> list[str]:
         started = asyncio.get_running_loop().time()

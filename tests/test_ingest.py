@@ -88,6 +88,10 @@ MALFORMED: list[tuple[str, object, str]] = [
     ("NUL in id", good(id="m\u00001"), "message.id: must not contain NUL characters"),
     ("NUL in chat_id", good(chat_id="c\x00"), "message.chat_id: must not contain NUL"),
     ("missing text", without("text"), "message.text: missing"),
+    # A lone surrogate: valid JSON (json.dumps writes "\\ud800"), no UTF-8 for SQLite.
+    ("surrogate in text", good(text="half an emoji \ud83d"), "message.text: not valid Unicode"),
+    ("surrogate in id", good(id="m\udc00"), "message.id: not valid Unicode"),
+    ("surrogate in from", good(**{"from": "\ud800"}), "message.from: not valid Unicode"),
     ("id int", good(id=5), "message.id: must be a string, got int"),
     ("chat_id int", good(chat_id=5), "message.chat_id: must be a string, got int"),
     ("text list", good(text=["a"]), "message.text: must be a string, got list"),

@@ -350,6 +350,21 @@ async def test_permanent_handler_error_fails_without_retry(make_rig: RigFactory)
     assert rig.history()[0]["status"] == "failed"
 
 
+async def test_a_reply_sqlite_cannot_store_fails_its_message_only(make_rig: RigFactory) -> None:
+    async def cuts_emoji(message: Message, ctx: HandlerContext) -> list[str]:
+        return ["fine", "half \ud83d"] if message.id == "m1" else ["ok"]
+
+    rig = await make_rig(FakeHandler(cuts_emoji))
+    await rig.pipeline.accept([msg("m1"), msg("m2")])
+    await rig.settle()
+
+    first, second = rig.history()
+    assert (first["status"], first["attempts"], first["replies"]) == ("failed", 1, [])
+    assert "reply 1 is not valid Unicode" in first["last_error"]
+    assert (second["status"], [r["text"] for r in second["replies"]]) == ("processed", ["ok"])
+    assert rig.fatal == []
+
+
 async def test_handler_timeout_fails_the_message_and_the_chat_moves_on(
     make_rig: RigFactory,
 ) -> None:

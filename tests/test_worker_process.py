@@ -324,3 +324,22 @@ async def test_a_worker_waiting_for_the_store_takes_over_once_the_first_exits(
     await wait_until(lambda: all_done(second, 2), what="m2 done by the second worker")
     assert [[r["text"] for r in e["replies"]] for e in second.history()] == [["ONE"], ["TWO"]]
     assert await second.stop() == 0
+
+
+async def test_a_request_whose_body_never_finishes_does_not_hold_the_stop(
+    worker_factory: WorkerFactory,
+) -> None:
+    worker = worker_factory()
+    await worker.started()
+    _reader, writer = await asyncio.open_unix_connection(str(worker.socket))
+    try:
+        writer.write(b'POST /messages HTTP/1.1\r\nHost: w\r\nContent-Length: 100\r\n\r\n{"id":')
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the worker is now reading that body
+        began = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert await worker.wait_exit(within=30) == 0
+        assert time.monotonic() - began < 5  # aiohttp's default would wait 60 s
+    finally:
+        writer.close()
+    assert worker.history() == []  # the cut-off request wrote nothing
