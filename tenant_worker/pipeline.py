@@ -306,6 +306,8 @@ class Pipeline:
         while True:
             attempts = await self._store.begin_attempt(message.id)
             if attempts > limit:
+                # This check is no attempt: history shows the `limit` that ran.
+                await self._store.release(message.id)
                 await self._give_up(
                     message, f"quarantined: {limit} attempts never finished (worker died or hung)"
                 )

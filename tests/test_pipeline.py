@@ -409,7 +409,7 @@ async def test_message_whose_attempts_are_used_up_is_quarantined_at_replay(
 
     assert rig.handler.ids() == ["m2"]  # m1's handler is never called again
     poison, ok = rig.history()
-    assert poison["status"] == "failed"
+    assert (poison["status"], poison["attempts"]) == ("failed", 3)
     assert "quarantined" in poison["last_error"]
     assert ok["status"] == "processed"
     assert rig.stats.failed == 1
