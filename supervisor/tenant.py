@@ -60,7 +60,11 @@ def describe_exit(code: int | None) -> str:
     if code is None:
         return "unknown"
     if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # real-time signals (SIGRTMIN+n) have no name in the enum
+            name = f"signal {-code}"
+        return f"killed by {name}"
     return f"exit code {code}"
 
 
