@@ -118,6 +118,10 @@ class Supervisor:
                 self._add(self.config, tenant.id)
             while not (self._shutting_down and not any(h.alive for h in self.handles())):
                 self.step()
+        except BaseException:
+            logger.exception("supervisor failed: stopping every worker")
+            self._abandon_workers()
+            raise
         finally:
             if metrics is not None:
                 metrics.stop()
@@ -127,6 +131,19 @@ class Supervisor:
             os.close(self._wake_w)
         logger.info("supervisor stopped")
         return 0
+
+    def _abandon_workers(self) -> None:
+        """Stop every worker after the loop failed.
+
+        One left running would go on unsupervised, holding its store, and
+        Python's exit would wait for it forever.
+        """
+        running = [h for h in self.handles() if h.process is not None]
+        for handle in running:
+            handle.abandon()
+        deadline = self._clock() + self.config.supervisor.stop_grace
+        for handle in running:
+            handle.reap_or_kill(max(0.0, deadline - self._clock()))
 
     def step(self) -> None:
         """One pass: wait for something to happen, then repair."""

@@ -179,6 +179,24 @@ class TenantHandle:
             logger.info("{}: stopping pid {} ({})", self.id, self.pid, reason)
             _signal(self.process, signal.SIGTERM)
 
+    def abandon(self) -> None:
+        """The supervisor is failing: close the pipe (the worker drains on EOF) and SIGTERM."""
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.close()
+            self.conn = self.reader = None
+        if self.process is not None:
+            _signal(self.process, signal.SIGTERM)
+
+    def reap_or_kill(self, within: float) -> None:
+        """Wait up to ``within`` s for the process to exit, then SIGKILL it."""
+        if self.process is None:
+            return
+        self.process.join(within)
+        if self.process.exitcode is None:
+            _signal(self.process, signal.SIGKILL)
+            self.process.join(5.0)
+
     def kill_if_overdue(self) -> None:
         if self.process is not None and self.kill_at is not None and self._clock() >= self.kill_at:
             logger.warning(

@@ -291,14 +291,18 @@ class SupervisorHarness:
         """A handler module next to the config file (workers import from there)."""
         (self.tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
 
-    def start(self, *, wait_running: bool = True) -> SupervisorRun:
-        """Run the supervisor on the config written last; wait for its socket (and tenants)."""
+    def start(self, *, wait_running: bool = True, main: Path | None = None) -> SupervisorRun:
+        """Run the supervisor on the config written last; wait for its socket (and tenants).
+
+        ``main``: a script to run instead of ``python -m supervisor.cli`` (same arguments).
+        """
         env = clean_env()
         env["PYTHONPATH"] = str(REPO)
         stderr = self.tmp_path / f"supervisor-{len(self.runs)}.log"
+        entry = [str(main)] if main is not None else ["-m", "supervisor.cli"]
         with stderr.open("wb") as sink:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "--config", str(self.config_path), "run"],
+                [sys.executable, *entry, "--config", str(self.config_path), "run"],
                 cwd=self.tmp_path,  # no stray .env
                 env=env,
                 stdin=subprocess.DEVNULL,

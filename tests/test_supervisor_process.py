@@ -391,3 +391,36 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
 
     with pytest.raises(NoSuchTenant):
         run.request("status", tenant="nope")
+
+
+FAILING_LOOP = """
+import sys
+from pathlib import Path
+from supervisor.cli import main
+from supervisor.supervisor import Supervisor
+
+real_step = Supervisor.step
+
+def step(self):
+    if Path("fail-now").exists():
+        raise RuntimeError("injected: the main loop failed")
+    real_step(self)
+
+if __name__ == "__main__":  # the fork server imports this file too
+    Supervisor.step = step
+    sys.exit(main())
+"""
+
+
+def test_a_failing_main_loop_stops_its_workers_and_exits(harness: SupervisorHarness) -> None:
+    """No worker may run on unsupervised (holding its store) after the supervisor failed."""
+    harness.write_config({"a": {}, "b": {}})
+    script = harness.tmp_path / "failing_loop.py"
+    script.write_text(FAILING_LOOP, encoding="utf-8")
+    run = harness.start(main=script)
+    workers = [psutil.Process(pid) for pid in run.wait_all_running().values()]
+
+    (harness.tmp_path / "fail-now").touch()
+    assert run.wait_exit(timeout=20) != 0
+    wait_for("the workers to exit", lambda: not any(map(alive, workers)), 10.0)
+    assert "supervisor failed: stopping every worker" in run.log()
