@@ -318,10 +318,13 @@ class Supervisor:
 
     def start_tenant(self, tenant_id: str) -> None:
         handle = self.handle(tenant_id)
-        if handle.alive:
+        if handle.alive and not handle.stopping_for_good:
             raise ControlError(f"tenant {tenant_id} is already {handle.state.value}")
         handle.revive()
-        handle.start(self._ctx)
+        if handle.alive:  # still draining after a stop: start again once it exits
+            handle.stop("start requested", State.STARTING)
+        else:
+            handle.start(self._ctx)
 
     def begin_shutdown(self, reason: str) -> None:
         if not self._shutting_down:
@@ -374,7 +377,8 @@ class Supervisor:
         handle.use_config(new)
         if tenant == handle.tenant and not force:
             return "unchanged"
-        stopped_by_operator = handle.state is State.STOPPED and handle.tenant.enabled
+        stopped = handle.state is State.STOPPED or handle.stopping_for_good
+        stopped_by_operator = stopped and handle.tenant.enabled  # not by the config
         handle.tenant = tenant
         if stopped_by_operator:
             return "changed"  # it stays stopped: `chatq start` runs the new config

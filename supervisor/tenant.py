@@ -109,6 +109,11 @@ class TenantHandle:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def stopping_for_good(self) -> bool:
+        """A stop under way that ends in ``stopped`` (not a restart)."""
+        return self.process is not None and self.after_exit is State.STOPPED
+
     def use_config(self, config: ChatqConfig) -> None:
         """A reloaded config: restart limits apply now, the rest at the next start."""
         self.config = config

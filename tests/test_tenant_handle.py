@@ -644,6 +644,39 @@ def test_reload_leaves_an_operator_stopped_tenant_stopped_with_its_new_config(
     assert a.state is State.STARTING and a.tenant.max_queue_size == 9
 
 
+def test_reload_during_a_stops_drain_leaves_the_tenant_stopped(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    t.sup.stop_tenant("a")  # draining: still running until it exits
+    t.reload_to.append(make_config(TenantConfig(id="a", max_queue_size=9)))
+    assert t.sup.reload()["changed"] == ["a"]
+
+    t.exit("a", 0)
+    t.clock.advance(60)
+    t.sup._start_due()
+    handle = t.sup.handle("a")
+    assert (handle.state, handle.pid) == (State.STOPPED, None)
+    assert handle.tenant.max_queue_size == 9
+
+
+def test_start_during_a_stops_drain_starts_it_again_once_it_exits(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    first = t.pid("a")
+    t.sup.stop_tenant("a")
+    t.sup.start_tenant("a")  # not refused as "already running"
+    assert t.spawner.sent(first) == [signal.SIGTERM]  # the drain goes on, once
+
+    t.exit("a", 0)
+    t.sup._start_due()
+    handle = t.sup.handle("a")
+    assert handle.state is State.STARTING and handle.pid not in (None, first)
+    with pytest.raises(ControlError, match="already starting"):
+        t.sup.start_tenant("a")
+
+
 def test_reload_applies_new_restart_limits_at_once(make_supervisor: Callable[..., Any]) -> None:
     t: SupervisorUnderTest = make_supervisor(*tenants("a"))  # max_restarts=3
     t.reload_to.append(make_config(*tenants("a"), max_restarts=0))
