@@ -183,6 +183,14 @@ class TenantHandle:
             self.kill_at = self._clock() + self.config.supervisor.stop_grace
             logger.info("{}: stopping pid {} ({})", self.id, self.pid, reason)
             _signal(self.process, signal.SIGTERM)
+            self._send_stop(reason)
+
+    def _send_stop(self, reason: str) -> None:
+        """The same request by pipe: a worker forked a moment ago still ignores
+        SIGTERM (inherited from the fork server) but reads this once it is up."""
+        if self.conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                protocol.send(self.conn, protocol.Stop(reason=reason))
 
     def abandon(self) -> None:
         """The supervisor is failing: close the pipe (the worker drains on EOF) and SIGTERM."""

@@ -424,3 +424,20 @@ def test_a_failing_main_loop_stops_its_workers_and_exits(harness: SupervisorHarn
     assert run.wait_exit(timeout=20) != 0
     wait_for("the workers to exit", lambda: not any(map(alive, workers)), 10.0)
     assert "supervisor failed: stopping every worker" in run.log()
+
+
+def test_a_stop_right_after_a_start_drains_instead_of_being_killed(
+    harness: SupervisorHarness,
+) -> None:
+    """A just-forked worker still ignores SIGTERM; the Stop frame on its pipe reaches it."""
+    harness.write_config({"a": {}}, supervisor={"stop_grace": 10.0})
+    run = harness.start()
+    run.request("stop", tenant="a")
+    run.wait_state("a", "stopped")
+
+    run.request("start", tenant="a")
+    began = time.monotonic()
+    run.request("stop", tenant="a")  # before the new worker has even booted
+    run.wait_state("a", "stopped", timeout=9.0)
+    assert time.monotonic() - began < 5.0  # not stop_grace's SIGKILL
+    assert "SIGKILL" not in run.log()
