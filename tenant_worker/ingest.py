@@ -201,7 +201,7 @@ class Ingest:
 
 
 def _clear_socket_path(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # like the supervisor does
     path.unlink(missing_ok=True)  # a stale socket from a killed run
 
 

@@ -417,7 +417,7 @@ async def _open_connections(path: Path, tenant_id: str) -> tuple[_Writer, aiosql
 def _prepare_file(path: Path) -> None:
     """Create the file if missing, switch it to WAL (a lasting setting), migrate it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # chat content: ours only
     except OSError as exc:
         raise StoreError(
             f"store {path}: cannot create folder {path.parent}: {exc.strerror}"

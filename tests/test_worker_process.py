@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import time
@@ -54,11 +55,19 @@ async def test_twenty_chats_of_100ms_handlers_finish_in_parallel(
     assert await worker.stop() == 0
 
 
-async def test_ingest_socket_is_owner_only(worker_factory: WorkerFactory) -> None:
+async def test_ingest_socket_and_a_new_data_folder_are_owner_only(
+    worker_factory: WorkerFactory,
+) -> None:
     worker = worker_factory()
-    await worker.started()
+    assert not worker.store.parent.exists()  # as after a reload to a new data_dir
+    old = os.umask(0o022)  # a common umask: the worker must not rely on a strict one
+    try:
+        await worker.started()
+    finally:
+        os.umask(old)
 
     assert worker.socket.stat().st_mode & 0o777 == 0o600
+    assert worker.store.parent.stat().st_mode & 0o777 == 0o700
 
 
 async def test_duplicate_after_a_restart_is_counted_and_processed_once(
