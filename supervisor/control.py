@@ -60,6 +60,7 @@ __all__ = [
 
 MAX_REQUEST_BYTES = 64 * 1024
 READ_TIMEOUT = 5.0  # seconds a client has to send its whole request
+MAX_TENANT_CHARS = 63  # config.settings.TENANT_ID_PATTERN's longest id
 WRITE_TIMEOUT = 1.0  # seconds the loop may spend writing one answer
 MAX_CLIENTS = 32  # half-read clients held at once; more are told to retry
 _ACCEPTS_PER_PASS = 16  # bound the work of one loop pass
@@ -113,6 +114,8 @@ def _check_fields(request: dict[str, Any]) -> None:
         raise BadRequest(
             f"field 'tenant' must be a non-empty string, got {request['tenant']!r:.80}"
         )
+    if len(request.get("tenant", "")) > MAX_TENANT_CHARS:  # answers echo it: keep them small
+        raise BadRequest(f"field 'tenant': over {MAX_TENANT_CHARS} characters, no tenant id is")
     if "all" in request and not isinstance(request["all"], bool):
         raise BadRequest(f"field 'all' must be true or false, got {request['all']!r:.80}")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
 COALESCE = 0.005  # seconds to let a wave of heartbeats finish arriving
 FULL_SAMPLE_EVERY = 6  # watchdog ticks between CPU/fd readings (30 s by default)
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
+CATCH_UP_READS = 16  # pipe reads (256 KiB each) before calling a silent worker hung
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -209,6 +211,14 @@ class Supervisor:
         if reader.eof:
             self._drop_conn(handle, conn)
 
+    def _catch_up(self, handle: TenantHandle) -> None:
+        """Read what the worker's pipe holds now, beats included."""
+        for _ in range(CATCH_UP_READS):
+            conn = handle.conn
+            if conn is None or not select.select([conn], [], [], 0)[0]:
+                return
+            self._read_frames(handle)
+
     def _drop_conn(self, handle: TenantHandle, conn: Connection) -> None:
         conn.close()
         handle.conn = handle.reader = None  # the sentinel reports the exit itself
@@ -242,6 +252,8 @@ class Supervisor:
     def _stop_hung(self) -> None:
         timeout_s = self.config.supervisor.heartbeat_timeout_s
         for handle in self.handles():
+            if handle.is_hung():
+                self._catch_up(handle)  # our loop may be the one that was held up
             if handle.is_hung():
                 logger.error("{}: no heartbeat for {}s: worker is hung", handle.id, timeout_s)
                 handle.stop(f"hung: no heartbeat for {timeout_s:g}s", State.STARTING)

@@ -217,6 +217,7 @@ def test_unknown_command(served: Path, fake: FakeSupervisor) -> None:
         ({"tenant": 5}, "field 'tenant' must be a non-empty string"),
         ({"tenant": ""}, "field 'tenant' must be a non-empty string"),
         ({"color": "red"}, "unknown field 'color'"),
+        ({"tenant": "x" * 64}, "field 'tenant': over 63 characters, no tenant id is"),
     ],
 )
 def test_bad_fields_are_named(served: Path, fields: dict[str, Any], needle: str) -> None:

@@ -490,6 +490,22 @@ def test_hung_worker_is_stopped_then_killed_and_restarted(
     assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
 
 
+def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """Regression: a loop held up (e.g. by a slow control client) judged stale beats."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    handle.on_frame(heartbeat())
+    t.clock.advance(HB_TIMEOUT + 0.01)
+    assert handle.pid is not None
+    protocol.send(t.spawner.worker_ends[handle.pid], heartbeat(seq=2))  # not read yet
+
+    t.sup._stop_hung()
+    assert t.spawner.signals == []
+    assert handle.heartbeat is not None and handle.heartbeat.seq == 2
+
+
 def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any]) -> None:
     """Regression: SIGKILL after stop_grace, then the hung check, used to restart it."""
     t: SupervisorUnderTest = make_supervisor(*tenants("a"))
