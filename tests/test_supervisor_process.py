@@ -157,28 +157,28 @@ def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None
     assert run.tenants()["hang"]["pid"] == new_pid
 
 
-IGNORE_TERM = """
-import signal
-
-# Installed at import, after the worker's own loop handler: SIGTERM does nothing.
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+BLOCK_LOOP = """
+import time
 
 
 async def reply(message, ctx):
+    time.sleep(30)  # blocks the worker's loop: neither SIGTERM nor the Stop frame gets acted on
     return message.text
 """
 
 
-def test_worker_ignoring_sigterm_gets_sigkill_after_stop_grace(
+def test_worker_that_will_not_stop_gets_sigkill_after_stop_grace(
     harness: SupervisorHarness,
 ) -> None:
-    harness.write_module("ignore_term", IGNORE_TERM)
+    harness.write_module("block_loop", BLOCK_LOOP)
     harness.write_config(
-        {"a": {}, "stubborn": {"handler": "ignore_term:reply"}}, supervisor={"stop_grace": 0.5}
+        {"a": {}, "stubborn": {"handler": "block_loop:reply"}}, supervisor={"stop_grace": 0.5}
     )
     run = harness.start()
     before = run.wait_all_running()
     worker = psutil.Process(before["stubborn"])
+    assert run.post("stubborn", "stuck") == 202
+    time.sleep(0.2)  # its handler now holds the loop
 
     asked_at = time.monotonic()
     run.request("stop", tenant="stubborn")
