@@ -21,10 +21,10 @@ answer also carries ``"tenant"``); anything else is logged and answered as
 
 The server never blocks the supervisor's loop on a client: the listening
 socket and every half-read client are non-blocking and handed to the loop
-through `waitables()`; `handle_ready()` reads only what is there. Only the
-answer is written with a blocking send under a short timeout: it is small and
-the client is waiting for it (`multiprocessing.connection.wait` can only wait
-for readability, so there is no writable event to wait on).
+through `waitables()`; `handle_ready()` reads only what is there. An answer
+is sent without blocking too: what the client's socket cannot take at once
+waits in `writables()` for the loop to see it writable, and a client that
+does not read it within `WRITE_TIMEOUT` is dropped.
 
 The socket is mode 0600 and every peer's uid is checked (SO_PEERCRED), which
 also covers the moment between bind and chmod.
@@ -61,7 +61,7 @@ __all__ = [
 MAX_REQUEST_BYTES = 64 * 1024
 READ_TIMEOUT = 5.0  # seconds a client has to send its whole request
 MAX_TENANT_CHARS = 63  # config.settings.TENANT_ID_PATTERN's longest id
-WRITE_TIMEOUT = 1.0  # seconds the loop may spend writing one answer
+WRITE_TIMEOUT = 5.0  # seconds a client has to read its whole answer
 MAX_CLIENTS = 32  # half-read clients held at once; more are told to retry
 _ACCEPTS_PER_PASS = 16  # bound the work of one loop pass
 _BACKLOG = 16
@@ -150,6 +150,15 @@ class _Client:
     buffer: bytearray = field(default_factory=bytearray)
 
 
+@dataclass
+class _Outgoing:
+    """An answer the client's socket could not take at once."""
+
+    sock: socket.socket
+    data: memoryview
+    deadline: float
+
+
 class ControlServer:
     """Listens on a unix socket and answers control requests through `dispatch`.
 
@@ -173,6 +182,7 @@ class ControlServer:
         self._read_timeout = read_timeout
         self._clock = clock
         self._clients: dict[int, _Client] = {}
+        self._outgoing: dict[int, _Outgoing] = {}
         self._listener = _bind(path)
         info = path.stat()
         self._identity = (info.st_dev, info.st_ino)
@@ -188,12 +198,17 @@ class ControlServer:
             return []
         return [self._listener, *(client.sock for client in self._clients.values())]
 
+    def writables(self) -> list[socket.socket]:
+        """The sockets to wait on for writability: answers not fully sent."""
+        return [out.sock for out in self._outgoing.values()]
+
     def due_in(self) -> float | None:
-        """Seconds until a half-read client times out (None if there is none)."""
-        if not self._clients:
+        """Seconds until a slow client times out (None if there is none)."""
+        deadlines = [c.deadline for c in self._clients.values()]
+        deadlines += [out.deadline for out in self._outgoing.values()]
+        if not deadlines:
             return None
-        soonest = min(client.deadline for client in self._clients.values())
-        return max(0.0, soonest - self._clock())
+        return max(0.0, min(deadlines) - self._clock())
 
     def handle_ready(self, ready: Iterable[object]) -> None:
         """Serve whatever of ours is in `ready` without blocking; time out slow clients."""
@@ -203,12 +218,18 @@ class ControlServer:
                 self._read(client)
         if id(self._listener) in ready_ids:
             self._accept_all()
+        for fd, out in list(self._outgoing.items()):
+            if id(out.sock) in ready_ids:
+                self._flush(fd, out)
         self._expire()
 
     def close(self) -> None:
         """Close every connection and remove the socket file, if it is still ours."""
         for client in list(self._clients.values()):
             self._drop(client)
+        for out in self._outgoing.values():
+            out.sock.close()
+        self._outgoing.clear()
         if self._listener.fileno() < 0:
             return
         self._listener.close()
@@ -248,9 +269,9 @@ class ControlServer:
             return
         if not peer_allowed(uid, os.getuid()):
             logger.warning("control socket: refused a peer of uid {}", uid)
-            _answer(sock, _refusal("PermissionDenied", f"uid {uid} may not use this socket"))
-        elif len(self._clients) >= MAX_CLIENTS:
-            _answer(sock, _refusal("Busy", "too many control clients at once; try again"))
+            self._answer(sock, _refusal("PermissionDenied", f"uid {uid} may not use this socket"))
+        elif len(self._clients) + len(self._outgoing) >= MAX_CLIENTS:
+            self._answer(sock, _refusal("Busy", "too many control clients at once; try again"))
         else:
             client = _Client(sock, sock.fileno(), self._clock() + self._read_timeout)
             self._clients[client.fd] = client
@@ -289,10 +310,37 @@ class ControlServer:
             if client.deadline <= now:
                 message = f"no complete request line within {self._read_timeout:g} s"
                 self._reply(client, _refusal("Timeout", message))
+        for fd, out in list(self._outgoing.items()):
+            if out.deadline <= now:
+                logger.warning("control socket: a client did not read its answer; dropped")
+                del self._outgoing[fd]
+                out.sock.close()
 
     def _reply(self, client: _Client, answer: dict[str, Any]) -> None:
         del self._clients[client.fd]
-        _answer(client.sock, answer)
+        self._answer(client.sock, answer)
+
+    def _answer(self, sock: socket.socket, answer: dict[str, Any]) -> None:
+        """Send one answer line and close; what does not fit now is sent as it drains."""
+        out = _Outgoing(sock, memoryview(_encode_answer(answer)), self._clock() + WRITE_TIMEOUT)
+        self._flush(sock.fileno(), out)
+
+    def _flush(self, fd: int, out: _Outgoing) -> None:
+        try:
+            sent = out.sock.send(out.data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:  # the client is gone
+            logger.debug("control socket: could not answer a client: {}", exc)
+            self._outgoing.pop(fd, None)
+            out.sock.close()
+            return
+        out.data = out.data[sent:]
+        if out.data:
+            self._outgoing[fd] = out
+        else:
+            self._outgoing.pop(fd, None)
+            out.sock.close()
 
     def _drop(self, client: _Client) -> None:
         del self._clients[client.fd]
@@ -392,14 +440,3 @@ def _encode_answer(answer: dict[str, Any]) -> bytes:
         logger.error("control socket: answer is not JSON-able: {}", exc)
         text = json.dumps(_refusal("InternalError", "internal error in the supervisor"))
     return text.encode() + b"\n"
-
-
-def _answer(sock: socket.socket, answer: dict[str, Any]) -> None:
-    """Write one answer line and close; a client that cannot take it is dropped."""
-    try:
-        sock.settimeout(WRITE_TIMEOUT)
-        sock.sendall(_encode_answer(answer))
-    except OSError as exc:
-        logger.warning("control socket: could not answer a client: {}", exc)
-    finally:
-        sock.close()

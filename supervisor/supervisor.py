@@ -153,13 +153,14 @@ class Supervisor:
         conns = {h.conn: h for h in self.handles() if h.conn is not None}
         sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
         waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
-        ready = self._waiter.wait(waitables, self._wait_time())
+        writers = self.control.writables()
+        ready = self._waiter.wait(waitables, self._wait_time(), writers)
         if ready and all(obj in conns for obj in ready):
             # Only worker pipes: most likely the start of a heartbeat wave
             # (workers beat on the same wall-clock instants). Let the rest of
             # it land and take it in one pass rather than one pass per worker.
             time.sleep(COALESCE)
-            ready = self._waiter.wait(waitables, 0)
+            ready = self._waiter.wait(waitables, 0, writers)
         ready_set = set(ready)
         for conn, handle in conns.items():
             if conn in ready_set:

@@ -16,7 +16,8 @@ import select
 from collections.abc import Iterable
 from typing import Any
 
-_EVENTS = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR
 
 
 def fd_of(obj: Any) -> int:
@@ -28,15 +29,26 @@ class Waiter:
 
     def __init__(self) -> None:
         self._poll = select.poll()
-        self._watched: dict[int, Any] = {}
+        self._watched: dict[int, tuple[Any, int]] = {}  # fd -> (object, events)
 
-    def wait(self, objects: Iterable[Any], timeout: float) -> list[Any]:
-        """The objects (ints or objects with ``fileno()``) ready to read."""
-        wanted = {fd_of(obj): obj for obj in objects}
+    def wait(
+        self, objects: Iterable[Any], timeout: float, writers: Iterable[Any] = ()
+    ) -> list[Any]:
+        """The objects ready: `objects` to read from, `writers` to write to.
+
+        Objects are ints or have ``fileno()``; one closed by its other end
+        counts as ready either way.
+        """
+        wanted = {fd_of(obj): (obj, _READ) for obj in objects}
+        wanted.update((fd_of(obj), (obj, _WRITE)) for obj in writers)
         for fd in self._watched.keys() - wanted.keys():
             self._poll.unregister(fd)
-        for fd in wanted.keys() - self._watched.keys():
-            self._poll.register(fd, _EVENTS)
+        for fd, (_, events) in wanted.items():
+            before = self._watched.get(fd)
+            if before is None:
+                self._poll.register(fd, events)
+            elif before[1] != events:
+                self._poll.modify(fd, events)
         self._watched = wanted
-        events = self._poll.poll(math.ceil(max(0.0, timeout) * 1000))
-        return [wanted[fd] for fd, _ in events if fd in wanted]
+        fired = self._poll.poll(math.ceil(max(0.0, timeout) * 1000))
+        return [wanted[fd][0] for fd, _ in fired if fd in wanted]

@@ -8,12 +8,13 @@ hand, one pass at a time, with a fake clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNot
 from supervisor import control
 from supervisor.control import MAX_REQUEST_BYTES, ControlServer, parse_request, peer_allowed
 from supervisor.control_client import request
+from supervisor.waiter import Waiter
 
 
 class FakeSupervisor:
@@ -60,9 +62,10 @@ class ServerThread:
         self._thread.start()
 
     def _run(self) -> None:
+        waiter = Waiter()
         while not self._stop.is_set():
-            ready = wait(self.server.waitables(), timeout=0.02)
-            self.server.handle_ready(ready)
+            server = self.server
+            server.handle_ready(waiter.wait(server.waitables(), 0.02, server.writables()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -117,7 +120,7 @@ def exchange(path: Path, data: bytes, *, half_close: bool = False) -> dict[str, 
 
 
 def one_pass(server: ControlServer, timeout: float = 1.0) -> None:
-    server.handle_ready(wait(server.waitables(), timeout=timeout))
+    server.handle_ready(Waiter().wait(server.waitables(), timeout, server.writables()))
 
 
 # round trips ----------------------------------------------------------------
@@ -422,6 +425,41 @@ def test_slow_client_is_timed_out(sock_path: Path, fake: FakeSupervisor) -> None
             "kind": "Timeout",
         }
     assert fake.calls == []
+
+
+class BigAnswers(FakeSupervisor):
+    def __call__(self, req: dict[str, Any]) -> Any:
+        return {"log": ["x" * 1000] * 4000}  # ~4 MB: more than a socket buffer holds
+
+
+def test_a_client_that_does_not_read_its_answer_never_blocks_the_loop(sock_path: Path) -> None:
+    clock = FakeClock()
+    with (
+        ControlServer(sock_path, BigAnswers(), clock=clock) as server,
+        connect(sock_path) as stalled,
+        connect(sock_path) as reader,
+    ):
+        stalled.sendall(b'{"cmd": "status", "tenant": "acme"}\n')
+        reader.sendall(b'{"cmd": "status", "tenant": "acme"}\n')
+        began = time.monotonic()
+        one_pass(server, timeout=0)  # both answered as far as their sockets take
+        assert time.monotonic() - began < 0.5  # a blocking send would wait for the client
+        assert len(server.writables()) == 2
+
+        received = bytearray()
+        reader.setblocking(False)
+        while not received.endswith(b"\n"):  # the loop keeps serving it as it reads
+            one_pass(server, timeout=0.1)
+            with contextlib.suppress(BlockingIOError):
+                received += reader.recv(1 << 20)
+        assert len(json.loads(received)["result"]["log"]) == 4000
+        assert server.writables() == [server.writables()[0]]  # the stalled one is left
+
+        assert server.due_in() == pytest.approx(control.WRITE_TIMEOUT)
+        clock.now += control.WRITE_TIMEOUT
+        server.handle_ready([])
+        assert server.writables() == []  # dropped
+        assert server.due_in() is None
 
 
 def test_hang_up_without_a_request_is_dropped(sock_path: Path, fake: FakeSupervisor) -> None:
