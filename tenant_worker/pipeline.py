@@ -55,7 +55,7 @@ class MessageStore(Protocol):
     async def begin_attempt(self, message_id: str) -> int: ...
     async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]: ...
     async def fail(self, message_id: str, error: str, *, final: bool) -> None: ...
-    async def release(self, message_id: str) -> None: ...
+    async def release(self, message_id: str, status: str) -> None: ...
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply: ...
 
 
@@ -278,9 +278,6 @@ class Pipeline:
                         self._suspects.discard(message.id)
                 else:
                     await self._attempts(message)
-            except asyncio.CancelledError:
-                await self._put_back(message)
-                raise
             except StoreError:
                 # The chat's next message must not run ahead of this one: stop
                 # processing altogether (the worker stops and replays).
@@ -291,29 +288,41 @@ class Pipeline:
             self._overloaded.discard(chat)  # caught up: the episode is over
 
     async def _put_back(self, message: Message) -> None:
-        """A drain cancelled the message: its attempt is not counted against it.
+        """A drain cut this run's attempt short: it is not counted against the message.
 
+        A suspect stays one (``processing``, its crash attempt counted).
         (A handler's own CancelledError is a failed attempt, see
         `_run_handler`: only a cancellation of the task itself gets here.)
         """
+        status = "processing" if message.id in self._suspects else "queued"
         try:
-            await self._store.release(message.id)
+            await self._store.release(message.id, status)
         except StoreError as exc:  # it stays `processing`: a suspect at the next start
             logger.warning("could not put the interrupted message back: {}", exc)
 
+    async def _begin_attempt(self, message: Message) -> int:
+        try:
+            return await self._store.begin_attempt(message.id)
+        except asyncio.CancelledError:  # the write is queued and commits: undo it after
+            await self._put_back(message)
+            raise
+
     async def _attempts(self, message: Message) -> None:
         limit = self._tenant.max_attempts
-        while True:
-            attempts = await self._store.begin_attempt(message.id)
+        while not self._halted:  # e.g. while a suspect waited, or between retries
+            attempts = await self._begin_attempt(message)
             if attempts > limit:
                 # This check is no attempt: history shows the `limit` that ran.
-                await self._store.release(message.id)
+                await self._store.release(message.id, "queued")
                 await self._give_up(
                     message, f"quarantined: {limit} attempts never finished (worker died or hung)"
                 )
                 return
             try:
                 replies = await self._run_handler(message, attempts)
+            except asyncio.CancelledError:
+                await self._put_back(message)
+                raise
             except (PermanentHandlerError, HandlerTimeoutError) as exc:
                 await self._give_up(message, str(exc))
                 return

@@ -196,13 +196,16 @@ class Store:
         """Record a failed attempt: `failed` for good if final, else `queued` for a retry."""
         await self._submit(_Fail(message_id, error, final))
 
-    async def release(self, message_id: str) -> None:
+    async def release(self, message_id: str, status: str = "queued") -> None:
         """Undo `begin_attempt` for a message whose attempt a drain cut short.
 
-        Queued again, the attempt not counted: being stopped is not the
-        message's fault. A row no longer ``processing`` is left as it is.
+        The attempt is not counted (being stopped is not the message's
+        fault) and the row gets `status`: ``queued``, or ``processing`` for
+        one that must stay a crash suspect. A row no longer ``processing``
+        is left as it is.
         """
-        await self._submit(_Release(message_id))
+        _check_status(status, ("queued", "processing"))
+        await self._submit(_Release(message_id, status))
 
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
         """Store one pending reply to a stored message (e.g. a wait text)."""
@@ -738,17 +741,18 @@ class _Fail(_RowUpdate):
 class _Release(_RowUpdate):
     NAME = "release"
     SET = (  # every CASE reads the row as it was: only a `processing` one changes
-        "status = CASE status WHEN 'processing' THEN 'queued' ELSE status END,"
+        "status = CASE status WHEN 'processing' THEN j.value ->> 2 ELSE status END,"
         " attempts = CASE status WHEN 'processing' THEN MAX(attempts - 1, 0) ELSE attempts END,"
         " updated_at = CASE status WHEN 'processing' THEN j.value ->> 1 ELSE updated_at END"
     )
     message_id: str
+    status: str
 
     def row_id(self) -> str:
         return self.message_id
 
     def params(self, now: float) -> tuple[Any, ...]:
-        return (self.message_id, now)
+        return (self.message_id, now, self.status)
 
 
 @dataclass(eq=False)

@@ -488,6 +488,27 @@ async def test_poison_message_does_not_use_up_other_chats_attempts(
     assert final.handler.ids() == ["ok1", "ok2"]
 
 
+async def test_a_drain_during_probation_keeps_the_suspects_suspects(
+    make_rig: RigFactory, tmp_path: Path
+) -> None:
+    before = await Store.open(tmp_path / "t1.sqlite3", "t1")
+    await before.add_messages([msg("bad", "x"), msg("ok1", "y")])
+    for mid in ("bad", "ok1"):  # both in flight at the last crash
+        await before.begin_attempt(mid)
+    await before.close()
+
+    rig = await make_rig(FakeHandler(Gate()))  # never finishes: the drain times out
+    await rig.replay()
+    await wait_for(lambda: rig.handler.ids() == ["bad"])  # ok1 waits for its turn
+    assert await rig.pipeline.drain(grace=0.02) is False
+
+    # Only this run's attempt (bad's second) is given back; both stay suspects.
+    assert [(e["id"], e["status"], e["attempts"]) for e in rig.history()] == [
+        ("bad", "processing", 1),
+        ("ok1", "processing", 1),
+    ]
+
+
 async def test_duplicates_in_memory_are_counted_and_handled_once(make_rig: RigFactory) -> None:
     rig = await make_rig()
 
@@ -630,8 +651,8 @@ class FlakyStore:
     async def fail(self, message_id: str, error: str, *, final: bool) -> None:
         await self.store.fail(message_id, error, final=final)
 
-    async def release(self, message_id: str) -> None:
-        await self.store.release(message_id)
+    async def release(self, message_id: str, status: str = "queued") -> None:
+        await self.store.release(message_id, status)
 
     async def add_reply(self, message_id: str, chat_id: str, text: str) -> Reply:
         return await self.store.add_reply(message_id, chat_id, text)
@@ -751,15 +772,15 @@ async def test_a_message_stored_during_a_drain_waits_behind_the_cleared_backlog(
 
 
 class SlowFailingAdd(FlakyStore):
-    """The first add_messages waits for `release`, then fails."""
+    """The first add_messages waits for `let_go`, then fails."""
 
     def __init__(self, store: Store) -> None:
         super().__init__(store)
-        self.release = asyncio.Event()
+        self.let_go = asyncio.Event()
 
     async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
-        if not self.release.is_set():
-            await self.release.wait()
+        if not self.let_go.is_set():
+            await self.let_go.wait()
             raise StoreError("store: disk I/O error")
         return await self.store.add_messages(messages, status)
 
@@ -779,7 +800,7 @@ async def test_a_resend_during_a_failing_first_write_is_not_acknowledged(
     resend = asyncio.create_task(rig.pipeline.accept([msg("m1")]))
     await asyncio.sleep(0.01)
     assert not resend.done()  # no 202 for an id whose write is not committed
-    holder[0].release.set()
+    holder[0].let_go.set()
     for task in (first, resend):
         with pytest.raises(StoreError):
             await task
