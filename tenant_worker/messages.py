@@ -45,3 +45,8 @@ def storable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def storable_text(text: str) -> str:
+    """`text`, with any lone surrogate written as an escape (for error texts and log lines)."""
+    return text if storable(text) else text.encode("utf-8", "backslashreplace").decode()

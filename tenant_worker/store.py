@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import aiosqlite
 
 from shared.errors import StoreError
-from tenant_worker.messages import Message, Reply
+from tenant_worker.messages import Message, Reply, storable_text
 
 __all__ = [
     "MESSAGE_STATUSES",
@@ -194,7 +194,7 @@ class Store:
 
     async def fail(self, message_id: str, error: str, *, final: bool) -> None:
         """Record a failed attempt: `failed` for good if final, else `queued` for a retry."""
-        await self._submit(_Fail(message_id, error, final))
+        await self._submit(_Fail(message_id, storable_text(error), final))
 
     async def release(self, message_id: str, status: str = "queued") -> None:
         """Undo `begin_attempt` for a message whose attempt a drain cut short.
@@ -221,11 +221,11 @@ class Store:
 
     async def retry_reply(self, reply_id: int, error: str, next_attempt_at: float) -> None:
         """Record a failed send to try again at `next_attempt_at`; stays pending."""
-        await self._submit(_RetryReply(reply_id, error, next_attempt_at))
+        await self._submit(_RetryReply(reply_id, storable_text(error), next_attempt_at))
 
     async def fail_reply(self, reply_id: int, error: str) -> None:
         """Record that a reply cannot be delivered; counts the attempt."""
-        await self._submit(_FailReply(reply_id, error))
+        await self._submit(_FailReply(reply_id, storable_text(error)))
 
     # -- reads ----------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from shared.errors import ChatqError, ConfigError
 from shared.log import setup_logging
 from tenant_worker.handlers import Handler, load_handler
 from tenant_worker.ingest import Ingest, IngestState
+from tenant_worker.messages import storable_text
 from tenant_worker.outbox import Outbox
 from tenant_worker.pipeline import Pipeline
 from tenant_worker.stats import WorkerStats
@@ -68,7 +69,7 @@ class PipeLink:
         try:
             with self._lock:
                 protocol.send(self.conn, frame)
-        except protocol.ProtocolError as exc:  # a bug on our side; never lose the pipe
+        except (protocol.ProtocolError, UnicodeEncodeError) as exc:  # ours: keep the pipe
             print(f"chatq worker: unsendable frame: {exc}", file=sys.stderr)
         except (OSError, ValueError):
             self.broken = True  # the supervisor is gone; the reader will see EOF
@@ -76,6 +77,7 @@ class PipeLink:
     def log_sink(self, line: str) -> None:
         if len(line) > MAX_LOG_LINE:
             line = line[:MAX_LOG_LINE] + " …[truncated]"
+        line = storable_text(line)  # a lone surrogate cannot be encoded for the pipe
         self.send(protocol.LogRecord(line=line, level=_level_of(line)))
 
 

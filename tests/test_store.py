@@ -210,6 +210,16 @@ async def test_release_uncounts_an_interrupted_attempt_and_nothing_else(
     ]
 
 
+async def test_error_texts_with_a_lone_surrogate_are_stored_escaped(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    await store.begin_attempt("m1")
+    await store.fail("m1", "cannot parse caf\udce9", final=True)  # e.g. a handler's message
+    assert query(db_path, "SELECT last_error FROM messages") == [("cannot parse caf\\udce9",)]
+
+
 async def test_complete_is_atomic(open_store: OpenStore, db_path: Path) -> None:
     store = await open_store()
     await store.add_messages([msg("m1")])
