@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import time
 from collections.abc import Callable
@@ -216,7 +215,7 @@ class Supervisor:
         """Read what the worker's pipe holds now, beats included."""
         for _ in range(CATCH_UP_READS):
             conn = handle.conn
-            if conn is None or not select.select([conn], [], [], 0)[0]:
+            if conn is None or not conn.poll(0):  # poll(2): no FD_SETSIZE limit, unlike select
                 return
             self._read_frames(handle)
 

@@ -12,6 +12,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import resource
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from shared.errors import ConfigError, ControlError, NoSuchTenant
 from supervisor import tenant as tenant_module
 from supervisor.commands import COMMANDS
 from supervisor.logstream import LogStream
+from supervisor.pipes import FrameReader
 from supervisor.supervisor import Supervisor
 from supervisor.tenant import State, TenantHandle
 from supervisor.watchdog import ProcStats
@@ -504,6 +506,33 @@ def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
     t.sup._stop_hung()
     assert t.spawner.signals == []
     assert handle.heartbeat is not None and handle.heartbeat.seq == 2
+
+
+def test_the_hung_check_works_on_pipes_numbered_past_1023(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """Regression: select() (FD_SETSIZE 1024) raised for the ~510th tenant's pipe."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip("the file descriptor limit is below 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    try:
+        t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+        handle = t.sup.handle("a")
+        handle.on_frame(heartbeat())
+        assert handle.conn is not None and handle.pid is not None
+        high = Connection(os.dup2(handle.conn.fileno(), 1500))
+        handle.conn.close()
+        handle.conn, handle.reader = high, FrameReader(high)
+        t.clock.advance(HB_TIMEOUT + 0.01)  # silent: hung
+
+        try:
+            t.sup._stop_hung()
+            assert t.spawner.sent(handle.pid) == [signal.SIGTERM]
+        finally:
+            high.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any]) -> None:
