@@ -60,6 +60,10 @@ class StoreError(ChatqError):
     """The tenant's SQLite store could not be opened, migrated or written."""
 
 
+class StoreInUse(StoreError):
+    """Another worker holds the tenant's store (it may yet exit: worth a retry)."""
+
+
 class HandlerError(ChatqError):
     """A tenant handler failed; retried unless permanent."""
 

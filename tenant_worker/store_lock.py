@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from shared.errors import StoreError
+from shared.errors import StoreError, StoreInUse
 
 POLL_SECONDS = 0.1
 
@@ -44,12 +44,14 @@ class StoreLock:
         store: Path,
         *,
         wait: float = 0.0,
+        give_up: Callable[[], bool] = lambda: False,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         monotonic: Callable[[], float] = time.monotonic,
-    ) -> StoreLock:
+    ) -> StoreLock | None:
         """Take the store's lock, waiting up to ``wait`` s for its holder to exit.
 
-        Raises StoreError naming the holder's pid if it is still held then.
+        Raises StoreInUse naming the holder's pid if it is still held then;
+        returns None if ``give_up()`` turns true while waiting (a stop).
         """
         path = lock_path(store)
         try:
@@ -69,10 +71,13 @@ class StoreLock:
             while not _try_lock(fd):
                 if monotonic() >= deadline:
                     holder = _holder(fd)
-                    raise StoreError(
+                    raise StoreInUse(
                         f"store {store} is in use by another worker (pid {holder}; lock {path})"
                     )
                 await sleep(POLL_SECONDS)
+                if give_up():
+                    os.close(fd)
+                    return None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:

@@ -32,7 +32,7 @@ from loguru import logger
 
 from config import ChatqConfig, TenantConfig
 from shared import protocol
-from shared.errors import ChatqError, ConfigError
+from shared.errors import ChatqError, ConfigError, StoreInUse
 from shared.log import setup_logging
 from tenant_worker.handlers import Handler, load_handler
 from tenant_worker.ingest import Ingest, IngestState
@@ -53,6 +53,10 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
 MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
+
+
+class _StoppedWhileBooting(Exception):
+    """A stop came while the worker waited for its store."""
 
 
 class PipeLink:
@@ -143,6 +147,12 @@ class Worker:
     async def _run(self) -> int:
         try:
             parts = await self._boot()
+        except _StoppedWhileBooting:
+            logger.info("stopped while booting ({})", self._stop_reason)
+            return self._exit
+        except StoreInUse as exc:  # its holder may yet exit: a restart may work
+            logger.error("failed to boot: {}", exc)
+            return EXIT_FATAL
         except ChatqError as exc:
             return self._boot_failed(exc)
         try:
@@ -170,14 +180,29 @@ class Worker:
         folder = str(self.config.path.parent)
         if folder not in sys.path:
             sys.path.insert(0, folder)
-        handler = load_handler(self.tenant)
+        handler = load_handler(self.tenant)  # first: a bad one fails at once
+        try:
+            return await self._open(handler)
+        except BaseException:
+            await handler.aclose()
+            raise
+
+    async def _open(self, handler: Handler) -> Parts:
         path = self.config.store_path(self.tenant.id)
         # The previous worker may still be draining: its supervisor lost track
         # of it (it stops when its pipe closes) or it was stopped by hand.
-        lock = await StoreLock.acquire(path, wait=self.tenant.drain_timeout + EXIT_MARGIN)
+        lock = await StoreLock.acquire(
+            path, wait=self.tenant.drain_timeout + EXIT_MARGIN, give_up=self._stop.is_set
+        )
+        if lock is None:
+            raise _StoppedWhileBooting
         try:
             store = await Store.open(path, self.tenant.id)
-            transport = make_transport(self.tenant)
+            try:
+                transport = make_transport(self.tenant)
+            except BaseException:
+                await store.close()
+                raise
         except BaseException:
             lock.release()
             raise

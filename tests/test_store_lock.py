@@ -98,3 +98,23 @@ async def test_gives_up_after_wait(tmp_path: Path) -> None:
         await StoreLock.acquire(store, wait=1.0, sleep=sleep, monotonic=clock)
     assert clock() == pytest.approx(1001.0)  # waited the full second, then gave up
     holder.release()
+
+
+async def test_a_stop_ends_the_wait_without_the_lock(tmp_path: Path) -> None:
+    store = tmp_path / "acme.sqlite3"
+    holder = await StoreLock.acquire(store)
+    clock = FakeClock()
+    stopping = False
+
+    async def sleep(seconds: float) -> None:
+        nonlocal stopping
+        clock.advance(seconds)
+        stopping = True  # a SIGTERM during the first nap
+
+    lock = await StoreLock.acquire(
+        store, wait=30.0, give_up=lambda: stopping, sleep=sleep, monotonic=clock
+    )
+    assert lock is None
+    assert clock() == pytest.approx(1000.0 + POLL_SECONDS)
+    holder.release()
+    (await StoreLock.acquire(store)).release()  # nothing of the abandoned wait is held
