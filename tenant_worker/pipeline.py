@@ -300,17 +300,20 @@ class Pipeline:
         except StoreError as exc:  # it stays `processing`: a suspect at the next start
             logger.warning("could not put the interrupted message back: {}", exc)
 
-    async def _begin_attempt(self, message: Message) -> int:
+    async def _attempts(self, message: Message) -> None:
         try:
-            return await self._store.begin_attempt(message.id)
-        except asyncio.CancelledError:  # the write is queued and commits: undo it after
+            await self._attempt_until_done(message)
+        except asyncio.CancelledError:
+            # Whatever we were awaiting, our begin_attempt was queued before it
+            # and commits first; the release only touches a row still
+            # `processing` (not one completed, failed or queued for a retry).
             await self._put_back(message)
             raise
 
-    async def _attempts(self, message: Message) -> None:
+    async def _attempt_until_done(self, message: Message) -> None:
         limit = self._tenant.max_attempts
         while not self._halted:  # e.g. while a suspect waited, or between retries
-            attempts = await self._begin_attempt(message)
+            attempts = await self._store.begin_attempt(message.id)
             if attempts > limit:
                 # This check is no attempt: history shows the `limit` that ran.
                 await self._store.release(message.id, "queued")
@@ -320,9 +323,6 @@ class Pipeline:
                 return
             try:
                 replies = await self._run_handler(message, attempts)
-            except asyncio.CancelledError:
-                await self._put_back(message)
-                raise
             except (PermanentHandlerError, HandlerTimeoutError) as exc:
                 await self._give_up(message, str(exc))
                 return
