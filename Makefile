@@ -18,7 +18,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(STAMP)
+# The installed names (chatq.config, ...) as links to the top-level folders.
+LINKS   := $(VENV)/typecheck/chatq
+$(LINKS): $(STAMP)
+	mkdir -p $(LINKS)
+	for d in config shared supervisor tenant_worker; do ln -sfn ../../../$$d $(LINKS)/$$d; done
+
+typecheck: $(STAMP) $(LINKS)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
@@ -33,4 +39,4 @@ bench: $(STAMP)
 	$(PY) bench/supervisor_bench.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

@@ -32,12 +32,9 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tenant_worker.chat_queue import ChatQueueManager
+from chatq.tenant_worker.chat_queue import ChatQueueManager
 
 SCENARIOS: dict[str, tuple[int, int]] = {  # name: (chats, messages per chat)
     "one_chat": (1, 200_000),

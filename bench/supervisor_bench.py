@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from supervisor.control_client import request
+from chatq.supervisor.control_client import request
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.002
@@ -60,7 +60,7 @@ def write_config(folder: Path, tenants: int) -> Path:
 
 def start_chatq(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "run", "--config", str(config)],
+        [sys.executable, "-m", "chatq.supervisor.cli", "run", "--config", str(config)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

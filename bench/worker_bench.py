@@ -57,11 +57,9 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from config.loader import ENV_VARIABLES
-from config.settings import LOG_LEVELS
-from tenant_worker.store import MIGRATIONS
+from chatq.config.loader import ENV_VARIABLES
+from chatq.config.settings import LOG_LEVELS
+from chatq.tenant_worker.store import MIGRATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,10 +108,8 @@ max_queue_size = 1000000           # a backlog of 100k must not turn into QUEUE_
 
 
 def worker_env() -> dict[str, str]:
-    """This environment, less chatq's overrides, with the repo importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+    """This environment, less chatq's overrides."""
+    return {k: v for k, v in os.environ.items() if k not in ENV_VARIABLES}
 
 
 class ResourceWatch:
@@ -160,7 +156,7 @@ class Worker:
                 [
                     sys.executable,
                     "-m",
-                    "tenant_worker",
+                    "chatq.tenant_worker",
                     "--config",
                     str(config),
                     "--tenant",

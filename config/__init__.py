@@ -1,6 +1,6 @@
 """chatq configuration: the settings models and the TOML + environment loader.
 
-    from config import load_config
+    from chatq.config import load_config
     config = load_config()                 # config/tenants.toml, or $CHATQ_CONFIG
     config.tenant("acme").max_queue_size
     config.socket_path("acme")             # <run_dir>/acme.sock
@@ -9,8 +9,8 @@ Any problem raises `shared.errors.ConfigError` with one line naming the file,
 the tenant and the field.
 """
 
-from config.loader import DEFAULT_CONFIG_PATH, load_config
-from config.settings import ChatqConfig, SupervisorSettings, TenantConfig
+from chatq.config.loader import DEFAULT_CONFIG_PATH, load_config
+from chatq.config.settings import ChatqConfig, SupervisorSettings, TenantConfig
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

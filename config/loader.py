@@ -26,8 +26,8 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
-from config.settings import TENANT_ID_PATTERN, ChatqConfig, SupervisorSettings, TenantConfig
-from shared.errors import ConfigError
+from chatq.config.settings import TENANT_ID_PATTERN, ChatqConfig, SupervisorSettings, TenantConfig
+from chatq.shared.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
 DOTENV_PATH = Path(".env")

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from loguru import logger
 
-from shared.errors import ConfigError
+from chatq.shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from loguru import Message, Record

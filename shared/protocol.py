@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, Literal, TypeAlias
 
-from shared.errors import ChatqError
+from chatq.shared.errors import ChatqError
 
 __all__ = [
     "MAX_BUSIEST",

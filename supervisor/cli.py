@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ChatqError, ConfigError, NoSuchTenant
-from supervisor import render
-from supervisor.control_client import request
+from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant
+from chatq.supervisor import render
+from chatq.supervisor.control_client import request
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -86,7 +86,7 @@ def run_dir(given: Path | None) -> Path:
     found = _read_run_dir(config_file(given))
     if found is not None:
         return found
-    from config import load_config
+    from chatq.config import load_config
 
     return load_config(given).supervisor.run_dir  # the problem, as one ConfigError line
 
@@ -132,10 +132,10 @@ def _print_json(value: Any) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the supervisor in the foreground until SIGTERM/SIGINT."""
-    from config import load_config
-    from shared.log import setup_logging
-    from supervisor.logstream import LogStream
-    from supervisor.supervisor import Supervisor
+    from chatq.config import load_config
+    from chatq.shared.log import setup_logging
+    from chatq.supervisor.logstream import LogStream
+    from chatq.supervisor.supervisor import Supervisor
 
     config = load_config(args.config)
     settings = config.supervisor
@@ -192,7 +192,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it."""
-    from config import load_config
+    from chatq.config import load_config
 
     config = load_config(args.config)
     result = request(config.control_socket, "reload")
@@ -295,8 +295,8 @@ def _check_answer(tenant_id: str, status: int, answer: dict[str, Any]) -> None:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """``chatq history``: read the tenant's store directly (no supervisor needed)."""
-    from config import load_config
-    from tenant_worker.history import format_transcript, read_history
+    from chatq.config import load_config
+    from chatq.tenant_worker.history import format_transcript, read_history
 
     config = load_config(args.config)
     path = config.store_path(args.tenant)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from supervisor.supervisor import Supervisor
+    from chatq.supervisor.supervisor import Supervisor
 
 Command = Callable[["Supervisor", dict[str, Any]], Any]
 

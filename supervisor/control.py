@@ -47,7 +47,7 @@ from typing import Any
 
 from loguru import logger
 
-from shared.errors import ChatqError, ControlError, NoSuchTenant
+from chatq.shared.errors import ChatqError, ControlError, NoSuchTenant
 
 __all__ = [
     "COMMANDS",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
+from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
 
 __all__ = ["request"]
 

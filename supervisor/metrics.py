@@ -43,7 +43,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from shared.errors import ConfigError
+from chatq.shared.errors import ConfigError
 
 __all__ = ["STATES", "MetricsServer", "Snapshot", "TenantCollector", "start_metrics_server"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from multiprocessing.connection import Connection
 
-from shared import protocol
+from chatq.shared import protocol
 
 READ_CHUNK = 256 * 1024
 _SHORT = 4

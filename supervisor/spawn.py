@@ -19,10 +19,10 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 
-from config import ChatqConfig
+from chatq.config import ChatqConfig
 
 # Imported by the fork server only (never by the supervisor itself).
-PRELOAD = ["supervisor.forkserver_setup", "tenant_worker.worker"]
+PRELOAD = ["chatq.supervisor.forkserver_setup", "chatq.tenant_worker.worker"]
 
 
 def context() -> ForkServerContext:
@@ -40,7 +40,7 @@ def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
     os.setpgrp()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the fork server ignores them
         signal.signal(signum, signal.SIG_DFL)
-    from tenant_worker.worker import run_worker
+    from chatq.tenant_worker.worker import run_worker
 
     code = run_worker(config, tenant_id, conn)
     conn.close()

@@ -27,17 +27,17 @@ from typing import Any
 
 from loguru import logger
 
-from config import ChatqConfig
-from shared import protocol
-from shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
-from supervisor import spawn
-from supervisor.commands import COMMANDS
-from supervisor.control import ControlServer
-from supervisor.logstream import LogStream
-from supervisor.metrics import start_metrics_server
-from supervisor.tenant import State, TenantHandle
-from supervisor.waiter import Waiter
-from supervisor.watchdog import ProcessSampler, ProcStats, over_memory
+from chatq.config import ChatqConfig
+from chatq.shared import protocol
+from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
+from chatq.supervisor import spawn
+from chatq.supervisor.commands import COMMANDS
+from chatq.supervisor.control import ControlServer
+from chatq.supervisor.logstream import LogStream
+from chatq.supervisor.metrics import start_metrics_server
+from chatq.supervisor.tenant import State, TenantHandle
+from chatq.supervisor.waiter import Waiter
+from chatq.supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
 MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
 COALESCE = 0.005  # seconds to let a wave of heartbeats finish arriving

@@ -25,12 +25,12 @@ from typing import Any
 
 from loguru import logger
 
-from config import ChatqConfig, TenantConfig
-from shared import protocol
-from supervisor.pipes import FrameReader
-from supervisor.policy import RestartPolicy
-from supervisor.spawn import spawn_worker
-from supervisor.watchdog import ProcStats
+from chatq.config import ChatqConfig, TenantConfig
+from chatq.shared import protocol
+from chatq.supervisor.pipes import FrameReader
+from chatq.supervisor.policy import RestartPolicy
+from chatq.supervisor.spawn import spawn_worker
+from chatq.supervisor.watchdog import ProcStats
 
 LOG_TAIL = 20
 # Stops the supervisor makes because the worker misbehaved: their exits count

@@ -2,6 +2,6 @@
 
 import sys
 
-from tenant_worker.worker import main
+from chatq.tenant_worker.worker import main
 
 sys.exit(main())

@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
-from shared.errors import QueueClearedError, QueueFullError
-from shared.log import debug_enabled
+from chatq.shared.errors import QueueClearedError, QueueFullError
+from chatq.shared.log import debug_enabled
 
 T = TypeVar("T")
 

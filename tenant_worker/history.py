@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.errors import StoreError
-from tenant_worker.store import read_only_uri
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.store import read_only_uri
 
 __all__ = ["format_transcript", "read_history"]
 

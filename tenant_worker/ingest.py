@@ -20,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from shared.errors import StoreError
-from tenant_worker.messages import MAX_TEXT_CHARS, Message, storable
-from tenant_worker.pipeline import Accepted
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.messages import MAX_TEXT_CHARS, Message, storable
+from chatq.tenant_worker.pipeline import Accepted
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_ID_CHARS = 256

@@ -23,12 +23,12 @@ from typing import Protocol
 
 from loguru import logger
 
-from shared.errors import PermanentTransportError, StoreError
-from tenant_worker.chat_queue import ChatQueueManager
-from tenant_worker.messages import Reply
-from tenant_worker.rate_limiter import RateLimiter
-from tenant_worker.stats import WorkerStats
-from tenant_worker.transports import Transport
+from chatq.shared.errors import PermanentTransportError, StoreError
+from chatq.tenant_worker.chat_queue import ChatQueueManager
+from chatq.tenant_worker.messages import Reply
+from chatq.tenant_worker.rate_limiter import RateLimiter
+from chatq.tenant_worker.stats import WorkerStats
+from chatq.tenant_worker.transports import Transport
 
 REPLY_MAX_ATTEMPTS = 8
 REPLY_BACKOFF_MAX = 300.0

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from config.settings import TenantConfig
-from shared.errors import (
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import (
     HandlerError,
     HandlerTimeoutError,
     PermanentHandlerError,
@@ -37,13 +37,13 @@ from shared.errors import (
     QueueFullError,
     StoreError,
 )
-from shared.log import bind_message
-from tenant_worker.chat_queue import ChatQueueManager, resume
-from tenant_worker.dedup import MessageDeduplicator
-from tenant_worker.handlers import Handler, HandlerContext
-from tenant_worker.messages import Message, Reply, storable
-from tenant_worker.outbox import Outbox
-from tenant_worker.stats import WorkerStats
+from chatq.shared.log import bind_message
+from chatq.tenant_worker.chat_queue import ChatQueueManager, resume
+from chatq.tenant_worker.dedup import MessageDeduplicator
+from chatq.tenant_worker.handlers import Handler, HandlerContext
+from chatq.tenant_worker.messages import Message, Reply, storable
+from chatq.tenant_worker.outbox import Outbox
+from chatq.tenant_worker.stats import WorkerStats
 
 HANDLER_BACKOFF_MAX = 60.0
 

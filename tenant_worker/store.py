@@ -42,8 +42,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import aiosqlite
 
-from shared.errors import StoreError
-from tenant_worker.messages import Message, Reply, storable_text
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.messages import Message, Reply, storable_text
 
 __all__ = [
     "MESSAGE_STATUSES",

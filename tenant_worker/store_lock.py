@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from shared.errors import StoreError, StoreInUse
+from chatq.shared.errors import StoreError, StoreInUse
 
 POLL_SECONDS = 0.1
 

@@ -30,19 +30,19 @@ from typing import Any
 
 from loguru import logger
 
-from config import ChatqConfig, TenantConfig
-from shared import protocol
-from shared.errors import ChatqError, ConfigError, StoreInUse
-from shared.log import setup_logging
-from tenant_worker.handlers import Handler, load_handler
-from tenant_worker.ingest import Ingest, IngestState
-from tenant_worker.messages import storable_text
-from tenant_worker.outbox import Outbox
-from tenant_worker.pipeline import Pipeline
-from tenant_worker.stats import WorkerStats
-from tenant_worker.store import Store
-from tenant_worker.store_lock import StoreLock
-from tenant_worker.transports import Transport, make_transport
+from chatq.config import ChatqConfig, TenantConfig
+from chatq.shared import protocol
+from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
+from chatq.shared.log import setup_logging
+from chatq.tenant_worker.handlers import Handler, load_handler
+from chatq.tenant_worker.ingest import Ingest, IngestState
+from chatq.tenant_worker.messages import storable_text
+from chatq.tenant_worker.outbox import Outbox
+from chatq.tenant_worker.pipeline import Pipeline
+from chatq.tenant_worker.stats import WorkerStats
+from chatq.tenant_worker.store import Store
+from chatq.tenant_worker.store_lock import StoreLock
+from chatq.tenant_worker.transports import Transport, make_transport
 
 EXIT_OK = 0
 EXIT_FATAL = 1  # a store failure while running: restart and replay
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tenant_worker --config PATH --tenant ID``."""
     import argparse
 
-    from config import load_config
+    from chatq.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m tenant_worker", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="tenants TOML file")

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -25,11 +24,11 @@ import pytest
 from fakes import FakeClock
 from sandbox import clean_env, short_run_dir, toml_value
 
-from shared.errors import StoreError
-from tenant_worker.history import read_history
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.history import read_history
 
 REPO = Path(__file__).resolve().parents[1]
-_WORKER_COMMAND = (sys.executable, "-m", "tenant_worker")
+_WORKER_COMMAND = (sys.executable, "-m", "chatq.tenant_worker")
 T = TypeVar("T")
 
 
@@ -87,7 +86,6 @@ class WorkerProcess:
         folder = self.config.parent
         self._stderr = folder / f"{self.tenant_id}.{id(self):x}.run{self.runs}.stderr"
         env = clean_env()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self._stderr.open("wb") as err:
             self.proc = subprocess.Popen(
                 [*_WORKER_COMMAND, "--config", str(self.config), "--tenant", self.tenant_id],

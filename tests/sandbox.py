@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from config.loader import ENV_VARIABLES
+from chatq.config.loader import ENV_VARIABLES
 
 __all__ = ["CHATQ_ENV", "POLL_S", "clean_env", "short_run_dir", "toml_value", "wait_for"]
 

@@ -36,8 +36,8 @@ from typing import Any
 import psutil
 from sandbox import clean_env, short_run_dir, toml_value, wait_for
 
-from shared.errors import ControlError
-from supervisor.control_client import request
+from chatq.shared.errors import ControlError
+from chatq.supervisor.control_client import request
 
 __all__ = [
     "FAST_DEFAULTS",
@@ -297,9 +297,8 @@ class SupervisorHarness:
         ``main``: a script to run instead of ``python -m supervisor.cli`` (same arguments).
         """
         env = clean_env()
-        env["PYTHONPATH"] = str(REPO)
         stderr = self.tmp_path / f"supervisor-{len(self.runs)}.log"
-        entry = [str(main)] if main is not None else ["-m", "supervisor.cli"]
+        entry = [str(main)] if main is not None else ["-m", "chatq.supervisor.cli"]
         with stderr.open("wb") as sink:
             proc = subprocess.Popen(
                 [sys.executable, *entry, "--config", str(self.config_path), "run"],

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from loguru import logger
 
-from shared.errors import ChatqError, QueueClearedError, QueueFullError
-from shared.log import setup_logging
-from tenant_worker.chat_queue import ChatQueueManager
+from chatq.shared.errors import ChatqError, QueueClearedError, QueueFullError
+from chatq.shared.log import setup_logging
+from chatq.tenant_worker.chat_queue import ChatQueueManager
 
 
 class Recorder:

@@ -27,15 +27,15 @@ import pytest
 import sandbox
 from fakes import FakeClock
 
-from config import DEFAULT_CONFIG_PATH, load_config
-from config.settings import TENANT_ID_PATTERN
-from shared.errors import ChatqError
-from supervisor import cli, render
-from supervisor.cli import main
-from supervisor.control_client import request
-from supervisor.tenant import ExitInfo, State, TenantHandle
-from tenant_worker.messages import Message
-from tenant_worker.store import Store
+from chatq.config import DEFAULT_CONFIG_PATH, load_config
+from chatq.config.settings import TENANT_ID_PATTERN
+from chatq.shared.errors import ChatqError
+from chatq.supervisor import cli, render
+from chatq.supervisor.cli import main
+from chatq.supervisor.control_client import request
+from chatq.supervisor.tenant import ExitInfo, State, TenantHandle
+from chatq.tenant_worker.messages import Message
+from chatq.tenant_worker.store import Store
 
 TWO_TENANTS = """\
 [supervisor]
@@ -89,7 +89,7 @@ class Supervisor:
         self.log_path = folder / "supervisor.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "chatq.supervisor.cli", "run", "--config", str(self.config)],
                 cwd=folder,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config import DEFAULT_CONFIG_PATH, ChatqConfig, SupervisorSettings, TenantConfig, load_config
-from config.loader import read_env_overrides
-from shared.errors import ConfigError, NoSuchTenant
+from chatq.config import (
+    DEFAULT_CONFIG_PATH,
+    ChatqConfig,
+    SupervisorSettings,
+    TenantConfig,
+    load_config,
+)
+from chatq.config.loader import read_env_overrides
+from chatq.shared.errors import ConfigError, NoSuchTenant
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "config" / "tenants.toml"
@@ -441,7 +447,7 @@ def test_error_names_the_file_as_given(tmp_path: Path) -> None:
 
 
 def test_default_stop_grace_covers_the_default_drain_and_a_short_one_is_warned_of() -> None:
-    from tenant_worker.worker import stop_grace_warning
+    from chatq.tenant_worker.worker import stop_grace_warning
 
     config = load_config(write(ONE_TENANT), env={})
     assert stop_grace_warning(config, config.tenant("acme")) is None

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 from fakes import FakeClock
 
-from shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
-from supervisor import control
-from supervisor.control import MAX_REQUEST_BYTES, ControlServer, parse_request, peer_allowed
-from supervisor.control_client import request
-from supervisor.waiter import Waiter
+from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant, SupervisorNotRunning
+from chatq.supervisor import control
+from chatq.supervisor.control import MAX_REQUEST_BYTES, ControlServer, parse_request, peer_allowed
+from chatq.supervisor.control_client import request
+from chatq.supervisor.waiter import Waiter
 
 
 class FakeSupervisor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fakes import FakeClock
 
-from tenant_worker.dedup import MessageDeduplicator
+from chatq.tenant_worker.dedup import MessageDeduplicator
 
 
 def test_first_sight_is_new_and_repeat_is_duplicate(clock: FakeClock) -> None:

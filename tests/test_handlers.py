@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from http_fakes import FakeService, free_port, serving
 
-from config.settings import TenantConfig
-from shared.errors import (
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import (
     ConfigError,
     HandlerError,
     HandlerTimeoutError,
     PermanentHandlerError,
 )
-from tenant_worker.handlers import (
+from chatq.tenant_worker.handlers import (
     EchoHandler,
     Handler,
     HandlerContext,
@@ -30,7 +30,7 @@ from tenant_worker.handlers import (
     load_handler,
     normalise_replies,
 )
-from tenant_worker.messages import Message
+from chatq.tenant_worker.messages import Message
 
 CTX = HandlerContext(tenant_id="t", attempt=1)
 
@@ -65,7 +65,7 @@ async def http_handler(service: FakeService) -> AsyncIterator[Handler]:
 def test_load_handler_chooses_by_config() -> None:
     assert isinstance(load_handler(TenantConfig(id="t")), EchoHandler)
     assert isinstance(load_handler(http_tenant("http://127.0.0.1:9/h")), HttpHandler)
-    module = load_handler(TenantConfig(id="t", handler="tenant_worker.handlers.demo:shout"))
+    module = load_handler(TenantConfig(id="t", handler="chatq.tenant_worker.handlers.demo:shout"))
     assert isinstance(module, ModuleHandler)
 
 
@@ -293,7 +293,7 @@ async def test_module_exception_becomes_retryable_handler_error(
 
 
 async def test_module_chatq_errors_pass_through() -> None:
-    handler = load_handler(module_tenant("tenant_worker.handlers.demo:flaky"))
+    handler = load_handler(module_tenant("chatq.tenant_worker.handlers.demo:flaky"))
     with pytest.raises(HandlerError, match=r"^flaky$"):
         await handler.handle(msg("fail now"), CTX)
 
@@ -308,10 +308,10 @@ def test_missing_module_is_a_one_line_config_error() -> None:
 
 def test_missing_attribute_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
-        load_handler(module_tenant("tenant_worker.handlers.demo:nope"))
+        load_handler(module_tenant("chatq.tenant_worker.handlers.demo:nope"))
     assert str(info.value) == (
-        "tenant acme: handler 'tenant_worker.handlers.demo:nope':"
-        " module 'tenant_worker.handlers.demo' has no attribute 'nope'"
+        "tenant acme: handler 'chatq.tenant_worker.handlers.demo:nope':"
+        " module 'chatq.tenant_worker.handlers.demo' has no attribute 'nope'"
     )
 
 
@@ -367,7 +367,7 @@ def test_normalise_replies() -> None:
 
 
 async def test_demo_shout() -> None:
-    handler = load_handler(module_tenant("tenant_worker.handlers.demo:shout"))
+    handler = load_handler(module_tenant("chatq.tenant_worker.handlers.demo:shout"))
     assert await handler.handle(msg("hello"), CTX) == ["HELLO"]
 
 
@@ -396,5 +396,5 @@ async def test_demo_crash_and_hang_echo_other_texts() -> None:
 @pytest.mark.parametrize("name", ["shout", "sleepy", "crash", "hang", "flaky", "slow"])
 def test_demo_functions_load_as_handlers(name: str) -> None:
     assert isinstance(
-        load_handler(module_tenant(f"tenant_worker.handlers.demo:{name}")), ModuleHandler
+        load_handler(module_tenant(f"chatq.tenant_worker.handlers.demo:{name}")), ModuleHandler
     )

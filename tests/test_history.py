@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock
 
-from shared.errors import StoreError
-from tenant_worker.history import format_transcript, iso_utc, read_history
-from tenant_worker.messages import Message
-from tenant_worker.store import Store
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.history import format_transcript, iso_utc, read_history
+from chatq.tenant_worker.messages import Message
+from chatq.tenant_worker.store import Store
 
 NOON = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC).timestamp()
 

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from shared.errors import StoreError
-from tenant_worker.ingest import MAX_BODY_BYTES, MAX_ID_CHARS, Ingest, IngestState
-from tenant_worker.messages import MAX_TEXT_CHARS, Message
-from tenant_worker.pipeline import Accepted
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.ingest import MAX_BODY_BYTES, MAX_ID_CHARS, Ingest, IngestState
+from chatq.tenant_worker.messages import MAX_TEXT_CHARS, Message
+from chatq.tenant_worker.pipeline import Accepted
 
 NOW = 1_800_000_000.0
 

@@ -1,4 +1,4 @@
-"""shared.log: line formats, context ids, stdlib routing, idempotent setup."""
+"""chatq.shared.log: line formats, context ids, stdlib routing, idempotent setup."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from loguru import logger
 
-from shared.errors import ConfigError
-from shared.log import bind_message, debug_enabled, setup_logging
+from chatq.shared.errors import ConfigError
+from chatq.shared.log import bind_message, debug_enabled, setup_logging
 
 
 @pytest.fixture(autouse=True)

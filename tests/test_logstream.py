@@ -6,8 +6,8 @@ import io
 import signal
 from pathlib import Path
 
-from supervisor.logstream import LogStream
-from supervisor.tenant import describe_exit
+from chatq.supervisor.logstream import LogStream
+from chatq.supervisor.tenant import describe_exit
 
 
 def test_the_file_rotates_keeping_the_newest_files(tmp_path: Path) -> None:

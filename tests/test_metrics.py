@@ -17,12 +17,12 @@ from fakes import FakeClock
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from config import load_config
-from shared import protocol
-from shared.errors import ConfigError
-from supervisor.metrics import STATES, TenantCollector, start_metrics_server
-from supervisor.tenant import State, TenantHandle
-from supervisor.watchdog import ProcStats
+from chatq.config import load_config
+from chatq.shared import protocol
+from chatq.shared.errors import ConfigError
+from chatq.supervisor.metrics import STATES, TenantCollector, start_metrics_server
+from chatq.supervisor.tenant import State, TenantHandle
+from chatq.supervisor.watchdog import ProcStats
 
 CONFIG = """\
 [[tenants]]

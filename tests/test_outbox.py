@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from shared.errors import PermanentTransportError, RetryableTransportError, StoreError
-from tenant_worker.history import read_history
-from tenant_worker.messages import Message, Reply
-from tenant_worker.outbox import REPLY_MAX_ATTEMPTS, Outbox, reply_backoff
-from tenant_worker.stats import WorkerStats
-from tenant_worker.store import Store
-from tenant_worker.transports import FailWith, MemoryTransport
+from chatq.shared.errors import PermanentTransportError, RetryableTransportError, StoreError
+from chatq.tenant_worker.history import read_history
+from chatq.tenant_worker.messages import Message, Reply
+from chatq.tenant_worker.outbox import REPLY_MAX_ATTEMPTS, Outbox, reply_backoff
+from chatq.tenant_worker.stats import WorkerStats
+from chatq.tenant_worker.store import Store
+from chatq.tenant_worker.transports import FailWith, MemoryTransport
 
 START = 1_000_000.0
 

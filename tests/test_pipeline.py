@@ -18,16 +18,16 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from config.settings import TenantConfig
-from shared.errors import HandlerError, PermanentHandlerError, StoreError
-from tenant_worker.handlers import HandlerContext
-from tenant_worker.history import read_history
-from tenant_worker.messages import Message, Reply
-from tenant_worker.outbox import Outbox
-from tenant_worker.pipeline import Accepted, Pipeline, handler_backoff
-from tenant_worker.stats import WorkerStats
-from tenant_worker.store import Store
-from tenant_worker.transports import MemoryTransport
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import HandlerError, PermanentHandlerError, StoreError
+from chatq.tenant_worker.handlers import HandlerContext
+from chatq.tenant_worker.history import read_history
+from chatq.tenant_worker.messages import Message, Reply
+from chatq.tenant_worker.outbox import Outbox
+from chatq.tenant_worker.pipeline import Accepted, Pipeline, handler_backoff
+from chatq.tenant_worker.stats import WorkerStats
+from chatq.tenant_worker.store import Store
+from chatq.tenant_worker.transports import MemoryTransport
 
 Behaviour = Callable[[Message, HandlerContext], Awaitable[list[str]]]
 

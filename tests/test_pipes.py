@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from shared import protocol
-from supervisor.pipes import FrameReader
+from chatq.shared import protocol
+from chatq.supervisor.pipes import FrameReader
 
 
 def test_reads_every_complete_frame_and_keeps_a_partial_one() -> None:

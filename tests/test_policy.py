@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from fakes import FakeClock
 
-from supervisor.policy import Decision, RestartPolicy, compute_backoff
+from chatq.supervisor.policy import Decision, RestartPolicy, compute_backoff
 
 
 def middle() -> float:
@@ -113,7 +113,7 @@ def crash_loop(policy: RestartPolicy, clock: FakeClock, runs: list[float]) -> li
 
 
 def test_defaults_match_the_settings_defaults() -> None:
-    from config.settings import SupervisorSettings
+    from chatq.config.settings import SupervisorSettings
 
     settings = SupervisorSettings()
     clock_a, clock_b = FakeClock(), FakeClock()

@@ -10,8 +10,8 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from shared.errors import ChatqError
-from shared.protocol import (
+from chatq.shared.errors import ChatqError
+from chatq.shared.protocol import (
     MAX_FRAME_BYTES,
     BootFailed,
     Frame,

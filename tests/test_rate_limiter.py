@@ -15,7 +15,7 @@ from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tenant_worker.rate_limiter import RateLimiter
+from chatq.tenant_worker.rate_limiter import RateLimiter
 
 WINDOW = 60.0
 

@@ -16,10 +16,10 @@ import pytest
 from loguru import logger
 from sandbox import short_run_dir
 
-from config import ChatqConfig, load_config
-from shared import protocol
-from supervisor import spawn
-from supervisor.pipes import FrameReader
+from chatq.config import ChatqConfig, load_config
+from chatq.shared import protocol
+from chatq.supervisor import spawn
+from chatq.supervisor.pipes import FrameReader
 
 
 @pytest.fixture

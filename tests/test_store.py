@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from shared.errors import StoreError
-from tenant_worker import store as store_module
-from tenant_worker.messages import Message
-from tenant_worker.store import MESSAGE_STATUSES, MIGRATIONS, Store
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker import store as store_module
+from chatq.tenant_worker.messages import Message
+from chatq.tenant_worker.store import MESSAGE_STATUSES, MIGRATIONS, Store
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_800_000_000.0
@@ -370,8 +370,8 @@ async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) 
 WRITER = """
 import asyncio, sys
 from pathlib import Path
-from tenant_worker.messages import Message
-from tenant_worker.store import Store
+from chatq.tenant_worker.messages import Message
+from chatq.tenant_worker.store import Store
 
 async def writer(store, w):
     n = 0

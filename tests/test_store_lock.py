@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fakes import FakeClock
 
-from shared.errors import StoreError
-from tenant_worker.store_lock import POLL_SECONDS, StoreLock, lock_path
+from chatq.shared.errors import StoreError
+from chatq.tenant_worker.store_lock import POLL_SECONDS, StoreLock, lock_path
 
 
 async def test_a_held_store_is_refused_with_the_holders_pid_until_released(tmp_path: Path) -> None:
@@ -37,7 +37,7 @@ async def test_other_stores_are_not_affected(tmp_path: Path) -> None:
 HOLD = """
 import asyncio, sys, time
 from pathlib import Path
-from tenant_worker.store_lock import StoreLock
+from chatq.tenant_worker.store_lock import StoreLock
 asyncio.run(StoreLock.acquire(Path(sys.argv[1])))
 print("held", flush=True)
 time.sleep(60)

@@ -22,7 +22,7 @@ import pytest
 from sandbox import wait_for
 from supervisor_fixtures import SupervisorHarness, alive, gone
 
-from shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 
 
 @pytest.fixture
@@ -94,7 +94,10 @@ def test_crash_loop_backs_off_then_turns_fatal_and_restart_revives(
 
 def test_a_message_that_crashes_the_worker_is_quarantined(harness: SupervisorHarness) -> None:
     harness.write_config(
-        {"a": {}, "crashy": {"handler": "tenant_worker.handlers.demo:crash", "max_attempts": 2}}
+        {
+            "a": {},
+            "crashy": {"handler": "chatq.tenant_worker.handlers.demo:crash", "max_attempts": 2},
+        }
     )
     run = harness.start()
     before = run.wait_all_running()
@@ -132,7 +135,7 @@ def test_boot_failure_is_fatal_at_once_with_the_reason(harness: SupervisorHarnes
 
 def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None:
     harness.write_config(
-        {"a": {}, "hang": {"handler": "tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        {"a": {}, "hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
         supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 0.5},
     )
     run = harness.start()
@@ -216,7 +219,7 @@ def test_memory_limit_restarts_the_worker(harness: SupervisorHarness) -> None:
 def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) -> None:
     """SIGKILL after stop_grace must not turn an asked-for stop into a hung-restart."""
     harness.write_config(
-        {"hang": {"handler": "tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        {"hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
         supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 0.8},
     )
     run = harness.start()
@@ -396,8 +399,8 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
 FAILING_LOOP = """
 import sys
 from pathlib import Path
-from supervisor.cli import main
-from supervisor.supervisor import Supervisor
+from chatq.supervisor.cli import main
+from chatq.supervisor.supervisor import Supervisor
 
 real_step = Supervisor.step
 

@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 from fakes import FakeClock
 
-from config import ChatqConfig, SupervisorSettings, TenantConfig
-from shared import protocol
-from shared.errors import ConfigError, ControlError, NoSuchTenant
-from supervisor import tenant as tenant_module
-from supervisor.commands import COMMANDS
-from supervisor.logstream import LogStream
-from supervisor.pipes import FrameReader
-from supervisor.supervisor import Supervisor
-from supervisor.tenant import State, TenantHandle
-from supervisor.watchdog import ProcStats
+from chatq.config import ChatqConfig, SupervisorSettings, TenantConfig
+from chatq.shared import protocol
+from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.supervisor import tenant as tenant_module
+from chatq.supervisor.commands import COMMANDS
+from chatq.supervisor.logstream import LogStream
+from chatq.supervisor.pipes import FrameReader
+from chatq.supervisor.supervisor import Supervisor
+from chatq.supervisor.tenant import State, TenantHandle
+from chatq.supervisor.watchdog import ProcStats
 
 GRACE = 2.0
 HB_TIMEOUT = 0.5

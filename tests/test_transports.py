@@ -10,9 +10,9 @@ import pytest
 from http_fakes import FakeService, free_port, serving
 from loguru import logger
 
-from config.settings import TenantConfig
-from shared.errors import PermanentTransportError, RetryableTransportError, TransportError
-from tenant_worker.transports import (
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import PermanentTransportError, RetryableTransportError, TransportError
+from chatq.tenant_worker.transports import (
     LocalTransport,
     MemoryTransport,
     Transport,

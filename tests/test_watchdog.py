@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor.watchdog import ProcessSampler, ProcStats, over_memory
+from chatq.supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
 
 @pytest.fixture

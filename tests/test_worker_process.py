@@ -20,9 +20,9 @@ from pathlib import Path
 import aiohttp
 from conftest import WorkerFactory, WorkerProcess, message, post, statuses, wait_until
 
-SLEEPY = "tenant_worker.handlers.demo:sleepy"
-SHOUT = "tenant_worker.handlers.demo:shout"
-CRASH = "tenant_worker.handlers.demo:crash"
+SLEEPY = "chatq.tenant_worker.handlers.demo:sleepy"
+SHOUT = "chatq.tenant_worker.handlers.demo:shout"
+CRASH = "chatq.tenant_worker.handlers.demo:crash"
 
 
 def all_done(worker: WorkerProcess, count: int | None = None) -> bool:

@@ -5,7 +5,7 @@
 - ``"echo"``: replies with the message text (`EchoHandler`);
 - ``"http"``: POSTs the message to ``handler_url`` (`HttpHandler`);
 - ``"module.path:function"``: the tenant's own ``async def f(message, ctx)``
-  (`ModuleHandler`); `tenant_worker.handlers.demo` has examples.
+  (`ModuleHandler`); `chatq.tenant_worker.handlers.demo` has examples.
 
 Every handler returns a list of reply texts and fails only with
 `HandlerError` (retryable) or `PermanentHandlerError`.
@@ -13,12 +13,17 @@ Every handler returns a list of reply texts and fails only with
 
 from __future__ import annotations
 
-from config.settings import TenantConfig
-from shared.errors import ConfigError
-from tenant_worker.handlers.base import REPLY_TYPES, Handler, HandlerContext, normalise_replies
-from tenant_worker.handlers.echo import EchoHandler
-from tenant_worker.handlers.http import HttpHandler
-from tenant_worker.handlers.module import HandlerFunction, ModuleHandler
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import ConfigError
+from chatq.tenant_worker.handlers.base import (
+    REPLY_TYPES,
+    Handler,
+    HandlerContext,
+    normalise_replies,
+)
+from chatq.tenant_worker.handlers.echo import EchoHandler
+from chatq.tenant_worker.handlers.http import HttpHandler
+from chatq.tenant_worker.handlers.module import HandlerFunction, ModuleHandler
 
 __all__ = [
     "REPLY_TYPES",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.errors import PermanentHandlerError
-from tenant_worker.messages import Message
+from chatq.shared.errors import PermanentHandlerError
+from chatq.tenant_worker.messages import Message
 
 __all__ = ["REPLY_TYPES", "Handler", "HandlerContext", "normalise_replies"]
 

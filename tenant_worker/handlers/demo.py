@@ -1,4 +1,4 @@
-"""Demo and test handlers, for configs like ``handler = "tenant_worker.handlers.demo:shout"``.
+"""Demo and test handlers, for configs like ``handler = "chatq.tenant_worker.handlers.demo:shout"``.
 
 These are for demos and tests only: some of them kill or hang the worker on
 purpose, so the supervisor's restart and watchdog paths can be exercised with
@@ -19,9 +19,9 @@ import math
 import os
 import time
 
-from shared.errors import HandlerError
-from tenant_worker.handlers.base import HandlerContext
-from tenant_worker.messages import Message
+from chatq.shared.errors import HandlerError
+from chatq.tenant_worker.handlers.base import HandlerContext
+from chatq.tenant_worker.messages import Message
 
 __all__ = ["crash", "flaky", "hang", "shout", "sleepy", "slow"]
 

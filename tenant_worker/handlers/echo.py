@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tenant_worker.handlers.base import HandlerContext
-from tenant_worker.messages import Message
+from chatq.tenant_worker.handlers.base import HandlerContext
+from chatq.tenant_worker.messages import Message
 
 __all__ = ["EchoHandler"]
 

@@ -15,7 +15,7 @@ any other non-2xx status is `PermanentHandlerError`. Redirects are not
 followed: a POST that gets moved is a configuration mistake.
 
 The POST itself, the status mapping and the lazily opened `ClientSession`
-(workers are forked) are `tenant_worker.http_client.JsonPoster`'s.
+(workers are forked) are `chatq.tenant_worker.http_client.JsonPoster`'s.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shared.errors import HandlerError, HandlerTimeoutError, PermanentHandlerError
-from tenant_worker.handlers.base import HandlerContext
-from tenant_worker.http_client import JsonPoster, snippet
-from tenant_worker.messages import Message
+from chatq.shared.errors import HandlerError, HandlerTimeoutError, PermanentHandlerError
+from chatq.tenant_worker.handlers.base import HandlerContext
+from chatq.tenant_worker.http_client import JsonPoster, snippet
+from chatq.tenant_worker.messages import Message
 
 __all__ = ["HttpHandler", "parse_answer"]
 

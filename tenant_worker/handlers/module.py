@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import cast
 
-from shared.errors import ChatqError, ConfigError, HandlerError
-from tenant_worker.handlers.base import HandlerContext, normalise_replies
-from tenant_worker.messages import Message
+from chatq.shared.errors import ChatqError, ConfigError, HandlerError
+from chatq.tenant_worker.handlers.base import HandlerContext, normalise_replies
+from chatq.tenant_worker.messages import Message
 
 __all__ = ["HandlerFunction", "ModuleHandler", "import_handler_function"]
 

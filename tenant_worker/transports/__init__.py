@@ -11,12 +11,12 @@ only with `RetryableTransportError` or `PermanentTransportError`.
 
 from __future__ import annotations
 
-from config.settings import TenantConfig
-from shared.errors import ConfigError
-from tenant_worker.transports.base import Transport
-from tenant_worker.transports.local import LocalTransport
-from tenant_worker.transports.memory import FailWith, MemoryTransport
-from tenant_worker.transports.webhook import WebhookTransport
+from chatq.config.settings import TenantConfig
+from chatq.shared.errors import ConfigError
+from chatq.tenant_worker.transports.base import Transport
+from chatq.tenant_worker.transports.local import LocalTransport
+from chatq.tenant_worker.transports.memory import FailWith, MemoryTransport
+from chatq.tenant_worker.transports.webhook import WebhookTransport
 
 __all__ = [
     "FailWith",

@@ -14,7 +14,7 @@ status mapping, and the id read from ``messages[0].id`` of the answer. Only
 `_body` and `_provider_id` would differ.
 
 The POST itself, the status mapping and the lazily opened `ClientSession`
-(workers are forked) are `tenant_worker.http_client.JsonPoster`'s.
+(workers are forked) are `chatq.tenant_worker.http_client.JsonPoster`'s.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import json
 import uuid
 from typing import Any
 
-from shared.errors import PermanentTransportError, RetryableTransportError
-from tenant_worker.http_client import JsonPoster
+from chatq.shared.errors import PermanentTransportError, RetryableTransportError
+from chatq.tenant_worker.http_client import JsonPoster
 
 __all__ = ["DEFAULT_TIMEOUT_S", "WebhookTransport"]
 
