@@ -6,6 +6,13 @@ specific last::
 
     built-in default < [defaults] / [supervisor] < environment (.env) < [[tenants]] entry
 
+A tenant's ``[tenants.whatsapp]`` table is laid key by key over
+``[defaults.whatsapp]``. Secret values (`SECRET_KEYS`) may be a literal,
+``env:NAME`` (the environment, then ``.env``) or ``file:PATH`` (relative to
+the config's folder; one trailing newline stripped, as systemd's
+``LoadCredential`` files have); they are resolved here and held as
+`SecretStr`, so no error text or repr shows them.
+
 Every problem becomes one `ConfigError` line that names the file, the tenant
 and the field, e.g. ``tenants.toml: tenants[1] (globex): max_queue_size: must
 be >= 1``. Partial layers ([defaults], the environment) are checked on their
@@ -26,7 +33,15 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
-from chatq.config.settings import TENANT_ID_PATTERN, ChatqConfig, SupervisorSettings, TenantConfig
+from chatq.config.settings import (
+    SECRET_KEYS,
+    TENANT_ID_PATTERN,
+    ChatqConfig,
+    GatewaySettings,
+    SupervisorSettings,
+    TenantConfig,
+    WhatsAppSettings,
+)
 from chatq.shared.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
@@ -34,7 +49,7 @@ DOTENV_PATH = Path(".env")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 UNIX_SOCKET_MAX_BYTES = 107
 
-_TABLES = ("supervisor", "defaults", "tenants")
+_TABLES = ("supervisor", "defaults", "tenants", "gateway")
 _PATH_KEYS = ("run_dir", "data_dir", "log_file")
 # Environment variable -> the model field it overrides.
 _ENV_SUPERVISOR = {
@@ -83,20 +98,26 @@ def load_config(
     tests); by default both are read, the process environment winning.
     """
     overrides = read_env_overrides(env, env_file=DOTENV_PATH if env is None else None)
+    variables = _environment(env, env_file=DOTENV_PATH if env is None else None)
     env_supervisor = _env_layer(overrides, _ENV_SUPERVISOR, SupervisorSettings, {})
     env_tenant = _env_layer(overrides, _ENV_TENANT, TenantConfig, {"id": "env"})
     shown = str(path if path is not None else overrides.CHATQ_CONFIG or DEFAULT_CONFIG_PATH)
     file = Path(os.path.normpath(Path(shown).expanduser().absolute()))
-    supervisor_table, defaults, entries = _split_tables(_read_toml(file, shown), shown)
+    document = _read_toml(file, shown)
+    supervisor_table, defaults, entries = _split_tables(document, shown)
+    secrets = _Secrets(variables, file.parent)
 
     supervisor = _validate(
         SupervisorSettings, supervisor_table | env_supervisor, f"{shown}: supervisor"
     )
     supervisor = _anchor_paths(supervisor, file.parent)
+    defaults = secrets.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
     _check_defaults(defaults, shown)
-    tenants = _build_tenants(entries, defaults | env_tenant, shown)
-    config = ChatqConfig(path=file, supervisor=supervisor, tenants=tenants)
+    tenants = _build_tenants(entries, defaults | env_tenant, shown, secrets)
+    gateway = _build_gateway(document, shown, secrets)
+    config = ChatqConfig(path=file, supervisor=supervisor, tenants=tenants, gateway=gateway)
     _check_ports(config, entries, shown)
+    _check_whatsapp(config, entries, shown)
     _check_socket_lengths(config, shown)
     return config
 
@@ -118,6 +139,57 @@ def read_env_overrides(
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         raise _config_error(f"environment: {_describe(error, EnvOverrides)}") from None
+
+
+def _environment(env: Mapping[str, str] | None, env_file: Path | None) -> dict[str, str]:
+    """Every variable `env:NAME` secrets may name: `env` (or the process) over `env_file`."""
+    from_file = dotenv_values(env_file, encoding="utf-8") if env_file else {}
+    variables = {name: value for name, value in from_file.items() if value is not None}
+    variables.update(os.environ if env is None else env)
+    return variables
+
+
+class _Secrets:
+    """Resolves ``env:NAME`` and ``file:PATH`` secret values; errors never show a value."""
+
+    def __init__(self, variables: Mapping[str, str], folder: Path) -> None:
+        self._variables = variables
+        self._folder = folder
+
+    def resolve_table(self, table: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+        """`table` with the secrets of its sub-table `key` resolved (a new dict)."""
+        sub = table.get(key)
+        if not isinstance(sub, dict):
+            return table
+        resolved = {
+            name: self.resolve(value, f"{where}: {key}.{name}") if name in SECRET_KEYS else value
+            for name, value in sub.items()
+        }
+        return {**table, key: resolved}
+
+    def resolve(self, value: Any, where: str) -> Any:
+        """The secret a literal, ``env:NAME`` or ``file:PATH`` stands for."""
+        if not isinstance(value, str):
+            return value  # the model reports the type, without showing a string
+        scheme, _, rest = value.partition(":")
+        if scheme == "env" and rest:
+            if not self._variables.get(rest):
+                raise _config_error(f"{where}: environment variable {rest} is not set")
+            return self._variables[rest]
+        if scheme == "file" and rest:
+            return self._read(Path(rest).expanduser(), where)
+        return value
+
+    def _read(self, path: Path, where: str) -> str:
+        full = path if path.is_absolute() else self._folder / path
+        try:
+            text = full.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _config_error(f"{where}: secret file {full} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise _config_error(f"{where}: cannot read secret file {full}: {reason}") from None
+        return text.removesuffix("\n").removesuffix("\r")
 
 
 # --- reading -----------------------------------------------------------------
@@ -156,7 +228,7 @@ def _split_tables(
         if key not in _TABLES:
             raise _config_error(
                 f"{shown}: {_key(key)}: unknown top-level key"
-                " (expected [supervisor], [defaults] or [[tenants]])"
+                " (expected [supervisor], [defaults], [gateway] or [[tenants]])"
             )
     supervisor = _table(document, "supervisor", shown)
     defaults = _table(document, "defaults", shown)
@@ -202,6 +274,13 @@ def _check_defaults(defaults: dict[str, Any], shown: str) -> None:
     """[defaults] holds any tenant key but `id`, each valid on its own."""
     if "id" in defaults:
         raise _config_error(f"{shown}: defaults: id: not allowed (each tenant names itself)")
+    whatsapp = defaults.get("whatsapp")
+    if isinstance(whatsapp, dict):  # partial: a tenant's own table supplies the rest
+        filler = {"phone_number_id": "0", "access_token": "x"}
+        _check_layer(
+            WhatsAppSettings, whatsapp, filler, lambda f: f"{shown}: defaults: whatsapp.{f}"
+        )
+        defaults = {k: v for k, v in defaults.items() if k != "whatsapp"}
     _check_layer(
         TenantConfig, defaults, {"id": "defaults"}, lambda field: f"{shown}: defaults: {field}"
     )
@@ -228,19 +307,47 @@ def _check_layer(
 
 
 def _build_tenants(
-    entries: list[dict[str, Any]], inherited: dict[str, Any], shown: str
+    entries: list[dict[str, Any]], inherited: dict[str, Any], shown: str, secrets: _Secrets
 ) -> tuple[TenantConfig, ...]:
     """Validate every [[tenants]] entry over the inherited layers; ids unique."""
     first_seen: dict[str, str] = {}
     tenants = []
     for index, entry in enumerate(entries):
         where = f"{shown}: {_tenant_label(index, entry)}"
-        tenant = _validate(TenantConfig, inherited | entry, where)
+        resolved = secrets.resolve_table(entry, "whatsapp", where)
+        tenant = _validate(TenantConfig, _layered(inherited, resolved), where)
         if tenant.id in first_seen:
             raise _config_error(f"{where}: id: duplicate tenant id (also {first_seen[tenant.id]})")
         first_seen[tenant.id] = _tenant_label(index, entry)
         tenants.append(tenant)
     return tuple(tenants)
+
+
+def _layered(inherited: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` over `inherited`; [tenants.whatsapp] key by key over [defaults.whatsapp].
+
+    The defaults' table is used only by tenants that have a number: their own
+    table, or transport = "whatsapp".
+    """
+    values = inherited | entry
+    shared = inherited.get("whatsapp")
+    own = entry.get("whatsapp")
+    if isinstance(shared, dict) and (own is not None or values.get("transport") == "whatsapp"):
+        values["whatsapp"] = shared | own if isinstance(own, dict) else own or dict(shared)
+    elif own is None:
+        values.pop("whatsapp", None)
+    return values
+
+
+def _build_gateway(
+    document: dict[str, Any], shown: str, secrets: _Secrets
+) -> GatewaySettings | None:
+    """[gateway], if the file has one, with its secrets resolved."""
+    if "gateway" not in document:
+        return None
+    table = _table(document, "gateway", shown)
+    table = secrets.resolve_table(table, "whatsapp", f"{shown}: gateway")
+    return _validate(GatewaySettings, table, f"{shown}: gateway")
 
 
 def _tenant_label(index: int, entry: Mapping[str, Any]) -> str:
@@ -269,6 +376,13 @@ def _check_ports(config: ChatqConfig, entries: list[dict[str, Any]], shown: str)
     owners: dict[int, str] = {}
     if config.supervisor.metrics_port is not None:
         owners[config.supervisor.metrics_port] = "supervisor metrics_port"
+    if config.gateway is not None:
+        if config.gateway.port in owners:
+            raise _config_error(
+                f"{shown}: gateway: listen: port {config.gateway.port} already used by"
+                f" {owners[config.gateway.port]}"
+            )
+        owners[config.gateway.port] = "gateway listen"
     for index, tenant in enumerate(config.tenants):
         if tenant.port is None:
             continue
@@ -278,6 +392,28 @@ def _check_ports(config: ChatqConfig, entries: list[dict[str, Any]], shown: str)
                 f"{shown}: {label}: port: {tenant.port} already used by {owners[tenant.port]}"
             )
         owners[tenant.port] = label
+
+
+def _check_whatsapp(config: ChatqConfig, entries: list[dict[str, Any]], shown: str) -> None:
+    """One tenant per phone number; every number's webhooks can be checked."""
+    owners: dict[str, str] = {}
+    gateway_secret = config.gateway is not None and config.gateway.whatsapp.app_secret
+    for index, tenant in enumerate(config.tenants):
+        if tenant.whatsapp is None:
+            continue
+        label = _tenant_label(index, entries[index])
+        number = tenant.whatsapp.phone_number_id
+        if number in owners:
+            raise _config_error(
+                f"{shown}: {label}: whatsapp.phone_number_id: {number} already used by"
+                f" {owners[number]}"
+            )
+        owners[number] = label
+        if config.gateway is not None and not gateway_secret and not tenant.whatsapp.app_secret:
+            raise _config_error(
+                f"{shown}: {label}: whatsapp.app_secret: required when [gateway.whatsapp]"
+                " has no app_secret (webhooks for this number could not be checked)"
+            )
 
 
 def _check_socket_lengths(config: ChatqConfig, shown: str) -> None:
@@ -344,9 +480,16 @@ def _explain(error: ErrorDetails, model: type[BaseModel]) -> str:
     detail = _detail(error)
     if error["type"] == "extra_forbidden":
         return detail + _misplaced_hint(str(error["loc"][-1]), model)
-    if error["loc"] and error["type"] not in _NO_INPUT:
+    if error["loc"] and error["type"] not in _NO_INPUT and _showable(error):
         return f"{detail} (got {_short_repr(error['input'])})"
     return detail
+
+
+def _showable(error: ErrorDetails) -> bool:
+    """Never echo a secret, or a whole table that may hold one."""
+    if any(part in SECRET_KEYS for part in error["loc"]):
+        return False
+    return not isinstance(error["input"], dict | list)
 
 
 def _detail(error: ErrorDetails) -> str:

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from chatq.shared.errors import NoSuchTenant
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# Names of the other rows of `chatq list` and of the control socket's file.
+RESERVED_IDS = ("gateway", "supervisor")
+# Keys whose values are secrets: a literal, "env:NAME" or "file:PATH" (loader).
+SECRET_KEYS = ("access_token", "app_secret", "verify_token")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 BUILTIN_HANDLERS = ("echo", "http")
 # module.path:function, e.g. "mybot.handlers:reply"; importability is checked by the worker.
@@ -35,6 +39,7 @@ _TENANT_ID = re.compile(TENANT_ID_PATTERN)
 LaxPath = Annotated[Path, Field(strict=False)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
+_STRICT = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_http_url(value: str | None) -> str | None:
@@ -106,6 +111,34 @@ class SupervisorSettings(BaseModel):
         return timeout_ms / 1000
 
 
+class WhatsAppSettings(BaseModel):
+    """One tenant's WhatsApp business number on Meta's Cloud API ([tenants.whatsapp])."""
+
+    model_config = _STRICT
+
+    phone_number_id: Annotated[str, Field(pattern=r"^[0-9]{1,32}$")]
+    access_token: SecretStr
+    app_secret: SecretStr | None = None  # its own Meta app: webhooks on /whatsapp/<tenant>
+    messages_per_second: Annotated[int, Field(ge=1, le=10_000)] = 80  # the number's tier
+    graph_url: str = "https://graph.facebook.com"
+    graph_version: Annotated[str, Field(pattern=r"^v[0-9]+\.[0-9]+$")] = "v23.0"
+    request_timeout: Seconds = 20.0
+
+    @field_validator("graph_url")
+    @classmethod
+    def _graph_url_syntax(cls, value: str) -> str:
+        checked = _check_http_url(value)
+        assert checked is not None
+        return checked.rstrip("/")
+
+    @field_validator("access_token", "app_secret")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
 class TenantConfig(BaseModel):
     """One tenant: its handler, limits, transport and ingest settings."""
 
@@ -122,13 +155,21 @@ class TenantConfig(BaseModel):
     rate_limit_per_minute: Annotated[int, Field(ge=1)] = 10
     tenant_rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
     wait_text: Annotated[str, Field(min_length=1)] = "Please wait…"
-    transport: Literal["local", "webhook"] = "local"
+    transport: Literal["local", "webhook", "whatsapp"] = "local"
     webhook_url: str | None = None
+    whatsapp: WhatsAppSettings | None = None
     port: Port | None = None
     drain_timeout: Annotated[float, Field(ge=0)] = 10.0
     memory_limit_mb: Annotated[int, Field(ge=1)] | None = None
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_IDS:
+            raise ValueError(f"{value!r} is reserved (it names chatq's own {value})")
+        return value
 
     @field_validator("handler")
     @classmethod
@@ -148,7 +189,61 @@ class TenantConfig(BaseModel):
             raise ValueError('handler_url: required when handler = "http"')
         if self.transport == "webhook" and self.webhook_url is None:
             raise ValueError('webhook_url: required when transport = "webhook"')
+        if self.transport == "whatsapp" and self.whatsapp is None:
+            raise ValueError('whatsapp: required when transport = "whatsapp" ([tenants.whatsapp])')
         return self
+
+
+class GatewayWhatsApp(BaseModel):
+    """The gateway's Meta app ([gateway.whatsapp]): signature and handshake secrets."""
+
+    model_config = _STRICT
+
+    app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on POST /whatsapp
+    verify_token: SecretStr  # answers the GET handshake
+
+    @field_validator("app_secret", "verify_token")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
+class GatewaySettings(BaseModel):
+    """The public webhook endpoint ([gateway]): one process for every tenant's number."""
+
+    model_config = _STRICT
+
+    listen: str
+    whatsapp: GatewayWhatsApp
+    forward_timeout: Seconds = 10.0  # one tenant's commit; past it the answer is 503
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        """The address to bind."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The TCP port to bind."""
+        return split_listen(self.listen)[1]
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' or '[::1]:8080' -> (host, port); ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
+    return host, int(port)
 
 
 class ChatqConfig(BaseModel):
@@ -164,6 +259,7 @@ class ChatqConfig(BaseModel):
     path: Path
     supervisor: SupervisorSettings
     tenants: tuple[TenantConfig, ...]
+    gateway: GatewaySettings | None = None
 
     def tenant(self, tenant_id: str) -> TenantConfig:
         """The tenant with this id; NoSuchTenant if there is none."""
@@ -171,6 +267,10 @@ class ChatqConfig(BaseModel):
             if tenant.id == tenant_id:
                 return tenant
         raise NoSuchTenant(tenant_id)
+
+    def whatsapp_tenants(self) -> dict[str, TenantConfig]:
+        """Enabled or not, every tenant with a WhatsApp number, by phone_number_id."""
+        return {t.whatsapp.phone_number_id: t for t in self.tenants if t.whatsapp is not None}
 
     def store_path(self, tenant_id: str) -> Path:
         """The tenant's SQLite file (the tenant need not be configured any more)."""
@@ -195,8 +295,14 @@ def _file_stem(tenant_id: str) -> str:
 
 __all__ = [
     "LOG_LEVELS",
+    "RESERVED_IDS",
+    "SECRET_KEYS",
     "TENANT_ID_PATTERN",
     "ChatqConfig",
+    "GatewaySettings",
+    "GatewayWhatsApp",
     "SupervisorSettings",
     "TenantConfig",
+    "WhatsAppSettings",
+    "split_listen",
 ]

@@ -372,7 +372,7 @@ BAD_FILES = [
     (
         "transport-choice",
         T + 'transport = "carrier-pigeon"\n',
-        "tenants.toml: tenants[0] (acme): transport: must be 'local' or 'webhook'"
+        "tenants.toml: tenants[0] (acme): transport: must be 'local', 'webhook' or 'whatsapp'"
         " (got 'carrier-pigeon')",
     ),
     (

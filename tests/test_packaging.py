@@ -87,8 +87,9 @@ def test_the_wheel_holds_only_the_chatq_namespace(tmp_path: Path) -> None:
     """Nothing installed outside chatq/: `pip uninstall supervisor` cannot touch chatq."""
     source = tmp_path / "src"
     source.mkdir()
+    skip = shutil.ignore_patterns("__pycache__")
     for folder in FOLDERS:
-        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / folder, source / folder, ignore=skip)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     built = subprocess.run(
