@@ -21,8 +21,13 @@ from multiprocessing.process import BaseProcess
 
 from chatq.config import ChatqConfig
 
-# Imported by the fork server only (never by the supervisor itself).
-PRELOAD = ["chatq.supervisor.forkserver_setup", "chatq.tenant_worker.worker"]
+# Imported by the fork server only (never by the supervisor itself), in this
+# order: signal set-up, what workers run, then freeze the lot (keep it last).
+PRELOAD = [
+    "chatq.supervisor.forkserver_setup",
+    "chatq.tenant_worker.worker",
+    "chatq.supervisor.forkserver_ready",
+]
 
 
 def context() -> ForkServerContext:

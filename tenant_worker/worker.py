@@ -396,8 +396,10 @@ def _tune_gc() -> None:
     while they wait for a group commit: with the defaults, full collections
     ran dozens of times a minute and took ~30 % of the CPU under load
     (bench/worker_bench.py). What exists after start-up is frozen: never scanned.
+    No collection first: it would write to every object inherited from the
+    fork server (frozen there, see supervisor/forkserver_ready.py) and so copy
+    the whole inherited heap into this process.
     """
-    gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
 
