@@ -18,6 +18,10 @@ code (e.g. forwarding a child's records to the parent) can reuse them:
   `tenant_id`, `pid`, `logger`, `chat_id`/`message_id` when known,
   `exception` when there is one, and any other bound extra.
 
+A storm of one message (the same level and text) is cut to `BURST` lines per
+`WINDOW_S` seconds, then one line saying how many more there were
+(shared/log_repeats.py).
+
 Neither goes through loguru's `{...}` format strings, so braces in a message
 are printed as they are.
 
@@ -37,11 +41,12 @@ import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 
 from loguru import logger
 
 from chatq.shared.errors import ConfigError
+from chatq.shared.log_repeats import Key, RepeatLimiter, Suppressed
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -89,7 +94,7 @@ def setup_logging(
     logger.remove()
     logger.configure(extra={"tenant_id": tenant_id or _NO_TENANT}, patcher=_add_message_ids)
     logger.add(
-        _line_writer(sink if sink is not None else sys.stderr, _FORMATTERS[fmt]),
+        _line_writer(sink if sink is not None else sys.stderr, _FORMATTERS[fmt], RepeatLimiter()),
         level=levelno,
         format=_no_format,
         # Our formatters render the traceback; diagnose would leak variable values.
@@ -216,22 +221,46 @@ def _install_intercept(levelno: int) -> None:
     root.setLevel(levelno)
 
 
-def _line_writer(sink: LineSink, formatter: Callable[[Record], str]) -> Callable[[Message], None]:
-    """A loguru sink that formats the record itself and hands the line to `sink`."""
+def _line_writer(
+    sink: LineSink, formatter: Callable[[Record], str], repeats: RepeatLimiter
+) -> Callable[[Message], None]:
+    """A loguru sink that formats the record itself and hands the line to `sink`.
+
+    Repeats of one message past `repeats`' burst are held back and counted;
+    the count goes out as a line of its own when their window ends.
+    """
+    write = _line_sink(sink)
+    held: dict[Key, Record] = {}  # the last record held back, per message
+
+    def hand_over(message: Message) -> None:
+        record = message.record
+        for report in repeats.due():
+            write(formatter(_repeated(held.pop(report.key), report)))
+        key = (record["level"].name, record["message"])
+        if repeats.admit(key):
+            write(formatter(record))
+        else:
+            held[key] = record
+
+    return hand_over
+
+
+def _line_sink(sink: LineSink) -> Callable[[str], object]:
     if callable(sink):
-        call = sink
-
-        def hand_over(message: Message) -> None:
-            call(formatter(message.record))
-
-        return hand_over
+        return sink
     stream = sink
 
-    def write(message: Message) -> None:
-        stream.write(formatter(message.record) + "\n")
+    def write(line: str) -> None:
+        stream.write(line + "\n")
         stream.flush()
 
     return write
+
+
+def _repeated(record: Record, report: Suppressed) -> Record:
+    """`record` as the line that reports how often it was held back."""
+    text = f"(repeated {report.count} more times in {report.window:g} s) {record['message']}"
+    return cast("Record", {**record, "message": text, "exception": None})
 
 
 def _no_format(_record: Record) -> str:

@@ -11,17 +11,30 @@ holding it leaves it held, and every other worker then blocks on its next log
 call. One pipe per worker has no shared lock: a dead worker's pipe just
 reaches EOF. (The stdlib ``logging`` records of libraries are routed into
 loguru in each process by shared/log.py, so nothing needs the queue.)
+
+Writing never blocks the supervisor's loop: `write_line` only queues, and a
+writer thread of its own writes to stderr and the file. A stderr nobody reads
+(a stalled journald, ``| less``) would otherwise block the loop, and with it
+every heartbeat, every worker's pipe and the control socket. Past
+`MAX_QUEUED_LINES` waiting, lines are dropped and counted, and the count is
+written as a line of its own once the writer catches up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import TextIO
 
 ROTATE_BYTES = 10 * 1024 * 1024
 ROTATE_KEEP = 5
+MAX_QUEUED_LINES = 20_000  # a few seconds of a busy fleet; ~10 MB at most
+CLOSE_FLUSH_S = 2.0  # on exit, what a stalled stderr may still hold us up
+_STALLED = "stderr or the log file was not taking them"
 
 
 class LogStream:
@@ -34,6 +47,7 @@ class LogStream:
         stream: TextIO | None = None,
         rotate_bytes: int = ROTATE_BYTES,
         keep: int = ROTATE_KEEP,
+        max_lines: int = MAX_QUEUED_LINES,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self._path = file
@@ -44,21 +58,74 @@ class LogStream:
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             self._file = file.open("a", encoding="utf-8")
+        self._max_lines = max_lines
+        self._lines: deque[str] = deque()
+        self._dropped = 0
+        self._busy = False  # the writer holds lines it took
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     def write_line(self, line: str) -> None:
-        """Write one whole line (a trailing newline is added)."""
-        text = line if line.endswith("\n") else line + "\n"
-        self._write_stream(text)
+        """Queue one whole line (a trailing newline is added); never blocks."""
+        with self._wake:
+            if len(self._lines) >= self._max_lines:
+                self._dropped += 1
+                return
+            self._lines.append(line if line.endswith("\n") else line + "\n")
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._writer.start()
+            self._wake.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for every queued line to be written; True if it was."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._lines or self._dropped or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(left)
+        return True
+
+    def close(self) -> None:
+        """Write what is queued (within CLOSE_FLUSH_S), then close the file."""
+        if not self.flush(CLOSE_FLUSH_S):
+            return  # the writer is stuck on stderr; it owns the file until exit
+        if self._file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._file.close()
+            self._file = None
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._lines or self._dropped):
+                    self._wake.wait()
+                lines = list(self._lines)
+                self._lines.clear()
+                dropped, self._dropped = self._dropped, 0
+                self._busy = True
+            if dropped:
+                lines.insert(0, f"chatq: {dropped} log lines dropped ({_STALLED})\n")
+            self._write(lines)
+            with self._wake:
+                self._busy = False
+                self._wake.notify_all()
+
+    def _write(self, lines: list[str]) -> None:
+        self._write_stream("".join(lines))
         if self._path is None:
             return
         try:
-            self._write_file(text)
+            for text in lines:  # line by line: rotation happens at a line's end
+                self._write_file(text)
         except (OSError, ValueError) as exc:  # e.g. a full disk: log on, to stderr
             self._file_failed(exc)
         else:
             self._failing = False
 
-    def close(self) -> None:
+    def _close_file(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._file.close()
@@ -87,7 +154,7 @@ class LogStream:
                 f"chatq: cannot write the log file {self._path} ({exc}); lines go to"
                 " stderr only until it works again\n"
             )
-        self.close()  # what it buffered is lost; the next line reopens it
+        self._close_file()  # what it buffered is lost; the next line reopens it
 
     def _rotate(self) -> None:
         assert self._path is not None and self._file is not None

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -34,9 +32,9 @@ from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
 from chatq.shared.log import setup_logging
+from chatq.shared.pipe_link import PipeLink
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
-from chatq.tenant_worker.messages import storable_text
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Pipeline
 from chatq.tenant_worker.stats import WorkerStats
@@ -52,49 +50,13 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
-MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
+# How long an exiting worker waits for its last frames to reach the supervisor
+# (a supervisor that is not reading must not hold the exit up).
+EXIT_FLUSH_S = 1.0
 
 
 class _StoppedWhileBooting(Exception):
     """A stop came while the worker waited for its store."""
-
-
-class PipeLink:
-    """The worker's end of the supervisor pipe; safe to write from any thread."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._lock = threading.Lock()
-        self.broken = False
-
-    def send(self, frame: protocol.WorkerFrame) -> None:
-        if self.broken:
-            return
-        try:
-            with self._lock:
-                protocol.send(self.conn, frame)
-        except (protocol.ProtocolError, UnicodeEncodeError) as exc:  # ours: keep the pipe
-            print(f"chatq worker: unsendable frame: {exc}", file=sys.stderr)
-        except (OSError, ValueError):
-            self.broken = True  # the supervisor is gone; the reader will see EOF
-
-    def log_sink(self, line: str) -> None:
-        if len(line) > MAX_LOG_LINE:
-            line = line[:MAX_LOG_LINE] + " …[truncated]"
-        line = storable_text(line)  # a lone surrogate cannot be encoded for the pipe
-        self.send(protocol.LogRecord(line=line, level=_level_of(line)))
-
-
-def _level_of(line: str) -> str:
-    """The level name in a formatted line (text: third word; json: its field)."""
-    if line.startswith("{"):
-        try:
-            level = json.loads(line).get("level")
-        except ValueError:
-            return "INFO"
-        return level if isinstance(level, str) and level else "INFO"
-    words = line.split(" ", 3)
-    return words[2] if len(words) > 3 else "INFO"
 
 
 @dataclass
@@ -356,6 +318,14 @@ async def _close(parts: Parts) -> None:
 def run_worker(config: ChatqConfig, tenant_id: str, conn: Connection | None = None) -> int:
     """The entry point in the worker process; returns its exit code."""
     link = PipeLink(conn) if conn is not None else None
+    try:
+        return _run_worker(config, tenant_id, link)
+    finally:
+        if link is not None:
+            link.flush(EXIT_FLUSH_S)  # its last words: BootFailed, "stopped"
+
+
+def _run_worker(config: ChatqConfig, tenant_id: str, link: PipeLink | None) -> int:
     settings = config.supervisor
     try:
         tenant = config.tenant(tenant_id)

@@ -291,10 +291,14 @@ class SupervisorHarness:
         """A handler module next to the config file (workers import from there)."""
         (self.tmp_path / f"{name}.py").write_text(source, encoding="utf-8")
 
-    def start(self, *, wait_running: bool = True, main: Path | None = None) -> SupervisorRun:
+    def start(
+        self, *, wait_running: bool = True, main: Path | None = None, output: int | None = None
+    ) -> SupervisorRun:
         """Run the supervisor on the config written last; wait for its socket (and tenants).
 
-        ``main``: a script to run instead of ``python -m supervisor.cli`` (same arguments).
+        ``main``: a script to run instead of ``python -m chatq.supervisor.cli`` (same
+        arguments). ``output``: a file descriptor for its stdout and stderr instead
+        of the log file `log()` reads.
         """
         env = clean_env()
         stderr = self.tmp_path / f"supervisor-{len(self.runs)}.log"
@@ -305,8 +309,8 @@ class SupervisorHarness:
                 cwd=self.tmp_path,  # no stray .env
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
+                stdout=sink if output is None else output,
+                stderr=sink if output is None else output,
                 start_new_session=True,  # one group: the supervisor and its fork server
             )
         run = SupervisorRun(proc, self.config_path, self.run_dir, stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 from pathlib import Path
 
@@ -43,3 +44,24 @@ def test_exits_by_signals_without_a_name_are_described() -> None:
     assert describe_exit(-signal.SIGKILL) == "killed by SIGKILL"
     assert describe_exit(-35) == "killed by signal 35"  # SIGRTMIN+n: no name in the enum
     assert describe_exit(3) == "exit code 3"
+
+
+def test_a_stderr_nobody_reads_never_blocks_the_writer_and_drops_are_reported() -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "w") as stalled:
+        log = LogStream(stream=stalled, max_lines=1_000)
+        for n in range(20_000):  # ~2 MB: far past the pipe's 64 KiB buffer
+            log.write_line(f"line {n:05d} " + "x" * 90)  # returns at once: it only queues
+        assert not log.flush(0.05)  # the writer is stuck on the full pipe
+
+        got = bytearray()
+        while b"log lines dropped" not in got or not log.flush(0.2):
+            got += os.read(reader.fileno(), 1 << 16)
+        log.close()
+        stalled.close()
+        got += reader.read()  # what the pipe still holds
+    lines = got.decode().splitlines()
+    kept = [line for line in lines if line.startswith("line ")]
+    notes = [line for line in lines if "log lines dropped" in line]
+    assert len(kept) + sum(int(note.split()[1]) for note in notes) == 20_000
+    assert kept == sorted(kept)  # what is written keeps its order

@@ -1,20 +1,20 @@
-"""The worker's end of the supervisor pipe (PipeLink)."""
+"""A child's end of the supervisor pipe (PipeLink): never blocks, control before logs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+
+import pytest
 
 from chatq.shared import protocol
-from chatq.tenant_worker.worker import PipeLink
+from chatq.shared.pipe_link import PipeLink
 
 
-def test_a_log_line_with_a_lone_surrogate_is_escaped_and_the_pipe_lives_on() -> None:
-    supervisor_end, worker_end = Pipe()
-    link = PipeLink(worker_end)
-
-    link.log_sink("2026-11-29 00:00:00.000 ERROR [t pid=1] cannot parse caf\udce9")
-    beat = protocol.Heartbeat(
-        seq=1,
+def beat(seq: int) -> protocol.Heartbeat:
+    return protocol.Heartbeat(
+        seq=seq,
         time=0.0,
         queued=0,
         in_flight=0,
@@ -24,12 +24,79 @@ def test_a_log_line_with_a_lone_surrogate_is_escaped_and_the_pipe_lives_on() -> 
         duplicates=0,
         rate_limited=0,
     )
-    link.send(beat)
 
-    assert not link.broken  # a broken link would silence heartbeats: "hung", killed
-    record = protocol.recv(supervisor_end)
-    assert isinstance(record, protocol.LogRecord)
-    assert record.line.endswith("cannot parse caf\\udce9") and record.level == "ERROR"
-    assert protocol.recv(supervisor_end) == beat
+
+@pytest.fixture
+def ends() -> Iterator[tuple[Connection, Connection]]:
+    supervisor_end, worker_end = Pipe()
+    yield supervisor_end, worker_end
     supervisor_end.close()
     worker_end.close()
+
+
+def drain(conn: Connection) -> list[protocol.Frame]:
+    frames = []
+    while conn.poll(0.5):
+        frames.append(protocol.recv(conn))
+    return frames
+
+
+def test_a_log_line_with_a_lone_surrogate_is_escaped_and_the_pipe_lives_on(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end)
+
+    link.log_sink("2026-11-29 00:00:00.000 ERROR [t pid=1] cannot parse caf\udce9")
+    link.send(beat(1))
+
+    assert link.flush(5.0)
+    assert not link.broken  # a broken link would silence heartbeats: "hung", killed
+    frames = drain(supervisor_end)
+    (record,) = [f for f in frames if isinstance(f, protocol.LogRecord)]
+    assert record.line.endswith("cannot parse caf\\udce9") and record.level == "ERROR"
+    assert beat(1) in frames
+
+
+def test_a_stalled_reader_never_blocks_the_sender_and_drops_are_reported(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end, max_lines=100)
+    line = "2026-11-29 00:00:00.000 INFO  [t pid=1] " + "x" * 200
+
+    for n in range(5_000):  # ~1.2 MB of lines: far past the pipe's 64 KiB buffer
+        link.log_sink(f"{line} {n}")
+        if n % 1000 == 0:
+            link.send(beat(n))
+    link.send(protocol.Ready(pid=7))  # a control frame still gets queued, not blocked
+    link.send(beat(9999))
+    assert not link.flush(0.05)  # nobody reads: flush gives up in time
+
+    frames = drain(supervisor_end)
+    assert link.flush(5.0)
+    frames += drain(supervisor_end)
+    assert protocol.Ready(pid=7) in frames
+    assert frames.index(protocol.Ready(pid=7)) < frames.index(beat(9999))  # control first
+    beats = [f for f in frames if isinstance(f, protocol.Heartbeat)]
+    assert beats[-1] == beat(9999)  # stale beats are replaced by the latest one
+    lines = [f.line for f in frames if isinstance(f, protocol.LogRecord)]
+    dropped = [text for text in lines if "log lines dropped" in text]
+    kept = [text for text in lines if "log lines dropped" not in text]
+    assert len(dropped) >= 1
+    total_dropped = sum(int(text.split()[1]) for text in dropped)
+    assert len(kept) + total_dropped == 5_000  # every line is sent or counted
+    numbers = [int(text.rsplit(" ", 1)[1]) for text in kept]
+    assert numbers == sorted(numbers)  # lines keep their order
+
+
+def test_a_closed_supervisor_end_marks_the_link_broken(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end)
+    supervisor_end.close()
+    link.send(beat(1))
+    assert link.flush(5.0)
+    assert link.broken
+    link.send(beat(2))  # a no-op now, not an error

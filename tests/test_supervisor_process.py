@@ -462,3 +462,34 @@ def test_workers_keep_the_fork_servers_heap_shared(harness: SupervisorHarness) -
     }
     print(f"\nworker USS MB: {uss}")
     assert max(uss.values()) < 14, uss
+
+
+def test_a_stderr_nobody_reads_stalls_neither_workers_nor_the_control_socket(
+    harness: SupervisorHarness,
+) -> None:
+    """A stalled journald or `chatq run | less`: log lines are dropped, service goes on."""
+    read_fd, write_fd = os.pipe()  # nobody reads read_fd: 64 KiB fill it
+    try:
+        harness.write_config({"a": {"rate_limit_per_minute": 100_000}})
+        run = harness.start(output=write_fd)
+        for n in range(2_000):  # every reply is logged at INFO: ~400 bytes a line
+            assert run.post("a", f"{n} {'x' * 300}", chat_id=f"c{n % 20}", msg_id=f"m{n}") == 202
+        wait_for("all processed", lambda: run.tenants()["a"]["processed"] == 2_000, 20.0)
+        assert run.tenants()["a"]["state"] == "running"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_stopped_supervisor_does_not_stall_its_workers(harness: SupervisorHarness) -> None:
+    """SIGSTOP the supervisor: nobody reads the workers' pipes, and they serve on."""
+    harness.write_config({"a": {"rate_limit_per_minute": 100_000}})  # a reply line each
+    run = harness.start()
+    os.kill(run.pid, signal.SIGSTOP)
+    try:
+        for n in range(2_000):  # ~2,000 reply lines: far past the pipe's 64 KiB
+            assert run.post("a", f"{n} {'x' * 300}", chat_id=f"c{n % 20}", msg_id=f"m{n}") == 202
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+    wait_for("all processed", lambda: run.tenants()["a"]["processed"] == 2_000, 20.0)
+    wait_for("the dropped lines reported", lambda: "log lines dropped" in run.log(), 10.0)
