@@ -27,13 +27,14 @@ usual one line. ``reload``, ``history`` and ``run`` always load the file fully.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant
 from chatq.supervisor import render
@@ -49,6 +50,7 @@ DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CONTROL_SOCKET_NAME = "supervisor.sock"
 SEND_TIMEOUT = 30.0  # seconds; the worker answers once the row is committed
+MAX_SHOWN = 10  # tenant ids listed in a "no such tenant" error
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -105,6 +107,31 @@ def _read_run_dir(file: Path) -> Path | None:
     if not isinstance(value, str) or not value:
         return None
     return Path(os.path.normpath(path.parent / Path(value).expanduser()))
+
+
+def known_tenants(given: Path | None) -> list[str]:
+    """The tenant ids the config file lists (a quick read; [] if it cannot be read)."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(config_file(given).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    entries = document.get("tenants", [])
+    if not isinstance(entries, list):
+        return []
+    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+
+def no_such_tenant_text(tenant_id: str, known: Sequence[str]) -> str:
+    """'no such tenant: acmee (did you mean acme?)', or the known ids when none is close."""
+    if not known:
+        return f"no such tenant: {tenant_id}"
+    close = difflib.get_close_matches(tenant_id, known, n=1)
+    if close:
+        return f"no such tenant: {tenant_id} (did you mean {close[0]}?)"
+    shown = ", ".join(sorted(known)[:MAX_SHOWN]) + (", ..." if len(known) > MAX_SHOWN else "")
+    return f"no such tenant: {tenant_id} (known: {shown})"
 
 
 def control_socket(given: Path | None) -> Path:
@@ -342,17 +369,68 @@ def _json_option() -> argparse.ArgumentParser:
     return parent
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one-line usage errors that name the command (and guess a typo)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {_usage_problem(message)} (see '{self.prog} -h')\n")
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but a stray argument is named with its command (SystemExit(2))."""
+    parsed, extra = parser.parse_known_args(argv)
+    if extra:
+        command = f"{parser.prog} {parsed.command}"
+        hint = " (quote the text)" if parsed.command == "send" else ""
+        parser.exit(EXIT_USAGE, f"{command}: unexpected argument {extra[0]!r}{hint}\n")
+    return parsed
+
+
+_INVALID_CHOICE = re.compile(r"argument COMMAND: invalid choice: '(?P<given>[^']*)'")
+
+
+def _usage_problem(message: str) -> str:
+    """argparse's complaint, reworded where it helps."""
+    found = _INVALID_CHOICE.match(message)
+    if found is not None:
+        given = found["given"]
+        close = difflib.get_close_matches(given, COMMANDS, n=1)
+        guess = f"did you mean '{close[0]}'?" if close else f"one of: {', '.join(COMMANDS)}"
+        return f"unknown command '{given}' ({guess})"
+    if message == "the following arguments are required: COMMAND":
+        return f"missing command (one of: {', '.join(COMMANDS)})"
+    return message
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("chatq")
+        except PackageNotFoundError:
+            found = "unknown (not installed)"
+        print(f"chatq {found}")
+        parser.exit(EXIT_OK)
+
+
+COMMANDS = ("run", "list", "status", "restart", "stop", "start", "reload", "send", "history")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chatq", description="Run and operate chat bots for many tenants on one host."
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     parser.add_argument(
         "--config",
         type=Path,
         default=None,
         help="tenants TOML file (default: $CHATQ_CONFIG or config/tenants.toml)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: Any = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     config, as_json = _config_option(), _json_option()
 
     def add(name: str, func: Runner, help_text: str, *parents: argparse.ArgumentParser) -> Any:
@@ -386,23 +464,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (argparse's own 2 on a usage error)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
     except SystemExit as exc:  # usage error (2) or --help (0): already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Runner = args.func
     try:
         return func(args)
-    except (ConfigError, UsageError) as exc:
-        print(f"chatq: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except ChatqError as exc:
-        print(f"chatq: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _report(exc, args)
     except KeyboardInterrupt:
         return EXIT_FAILED
     except BrokenPipeError:  # `chatq list | head`: the reader has gone; say nothing more
         _silence_stdout()
         return EXIT_FAILED
+
+
+def _report(exc: ChatqError, args: argparse.Namespace) -> int:
+    """Print why the command failed, in one line; its exit code."""
+    text = str(exc)
+    if isinstance(exc, NoSuchTenant):
+        text = no_such_tenant_text(exc.tenant_id, known_tenants(args.config))
+    print(f"chatq: {text}", file=sys.stderr)
+    return EXIT_USAGE if isinstance(exc, ConfigError | UsageError) else EXIT_FAILED
 
 
 def _silence_stdout() -> None:

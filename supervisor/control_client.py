@@ -45,9 +45,15 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+    except FileNotFoundError:
         sock.close()
         raise SupervisorNotRunning(f"supervisor is not running (no socket at {path})") from None
+    except ConnectionRefusedError:  # the socket file of a supervisor that died
+        sock.close()
+        raise SupervisorNotRunning(
+            f"supervisor is not running (stale socket at {path}: nothing answers;"
+            " the next `chatq run` replaces it)"
+        ) from None
     except OSError as exc:
         sock.close()
         raise ControlError(f"cannot connect to the supervisor on {path}: {exc}") from None

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -252,7 +253,14 @@ def test_unknown_tenant(
     sup: Supervisor, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
     code, out, err = run_cli(capsys, "--config", str(sup.config), *argv)
-    assert (code, out, err) == (1, "", "chatq: no such tenant: nope\n")
+    assert (code, out, err) == (1, "", "chatq: no such tenant: nope (known: acme, globex)\n")
+
+
+def test_unknown_tenant_close_to_a_known_one_is_guessed(
+    sup: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "--config", str(sup.config), "restart", "acmee")
+    assert (code, out, err) == (1, "", "chatq: no such tenant: acmee (did you mean acme?)\n")
 
 
 def test_no_supervisor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,25 +273,52 @@ def test_no_supervisor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert err == f"chatq: supervisor is not running (no socket at {sock})\n"
 
 
+def test_stale_socket_is_told_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tenants.toml"
+    config.write_text(TWO_TENANTS)
+    sock = tmp_path / "run" / "supervisor.sock"
+    sock.parent.mkdir()
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(sock))  # a socket file nobody listens on: a supervisor SIGKILLed
+    dead.close()
+    code, out, err = run_cli(capsys, "--config", str(config), "list")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"chatq: supervisor is not running (stale socket at {sock}: nothing")
+
+
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "expected"),
     [
-        [],
-        ["frobnicate"],
-        ["status"],
-        ["restart"],
-        ["restart", "acme", "--all"],
-        ["send", "acme", "c1"],
-        ["send", "acme", "c1", "hi", "--id", ""],
-        ["history", "acme", "--limit", "0"],
-        ["history", "acme", "--limit", "many"],
-        ["list", "--bogus"],
+        ([], "chatq: missing command (one of: run, list, status, restart, stop, start, reload,"),
+        (["frobnicate"], "chatq: unknown command 'frobnicate' (one of: run, list,"),
+        (["lst"], "chatq: unknown command 'lst' (did you mean 'list'?) (see 'chatq -h')"),
+        (["status"], "chatq status: the following arguments are required: tenant"),
+        (["restart"], "chatq restart: one of the arguments tenant --all is required"),
+        (["restart", "acme", "--all"], "chatq restart: argument --all: not allowed with"),
+        (["send", "acme", "c1"], "chatq send: the following arguments are required: text"),
+        (["send", "acme", "c1", "hello", "world"], "chatq send: unexpected argument 'world'"),
+        (["send", "acme", "c1", "hi", "--id", ""], "chatq send: argument --id: must not be empty"),
+        (["history", "acme", "--limit", "0"], "chatq history: argument --limit: must be >= 1"),
+        (["history", "acme", "--limit", "many"], "chatq history: argument --limit: not a whole"),
+        (["list", "--bogus"], "chatq list: unexpected argument '--bogus'"),
     ],
 )
-def test_bad_arguments(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+def test_bad_arguments_are_one_line_naming_the_command(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
     code, out, err = run_cli(capsys, *argv)
     assert (code, out) == (2, "")
-    assert "usage: chatq" in err
+    assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_send_with_unquoted_text_says_to_quote_it(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "send", "acme", "c1", "hello", "world")
+    assert (code, err) == (2, "chatq send: unexpected argument 'world' (quote the text)\n")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and re.fullmatch(r"chatq \d+\.\d+\.\d+\n", out), out
 
 
 def test_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -533,7 +568,8 @@ def test_console_script(sup: Supervisor) -> None:
         env=_clean_env(),
         check=False,
     )
-    assert (done.returncode, done.stdout, done.stderr) == (1, "", "chatq: no such tenant: nope\n")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "chatq: no such tenant: nope (known: acme, globex)\n"
 
 
 # -- finding the control socket without the full loader -----------------------------------
