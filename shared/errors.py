@@ -14,6 +14,7 @@
     │   └── PermanentTransportError ... for good (4xx, bad recipient)
     └── ControlError                an ops request could not be served
         ├── SupervisorNotRunning    no supervisor answers on the control socket
+        ├── SupervisorRunning       another supervisor already runs on this run_dir
         └── NoSuchTenant            the request names an unknown tenant
 
 Retry policy keys on these classes: anything retryable is neither a
@@ -96,6 +97,10 @@ class SupervisorNotRunning(ControlError):
     """No supervisor answers on the control socket."""
 
 
+class SupervisorRunning(ControlError):
+    """Another supervisor already runs on this run_dir (it holds supervisor.lock)."""
+
+
 class NoSuchTenant(ControlError):
     """The request names a tenant the supervisor does not know."""
 
@@ -119,5 +124,6 @@ __all__ = [
     "RetryableTransportError",
     "StoreError",
     "SupervisorNotRunning",
+    "SupervisorRunning",
     "TransportError",
 ]

@@ -162,10 +162,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from chatq.config import load_config
     from chatq.shared.log import setup_logging
     from chatq.supervisor.logstream import LogStream
+    from chatq.supervisor.run_lock import hold_run_dir
     from chatq.supervisor.supervisor import Supervisor
 
     config = load_config(args.config)
     settings = config.supervisor
+    hold_run_dir(settings.run_dir)  # held until this process exits
     stream = LogStream(settings.log_file)
     setup_logging(
         settings.log_level, settings.log_format, tenant_id="supervisor", sink=stream.write_line

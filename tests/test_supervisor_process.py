@@ -13,13 +13,15 @@ import itertools
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from sandbox import wait_for
+from sandbox import clean_env, wait_for
 from supervisor_fixtures import SupervisorHarness, alive, gone
 
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
@@ -493,3 +495,44 @@ def test_a_stopped_supervisor_does_not_stall_its_workers(harness: SupervisorHarn
         os.kill(run.pid, signal.SIGCONT)
     wait_for("all processed", lambda: run.tenants()["a"]["processed"] == 2_000, 20.0)
     wait_for("the dropped lines reported", lambda: "log lines dropped" in run.log(), 10.0)
+
+
+def test_a_second_supervisor_on_the_same_run_dir_refuses_to_start(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_config({"a": {}})
+    run = harness.start()
+    pid_before = run.pids()["a"]
+    run.socket.unlink()  # even with the control socket gone, the run folder is taken
+    second = subprocess.run(
+        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(run.config_path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+    )
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"chatq: another supervisor (pid {run.pid}) is running on {harness.run_dir}"
+        f" (lock {harness.run_dir / 'supervisor.lock'})\n"
+    )
+    assert psutil.Process(pid_before).is_running()  # the first one's worker untouched
+
+
+def test_a_symlink_planted_as_the_run_lock_is_refused(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    victim = harness.tmp_path / "victim"
+    victim.write_text("precious\n")
+    (harness.run_dir / "supervisor.lock").symlink_to(victim)
+    second = subprocess.run(
+        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+    )
+    assert second.returncode == 1
+    assert second.stderr.startswith("chatq: cannot lock the run folder:")
+    assert victim.read_text() == "precious\n"
