@@ -160,6 +160,7 @@ def _print_json(value: Any) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the supervisor in the foreground until SIGTERM/SIGINT."""
     from chatq.config import load_config
+    from chatq.shared.files import PRIVATE_UMASK, make_private_folder
     from chatq.shared.log import setup_logging
     from chatq.supervisor.logstream import LogStream
     from chatq.supervisor.run_lock import hold_run_dir
@@ -167,6 +168,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     settings = config.supervisor
+    os.umask(PRIVATE_UMASK)  # stores, logs, locks: 0600; inherited by every worker
+    make_private_folder(settings.run_dir, "run_dir")
+    make_private_folder(settings.data_dir, "data_dir")
     hold_run_dir(settings.run_dir)  # held until this process exits
     stream = LogStream(settings.log_file)
     setup_logging(

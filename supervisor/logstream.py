@@ -23,6 +23,7 @@ written as a line of its own once the writer catches up.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -56,8 +57,8 @@ class LogStream:
         self._failing = False
         self._file: TextIO | None = None
         if file is not None:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            self._file = file.open("a", encoding="utf-8")
+            file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._file = _open_log(file)
         self._max_lines = max_lines
         self._lines: deque[str] = deque()
         self._dropped = 0
@@ -141,7 +142,7 @@ class LogStream:
     def _write_file(self, text: str) -> None:
         assert self._path is not None
         if self._file is None:  # after a failure: try again
-            self._file = self._path.open("a", encoding="utf-8")
+            self._file = _open_log(self._path)
         self._file.write(text)
         self._file.flush()
         if self._file.tell() >= self._rotate_bytes:
@@ -164,4 +165,13 @@ class LogStream:
             if older.exists():
                 older.replace(self._path.with_name(f"{self._path.name}.{n + 1}"))
         self._path.replace(self._path.with_name(f"{self._path.name}.1"))
-        self._file = self._path.open("a", encoding="utf-8")
+        self._file = _open_log(self._path)
+
+
+def _open_log(path: Path) -> TextIO:
+    """Append to the log file: mode 0600 if new, never through a planted symlink."""
+    return open(path, "a", encoding="utf-8", opener=_private_opener)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)

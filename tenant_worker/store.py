@@ -429,7 +429,17 @@ def _prepare_file(path: Path) -> None:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
+        _make_private(path)
         _migrate(conn, path)
+
+
+def _make_private(path: Path) -> None:
+    """Mode 0600 for a store made readable to others before (SQLite's WAL and SHM
+    files take the store's mode when they are created)."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:

@@ -56,7 +56,7 @@ class StoreLock:
         path = lock_path(store)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as exc:
             raise StoreError(f"store lock {path}: {exc.strerror or exc}") from exc
         try:

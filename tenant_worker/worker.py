@@ -31,6 +31,7 @@ from loguru import logger
 from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
+from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import PipeLink
 from chatq.tenant_worker.handlers import Handler, load_handler
@@ -317,6 +318,7 @@ async def _close(parts: Parts) -> None:
 
 def run_worker(config: ChatqConfig, tenant_id: str, conn: Connection | None = None) -> int:
     """The entry point in the worker process; returns its exit code."""
+    os.umask(PRIVATE_UMASK)  # the store, its WAL and SHM: 0600, also when started by hand
     link = PipeLink(conn) if conn is not None else None
     try:
         return _run_worker(config, tenant_id, link)

@@ -536,3 +536,52 @@ def test_a_symlink_planted_as_the_run_lock_is_refused(harness: SupervisorHarness
     assert second.returncode == 1
     assert second.stderr.startswith("chatq: cannot lock the run folder:")
     assert victim.read_text() == "precious\n"
+
+
+def run_once(harness: SupervisorHarness) -> subprocess.CompletedProcess[str]:
+    """`chatq run` on the harness's config, expected to refuse at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+    )
+
+
+def test_a_run_dir_others_may_write_in_is_refused(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    harness.run_dir.chmod(0o1777)  # /tmp-style: anyone could plant symlinks there
+    refused = run_once(harness)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"chatq: run_dir {harness.run_dir}: writable by group or others (mode 1777);"
+        " chmod go-w it\n"
+    )
+    assert list(harness.run_dir.iterdir()) == []  # nothing created
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the folder away")
+def test_a_data_dir_owned_by_another_user_is_refused(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    harness.data_dir.mkdir(mode=0o700)
+    os.chown(harness.data_dir, 65534, 65534)
+    refused = run_once(harness)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"chatq: data_dir {harness.data_dir}: owned by uid 65534, not by this user (uid 0)\n"
+    )
+
+
+def test_stores_and_logs_are_private_files(harness: SupervisorHarness) -> None:
+    log_file = harness.tmp_path / "logs" / "chatq.log"
+    harness.write_config({"a": {}}, supervisor={"log_file": log_file})
+    run = harness.start()
+    assert run.post("a", "hello") == 202
+    wait_for("processed", lambda: run.tenants()["a"]["processed"] == 1, 10.0)
+    store = harness.data_dir / "a.sqlite3"
+    files = [store, store.with_name("a.sqlite3-wal"), store.with_name("a.sqlite3-shm"), log_file]
+    files += [store.with_name("a.sqlite3.lock"), harness.run_dir / "supervisor.lock"]
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in files}
+    assert modes == dict.fromkeys(modes, 0o600)
