@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, cast
 from loguru import logger
 
 from chatq.shared.errors import ConfigError
+from chatq.shared.escape import printable, printable_lines
 from chatq.shared.log_repeats import Key, RepeatLimiter, Suppressed
 
 if TYPE_CHECKING:
@@ -276,11 +277,12 @@ def _level_number(level: str) -> int:
 
 
 def _one_line(text: str) -> str:
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return printable(text)  # chat content: no escape sequence reaches a terminal
 
 
 def _exception_text(record: Record) -> str:
     exc = record["exception"]
     if exc is None or exc.value is None:
         return ""
-    return "".join(traceback.format_exception(exc.type, exc.value, exc.traceback)).rstrip("\n")
+    text = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+    return printable_lines(text.rstrip("\n"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatq.shared.errors import StoreError
+from chatq.shared.escape import printable
 from chatq.tenant_worker.store import read_only_uri
 
 __all__ = ["format_transcript", "read_history"]
@@ -104,7 +105,7 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     for entry in entries:
         received = entry.get("received_at")
         when = received[:19].replace("T", " ") if received else "?" * 19
-        line = f"{when}  {entry['chat_id']}  <- [{entry['status']}] {_flat(entry['text'])}"
+        line = f"{when}  {_flat(entry['chat_id'])}  <- [{entry['status']}] {_flat(entry['text'])}"
         if entry.get("last_error") and entry["status"] != "processed":
             line += f"  (error: {_flat(entry['last_error'])})"
         lines.append(line)
@@ -115,5 +116,5 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _flat(text: str) -> str:
-    """Keep one entry on one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    """Keep one entry on one line, and chat content's control characters harmless."""
+    return printable(text)
