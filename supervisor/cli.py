@@ -162,6 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from chatq.config import load_config
     from chatq.shared.files import PRIVATE_UMASK, make_private_folder
     from chatq.shared.log import setup_logging
+    from chatq.supervisor.limits import raise_open_files
     from chatq.supervisor.logstream import LogStream
     from chatq.supervisor.run_lock import hold_run_dir
     from chatq.supervisor.supervisor import Supervisor
@@ -169,6 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     settings = config.supervisor
     os.umask(PRIVATE_UMASK)  # stores, logs, locks: 0600; inherited by every worker
+    raise_open_files(len(config.tenants))  # workers and the fork server inherit it
     make_private_folder(settings.run_dir, "run_dir")
     make_private_folder(settings.data_dir, "data_dir")
     hold_run_dir(settings.run_dir)  # held until this process exits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -585,3 +586,39 @@ def test_stores_and_logs_are_private_files(harness: SupervisorHarness) -> None:
     files += [store.with_name("a.sqlite3.lock"), harness.run_dir / "supervisor.lock"]
     modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in files}
     assert modes == dict.fromkeys(modes, 0o600)
+
+
+def test_the_open_file_limit_is_raised_or_a_fleet_that_cannot_fit_refused(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_config({f"t{n}": {} for n in range(100)})
+
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 256))
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        preexec_fn=low_limits,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "chatq: 100 tenants need about 464 open files, but the hard limit is 256"
+        " (raise it: LimitNOFILE= in the systemd unit, or ulimit -Hn)\n"
+    )
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the supervisor inherits it
+    try:
+        run = harness.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert psutil.Process(run.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+    assert psutil.Process(run.pids()["a"]).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
