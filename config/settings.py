@@ -111,6 +111,12 @@ class SupervisorSettings(BaseModel):
         return timeout_ms / 1000
 
 
+def _secret_not_empty(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not value.get_secret_value():
+        raise ValueError("must not be empty")
+    return value
+
+
 class WhatsAppSettings(BaseModel):
     """One tenant's WhatsApp business number on Meta's Cloud API ([tenants.whatsapp])."""
 
@@ -131,12 +137,7 @@ class WhatsAppSettings(BaseModel):
         assert checked is not None
         return checked.rstrip("/")
 
-    @field_validator("access_token", "app_secret")
-    @classmethod
-    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value():
-            raise ValueError("must not be empty")
-        return value
+    _not_empty = field_validator("access_token", "app_secret")(_secret_not_empty)
 
 
 class TenantConfig(BaseModel):
@@ -202,12 +203,7 @@ class GatewayWhatsApp(BaseModel):
     app_secret: SecretStr | None = None  # checks X-Hub-Signature-256 on POST /whatsapp
     verify_token: SecretStr  # answers the GET handshake
 
-    @field_validator("app_secret", "verify_token")
-    @classmethod
-    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value():
-            raise ValueError("must not be empty")
-        return value
+    _not_empty = field_validator("app_secret", "verify_token")(_secret_not_empty)
 
 
 class GatewaySettings(BaseModel):

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -498,6 +499,19 @@ def test_a_stopped_supervisor_does_not_stall_its_workers(harness: SupervisorHarn
     wait_for("the dropped lines reported", lambda: "log lines dropped" in run.log(), 10.0)
 
 
+def run_once(harness: SupervisorHarness, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """`chatq run` on the harness's config, expected to refuse at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+        **popen,
+    )
+
+
 def test_a_second_supervisor_on_the_same_run_dir_refuses_to_start(
     harness: SupervisorHarness,
 ) -> None:
@@ -505,14 +519,7 @@ def test_a_second_supervisor_on_the_same_run_dir_refuses_to_start(
     run = harness.start()
     pid_before = run.pids()["a"]
     run.socket.unlink()  # even with the control socket gone, the run folder is taken
-    second = subprocess.run(
-        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(run.config_path), "run"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        check=False,
-    )
+    second = run_once(harness)
     assert second.returncode == 1
     assert second.stderr == (
         f"chatq: another supervisor (pid {run.pid}) is running on {harness.run_dir}"
@@ -526,29 +533,10 @@ def test_a_symlink_planted_as_the_run_lock_is_refused(harness: SupervisorHarness
     victim = harness.tmp_path / "victim"
     victim.write_text("precious\n")
     (harness.run_dir / "supervisor.lock").symlink_to(victim)
-    second = subprocess.run(
-        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        check=False,
-    )
+    second = run_once(harness)
     assert second.returncode == 1
     assert second.stderr.startswith("chatq: cannot lock the run folder:")
     assert victim.read_text() == "precious\n"
-
-
-def run_once(harness: SupervisorHarness) -> subprocess.CompletedProcess[str]:
-    """`chatq run` on the harness's config, expected to refuse at once."""
-    return subprocess.run(
-        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        check=False,
-    )
 
 
 def test_a_run_dir_others_may_write_in_is_refused(harness: SupervisorHarness) -> None:
@@ -596,15 +584,7 @@ def test_the_open_file_limit_is_raised_or_a_fleet_that_cannot_fit_refused(
     def low_limits() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 256))
 
-    refused = subprocess.run(
-        [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path), "run"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        preexec_fn=low_limits,
-        check=False,
-    )
+    refused = run_once(harness, preexec_fn=low_limits)
     assert refused.returncode == 2
     assert refused.stderr == (
         "chatq: 100 tenants need about 464 open files, but the hard limit is 256"
