@@ -233,7 +233,12 @@ class Worker:
         pipeline = Pipeline(
             tenant, store, parts.handler, outbox, stats, on_fatal=self._store_failed
         )
-        ingest = Ingest(tenant.id, pipeline.accept, lambda: _probe(pipeline, outbox))
+        ingest = Ingest(
+            tenant.id,
+            pipeline.accept,
+            lambda: _probe(pipeline, outbox),
+            apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
+        )
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
             [row.message for row in unfinished],
