@@ -5,6 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from chatq.shared.text import storable, storable_text
+
+__all__ = [
+    "MAX_TEXT_CHARS",
+    "Message",
+    "Reply",
+    "StatusCounts",
+    "StatusUpdate",
+    "storable",
+    "storable_text",
+]
+
 MAX_TEXT_CHARS = 4096
 
 
@@ -51,23 +63,3 @@ class StatusCounts:
     applied: int = 0
     stale: int = 0  # already there or further on (re-delivered, out of order)
     unknown: int = 0  # no reply has that provider_id
-
-
-def storable(text: str) -> bool:
-    """Whether SQLite can store `text` as UTF-8: not with a lone surrogate in it.
-
-    JSON (``"\\ud800"``) and Python strings allow lone surrogates; UTF-8 has
-    no encoding for them.
-    """
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def storable_text(text: str) -> str:
-    """`text`, with any lone surrogate written as an escape (for error texts and log lines)."""
-    return text if storable(text) else text.encode("utf-8", "backslashreplace").decode()

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -34,9 +32,9 @@ from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
 from chatq.shared.log import setup_logging
+from chatq.shared.pipe_link import PipeLink, beat
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
-from chatq.tenant_worker.messages import storable_text
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Pipeline
 from chatq.tenant_worker.stats import WorkerStats
@@ -52,49 +50,10 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
-MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
 
 
 class _StoppedWhileBooting(Exception):
     """A stop came while the worker waited for its store."""
-
-
-class PipeLink:
-    """The worker's end of the supervisor pipe; safe to write from any thread."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._lock = threading.Lock()
-        self.broken = False
-
-    def send(self, frame: protocol.WorkerFrame) -> None:
-        if self.broken:
-            return
-        try:
-            with self._lock:
-                protocol.send(self.conn, frame)
-        except (protocol.ProtocolError, UnicodeEncodeError) as exc:  # ours: keep the pipe
-            print(f"chatq worker: unsendable frame: {exc}", file=sys.stderr)
-        except (OSError, ValueError):
-            self.broken = True  # the supervisor is gone; the reader will see EOF
-
-    def log_sink(self, line: str) -> None:
-        if len(line) > MAX_LOG_LINE:
-            line = line[:MAX_LOG_LINE] + " …[truncated]"
-        line = storable_text(line)  # a lone surrogate cannot be encoded for the pipe
-        self.send(protocol.LogRecord(line=line, level=_level_of(line)))
-
-
-def _level_of(line: str) -> str:
-    """The level name in a formatted line (text: third word; json: its field)."""
-    if line.startswith("{"):
-        try:
-            level = json.loads(line).get("level")
-        except ValueError:
-            return "INFO"
-        return level if isinstance(level, str) and level else "INFO"
-    words = line.split(" ", 3)
-    return words[2] if len(words) > 3 else "INFO"
 
 
 @dataclass
@@ -278,20 +237,8 @@ class Worker:
             await service.ingest.stop()
 
     async def _heartbeats(self) -> None:
-        """Beat from the event loop, so a blocked loop goes silent.
-
-        After the first beat, beats fall on multiples of the interval in wall
-        time: every worker beats at the same instants, and the supervisor
-        wakes once per interval for all of them instead of once per worker.
-        """
-        if self.link is None:
-            return
-        interval = self.config.supervisor.heartbeat_interval_s
-        seq = 0
-        while True:
-            seq += 1
-            self.link.send(self._heartbeat(seq))
-            await asyncio.sleep(interval - time.time() % interval)
+        if self.link is not None:
+            await beat(self.link, self.config.supervisor.heartbeat_interval_s, self._heartbeat)
 
     def _heartbeat(self, seq: int) -> protocol.Heartbeat:
         pipeline = self._pipeline
@@ -326,19 +273,7 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if self.link is not None:
-            loop.add_reader(self.link.conn.fileno(), self._on_pipe)
-
-    def _on_pipe(self) -> None:
-        assert self.link is not None
-        try:
-            frame = protocol.recv(self.link.conn)
-        except (EOFError, OSError, protocol.ProtocolError):
-            asyncio.get_running_loop().remove_reader(self.link.conn.fileno())
-            self.link.broken = True
-            self.request_stop("supervisor went away")
-            return
-        if isinstance(frame, protocol.Stop):
-            self.request_stop(frame.reason)
+            self.link.watch(self.request_stop)
 
 
 def _probe(pipeline: Pipeline, outbox: Outbox) -> dict[str, Any]:

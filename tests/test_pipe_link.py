@@ -5,7 +5,7 @@ from __future__ import annotations
 from multiprocessing import Pipe
 
 from chatq.shared import protocol
-from chatq.tenant_worker.worker import PipeLink
+from chatq.shared.pipe_link import PipeLink
 
 
 def test_a_log_line_with_a_lone_surrogate_is_escaped_and_the_pipe_lives_on() -> None:

@@ -26,6 +26,7 @@ from fakes import FakeClock
 from chatq.config import ChatqConfig, SupervisorSettings, TenantConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.supervisor import program as program_module
 from chatq.supervisor import tenant as tenant_module
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.logstream import LogStream
@@ -112,7 +113,7 @@ class FakeSpawner:
 def spawner(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSpawner]:
     fake = FakeSpawner()
     monkeypatch.setattr(tenant_module, "spawn_worker", fake.spawn)
-    monkeypatch.setattr(tenant_module, "_signal", fake.record_signal)
+    monkeypatch.setattr(program_module, "_signal", fake.record_signal)
     yield fake
     fake.close()
 
@@ -186,11 +187,11 @@ def test_log_frames_are_passed_on_and_kept_in_the_tail(
     spawner: FakeSpawner, clock: FakeClock
 ) -> None:
     handle = running_handle(clock)
-    for n in range(tenant_module.LOG_TAIL + 5):
+    for n in range(program_module.LOG_TAIL + 5):
         assert handle.on_frame(protocol.LogRecord(line=f"line {n}", level="INFO")) == f"line {n}"
     tail = handle.details()["log_tail"]
-    assert len(tail) == tenant_module.LOG_TAIL
-    assert tail[-1] == f"line {tenant_module.LOG_TAIL + 4}"
+    assert len(tail) == program_module.LOG_TAIL
+    assert tail[-1] == f"line {program_module.LOG_TAIL + 4}"
 
 
 def test_crash_backs_off_then_restarts(spawner: FakeSpawner, clock: FakeClock) -> None:
@@ -383,7 +384,7 @@ def test_a_failed_spawn_is_a_failure_not_a_crash(spawner: FakeSpawner, clock: Fa
 def test_no_ready_in_boot_timeout_is_hung(spawner: FakeSpawner, clock: FakeClock) -> None:
     handle = make_handle(clock)
     handle.start(CTX)
-    clock.advance(tenant_module.BOOT_TIMEOUT)
+    clock.advance(program_module.BOOT_TIMEOUT)
     assert not handle.is_hung()
     clock.advance(0.01)
     assert handle.is_hung()

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from chatq.shared.text import storable_text
+
 __all__ = [
     "MAX_TEXT_CHARS",
     "SIGNATURE_HEADER",
@@ -148,8 +150,8 @@ def _message(item: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
     return {
         "id": _string(item, "id", where),
         "chat_id": sender,
-        "text": _clean(message_text(item)[:MAX_TEXT_CHARS]),
-        "from": _clean(names[sender]) if sender in names else None,
+        "text": storable_text(message_text(item)[:MAX_TEXT_CHARS]),
+        "from": storable_text(names[sender]) if sender in names else None,
         "ts": _timestamp(item, where),
         "type": kind,
         "payload": item,
@@ -170,13 +172,6 @@ def message_text(item: Mapping[str, Any]) -> str:
         reply = content.get(str(content.get("type")))  # button_reply | list_reply
         return _text_of(reply, "title") if isinstance(reply, dict) else ""
     return _text_of(content, "caption")  # image, video, document; others have none
-
-
-def _clean(text: str) -> str:
-    """`text` as valid UTF-8: a lone surrogate (legal in JSON) written as an escape."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _text_of(content: Mapping[str, Any], key: str) -> str:
