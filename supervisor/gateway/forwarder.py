@@ -30,7 +30,7 @@ from chatq.supervisor.gateway.stats import GatewayStats
 
 __all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
 
-MAX_IN_FLIGHT = 2  # posts per tenant at once: one committing, one filling the next commit
+MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
 MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
 _LARGE_BODY = 1 << 20  # aiohttp wants these as a stream, not bytes
 _JSON = {"Content-Type": "application/json"}
