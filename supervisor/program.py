@@ -76,6 +76,7 @@ class ProgramHandle:
     """One supervised program's process, restarted per its policy."""
 
     kind: ClassVar[str]  # "tenant" | "gateway": the `kind` of its `chatq list` row
+    noun: ClassVar[str] = "process"  # what its log lines call the process
 
     def __init__(
         self,
@@ -149,7 +150,7 @@ class ProgramHandle:
         try:
             self.process, self.conn = self.spawn(ctx)
         except OSError as exc:  # e.g. out of file descriptors: retry later, keep the rest up
-            logger.error("{}: cannot start a worker: {}", self.id, exc)
+            logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
             self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
             self.boot_error = None
             self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
@@ -165,7 +166,7 @@ class ProgramHandle:
         self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
         self.boot_error = None
         self.policy.on_start()
-        logger.info("{}: started worker pid {}", self.id, self.pid)
+        logger.info("{}: started {} pid {}", self.id, self.noun, self.pid)
 
     def on_frame(self, frame: protocol.Frame) -> str | None:
         """Take in a frame from the worker; returns a log line to pass on, if any."""
@@ -273,7 +274,9 @@ class ProgramHandle:
             self._after_failure(code, reason)
 
     def _after_asked_exit(self, then: State) -> None:
-        logger.info("{}: worker exited ({})", self.id, self.last_exit and self.last_exit.reason)
+        logger.info(
+            "{}: {} exited ({})", self.id, self.noun, self.last_exit and self.last_exit.reason
+        )
         if then is State.STARTING:
             self.state, self.start_at = State.BACKOFF, self._clock()
             self.restarts += 1
@@ -288,14 +291,15 @@ class ProgramHandle:
         decision = self.policy.on_exit()
         if decision.action == "fatal":
             logger.error(
-                "{}: worker exited ({}); too many restarts, giving up (state fatal)",
+                "{}: {} exited ({}); too many restarts, giving up (state fatal)",
                 self.id,
+                self.noun,
                 reason,
             )
             self.state = State.FATAL
             return
         logger.warning(
-            "{}: worker exited ({}); restarting in {:.2f}s", self.id, reason, decision.delay
+            "{}: {} exited ({}); restarting in {:.2f}s", self.id, self.noun, reason, decision.delay
         )
         self.state = State.BACKOFF
         self.start_at = self._clock() + decision.delay

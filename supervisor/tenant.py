@@ -19,6 +19,7 @@ class TenantHandle(ProgramHandle):
     """One tenant's worker, restarted per its policy."""
 
     kind = "tenant"
+    noun = "worker"
 
     def __init__(
         self,
