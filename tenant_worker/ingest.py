@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -52,6 +52,7 @@ Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
 # Queue status updates now (to share the messages' commit); await the outcome later.
 ApplyStatuses = Callable[[Sequence[StatusUpdate]], Awaitable[StatusCounts]]
 Probe = Callable[[], dict[str, Any]]
+T = TypeVar("T")
 
 
 class IngestState(Enum):
@@ -242,16 +243,24 @@ class Ingest:
             await self._runner.cleanup()
             self._runner = None
 
-    async def post_messages(self, request: web.Request) -> web.Response:
+    async def _body(
+        self, request: web.Request, limit: int, parse: Callable[[bytes, str, float], T]
+    ) -> T | web.Response:
+        """The parsed body, or the answer that refuses it (503, 413, 400)."""
         if self.state is not IngestState.RUNNING:
             return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
-        raw = await _read(request, MAX_BODY_BYTES)
+        raw = await _read(request, limit)
         if isinstance(raw, web.Response):
             return raw
         try:
-            messages = parse_body(raw, self.tenant_id, self._clock())
+            return parse(raw, self.tenant_id, self._clock())
         except BadMessage as exc:
             return _error(400, str(exc))
+
+    async def post_messages(self, request: web.Request) -> web.Response:
+        messages = await self._body(request, MAX_BODY_BYTES, parse_body)
+        if isinstance(messages, web.Response):
+            return messages
         try:
             result = await self._accept(messages)
         except StoreError as exc:
@@ -267,15 +276,10 @@ class Ingest:
 
     async def post_updates(self, request: web.Request) -> web.Response:
         """The gateway's messages and statuses: 200 with counts once all are committed."""
-        if self.state is not IngestState.RUNNING:
-            return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
-        raw = await _read(request, MAX_UPDATES_BYTES)
-        if isinstance(raw, web.Response):
-            return raw
-        try:
-            messages, statuses = parse_updates(raw, self.tenant_id, self._clock())
-        except BadMessage as exc:
-            return _error(400, str(exc))
+        parsed = await self._body(request, MAX_UPDATES_BYTES, parse_updates)
+        if isinstance(parsed, web.Response):
+            return parsed
+        messages, statuses = parsed
         try:
             accepted, counts = await self._commit_updates(messages, statuses)
         except StoreError as exc:
