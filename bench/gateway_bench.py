@@ -17,11 +17,13 @@ keep-alive connections, on the same machine.
 3. latency: open loop at 500 single-message webhooks/s for --seconds: p50 and
    p99 webhook -> 200 as the client sees it, and the worst post lateness.
 4. gateway RSS: peak over the run.
-5. ceiling: a bare aiohttp app (TCP, reads the body, answers 200) with the
-   same client, bodies and concurrency: webhooks/s, and the gateway's ratio.
+5. gateway alone: phase 1 again with stand-ins that answer 200 at once in
+   place of the workers (nothing committed): what the gateway itself costs.
+6. ceiling: a bare aiohttp app (TCP, reads the body, answers 200) with the
+   same client, bodies and concurrency: webhooks/s, and the gateway's ratios.
 
-Every answer must be 200 (anything else aborts the run), and at the end the
-stores must hold every message sent: a 200 means committed.
+Every answer must be 200 (anything else aborts the run), and at the end of
+phases 1-3 the stores must hold every message sent: a 200 means committed.
 """
 
 from __future__ import annotations
@@ -130,12 +132,20 @@ async def wait_http(url: str, proc: subprocess.Popen[bytes], within: float = 30.
 
 
 @contextlib.contextmanager
-def running_gateway(folder: Path) -> Iterator[tuple[str, list[int], Path]]:
-    """Four workers and the gateway; yields (url, [gateway pid, worker pids], data folder)."""
+def running_gateway(
+    folder: Path, *, instant: bool = False
+) -> Iterator[tuple[str, list[int], Path]]:
+    """Four workers and the gateway; yields (url, [gateway pid, worker pids], data folder).
+
+    `instant`: stand-ins that answer 200 at once replace the workers (the gateway alone).
+    """
     port = free_port()
     config = str(write_config(folder, port))
+    (folder / "run").mkdir(exist_ok=True)
     procs = [
-        spawn(folder, t, "-m", "chatq.tenant_worker", "--config", config, "--tenant", t)
+        spawn(folder, t, __file__, "--serve-instant-worker", str(folder / "run" / f"{t}.sock"))
+        if instant
+        else spawn(folder, t, "-m", "chatq.tenant_worker", "--config", config, "--tenant", t)
         for t in TENANTS
     ]
     try:
@@ -150,6 +160,22 @@ def running_gateway(folder: Path) -> Iterator[tuple[str, list[int], Path]]:
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def serve_instant_worker(socket_path: str) -> None:
+    """A worker stand-in that commits nothing: reads the body, answers 200 at once."""
+
+    async def updates(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        return web.json_response({"accepted": len(body["messages"]), "duplicates": 0})
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "running"})
+
+    app = web.Application(client_max_size=32 << 20)
+    app.router.add_post("/whatsapp/updates", updates)
+    app.router.add_get("/health", health)
+    web.run_app(app, path=socket_path, access_log=None, print=None)
 
 
 def serve_bare(port: int) -> None:
@@ -301,6 +327,20 @@ def gateway_phases(args: argparse.Namespace) -> Result:
     return result
 
 
+def gateway_alone(args: argparse.Namespace) -> Result:
+    """1-message webhooks/s through the gateway to instant stand-ins, and its CPU."""
+    items = signed("i", args.webhooks, 1)
+    with tempfile.TemporaryDirectory() as tmp, running_gateway(Path(tmp), instant=True) as run:
+        url, pids, _ = run
+        asyncio.run(closed_loop(url, signed("w", 500, 1), args.clients))
+        with ResourceWatch(pids[0]) as watch:
+            seconds = asyncio.run(closed_loop(url, items, args.clients))
+    return {
+        "alone_webhooks_per_s": len(items) / seconds,
+        "alone_cpu_pct": 100 * watch.cpu_s / seconds,
+    }
+
+
 def ceiling(args: argparse.Namespace) -> float:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)], env=worker_env())
@@ -316,8 +356,10 @@ def ceiling(args: argparse.Namespace) -> float:
 
 def one_run(args: argparse.Namespace) -> Result:
     result = gateway_phases(args)
+    result.update(gateway_alone(args))
     result["bare_webhooks_per_s"] = ceiling(args)
     result["vs_bare"] = result["single_webhooks_per_s"] / result["bare_webhooks_per_s"]
+    result["alone_vs_bare"] = result["alone_webhooks_per_s"] / result["bare_webhooks_per_s"]
     return result
 
 
@@ -332,8 +374,15 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("late_max_ms", "client: worst post lateness @500/s", "{:.1f} ms"),
     ("latency_cpu_pct", "gateway CPU @500 webhooks/s", "{:.0f} %"),
     ("rss_mb", "gateway peak RSS", "{:.1f} MB"),
+    (
+        "alone_webhooks_per_s",
+        "gateway alone (workers answer at once): 1-msg webhooks",
+        "{:,.0f} /s",
+    ),
+    ("alone_cpu_pct", "gateway CPU, alone", "{:.0f} %"),
     ("bare_webhooks_per_s", "ceiling: bare aiohttp app answering 200", "{:,.0f} /s"),
-    ("vs_bare", "gateway / bare app", "{:.2f}x"),
+    ("vs_bare", "gateway end to end / bare app", "{:.2f}x"),
+    ("alone_vs_bare", "gateway alone / bare app", "{:.2f}x"),
 )
 
 
@@ -364,9 +413,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-instant-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare:
         serve_bare(args.serve_bare)
+        return
+    if args.serve_instant_worker:
+        serve_instant_worker(args.serve_instant_worker)
         return
     if args.quick:
         args.webhooks, args.seconds = 2_000, 2.0
