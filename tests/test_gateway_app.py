@@ -133,6 +133,12 @@ async def test_a_wrong_handshake_is_403(rig: Rig, query: dict[str, str]) -> None
         assert VERIFY not in await response.text()
 
 
+async def test_the_handshake_of_an_unknown_tenant_is_403(rig: Rig) -> None:
+    query = {"hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1"}
+    async with rig.client.get("/whatsapp/nobody", params=query) as response:
+        assert response.status == 403
+
+
 # -- signatures and bodies ------------------------------------------------------------
 
 
