@@ -16,24 +16,20 @@ on such a connection is sent once more (re-sending is safe, it is deduped).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from chatq.shared.errors import ForwardError
 from chatq.shared.whatsapp.webhook import Routed
 from chatq.supervisor.gateway.stats import GatewayStats
+from chatq.supervisor.gateway.unix_http import BadAnswer, Dropped, UnixHTTP, Unreachable
 
 __all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
 
 MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
 MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
-_LARGE_BODY = 1 << 20  # aiohttp wants these as a stream, not bytes
-_JSON = {"Content-Type": "application/json"}
 
 _Waiting = tuple[Routed, "asyncio.Future[None]"]
 
@@ -44,9 +40,9 @@ class TenantLink:
     def __init__(self, tenant_id: str, socket: Path, timeout: float, stats: GatewayStats) -> None:
         self.tenant_id = tenant_id
         self._socket = socket
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._stats = stats
-        self._session: aiohttp.ClientSession | None = None
+        self._client = UnixHTTP(socket, timeout=timeout)
         self._waiting: list[_Waiting] = []
         self._sending = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -61,8 +57,7 @@ class TenantLink:
     async def aclose(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
 
     def _pump(self) -> None:
         while self._waiting and self._sending < MAX_IN_FLIGHT:
@@ -113,30 +108,23 @@ class TenantLink:
         body = _body(parts)
         for attempt in (1, 2):
             try:
-                data: Any = io.BytesIO(body) if len(body) > _LARGE_BODY else body
-                async with self._client().post("/whatsapp/updates", data=data, headers=_JSON) as r:
-                    answer = await r.json(content_type=None)
-                    return r.status, answer if isinstance(answer, dict) else {}
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise ForwardError(f"tenant {self.tenant_id}: not running ({exc})") from None
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                status, raw = await self._client.post("/whatsapp/updates", body)
+            except Unreachable as exc:
+                raise ForwardError(f"tenant {self.tenant_id}: not running ({exc})") from None
+            except Dropped as exc:  # e.g. a kept-alive connection to a worker since restarted
+                if attempt == 2:
+                    raise ForwardError(f"tenant {self.tenant_id}: {exc}") from None
+                continue
+            except TimeoutError:
+                raise ForwardError(
+                    f"tenant {self.tenant_id}: no answer within {self._timeout:g}s"
+                ) from None
+            except (OSError, BadAnswer) as exc:
                 raise ForwardError(
                     f"tenant {self.tenant_id}: {type(exc).__name__}: {exc}"
                 ) from None
-            except TimeoutError:
-                raise ForwardError(
-                    f"tenant {self.tenant_id}: no answer within {self._timeout.total:g}s"
-                ) from None
+            return status, _answer(raw)
         raise AssertionError("unreachable")
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.UnixConnector(path=str(self._socket), limit=MAX_IN_FLIGHT * 2)
-            self._session = aiohttp.ClientSession(
-                connector=connector, base_url="http://worker", timeout=self._timeout
-            )
-        return self._session
 
     def _count(self, batch: list[_Waiting], answer: dict[str, Any]) -> None:
         messages = sum(len(part.messages) for part, _ in batch)
@@ -174,6 +162,14 @@ def _body(parts: Sequence[Routed]) -> bytes:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError:  # a lone surrogate in a payload: JSON escapes carry it
         return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _answer(raw: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 def _refusal(tenant_id: str, status: int, answer: dict[str, Any]) -> ForwardError:
