@@ -280,3 +280,18 @@ async def test_a_stopped_tenant_gets_a_503_then_a_200_after_start(tmp_path: Path
         harness.write_config(tenants())  # [gateway] removed: reload stops it
         run.request("reload")
         wait_for("the gateway row to go", lambda: "gateway" not in run.tenants())
+
+
+def test_a_listen_address_in_use_is_retried_not_fatal(tmp_path: Path) -> None:
+    with socket.socket() as squatter:  # e.g. the last gateway, orphaned, still draining
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with SupervisorHarness(tmp_path) as harness:
+            restarts = {"max_restarts": 1000}  # the test, not the policy, decides how long
+            harness.write_config(tenants(), gateway=gateway_table(port), supervisor=restarts)
+            run = harness.start(wait_running=False)
+            run.wait_log("in use; exiting to be restarted")
+            squatter.close()
+            gateway_pid(run)
+            assert run.status("gateway")["boot_error"] is None

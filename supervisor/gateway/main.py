@@ -12,6 +12,7 @@ of a duplex pipe carries heartbeats, log lines and the boot outcome up and
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import sys
@@ -36,8 +37,13 @@ from chatq.supervisor.gateway.stats import GatewayStats
 __all__ = ["EXIT_BOOT_FAILED", "Gateway", "main", "run_gateway"]
 
 EXIT_OK = 0
+EXIT_RETRY = 1  # `listen` is in use, maybe by a gateway still draining: a restart may work
 EXIT_BOOT_FAILED = 3  # no [gateway], or `listen` cannot be bound: restarting will not help
 ID = "gateway"
+
+
+class _AddressInUse(Exception):
+    """The listen address is taken (worth a retry, unlike a bad address)."""
 
 
 class Gateway:
@@ -95,6 +101,9 @@ class Gateway:
         try:
             try:
                 await self._listen(runner)
+            except _AddressInUse as exc:  # e.g. the last gateway, orphaned, still draining
+                logger.error("cannot listen yet: {}; exiting to be restarted", exc)
+                return EXIT_RETRY
             except ConfigError as exc:
                 return self._boot_failed(exc)
             if self.link is not None:
@@ -115,6 +124,8 @@ class Gateway:
         try:
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _AddressInUse(f"{self.settings.listen} is in use") from exc
             raise ConfigError(
                 f"gateway: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
