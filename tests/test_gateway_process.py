@@ -10,8 +10,10 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from sandbox import wait_for
-from supervisor_fixtures import SupervisorHarness, SupervisorRun
+from aiohttp import web
+from conftest import wait_until
+from sandbox import clean_env, short_run_dir, wait_for
+from supervisor_fixtures import SupervisorHarness, SupervisorRun, toml_text
 from whatsapp_payloads import change, status, text_message, update
 
 from chatq.shared.errors import StoreError
@@ -295,3 +299,53 @@ def test_a_listen_address_in_use_is_retried_not_fatal(tmp_path: Path) -> None:
             squatter.close()
             gateway_pid(run)
             assert run.status("gateway")["boot_error"] is None
+
+
+async def test_a_stop_lets_webhooks_in_progress_finish(tmp_path: Path) -> None:
+    """SIGTERM while a forward waits on a slow commit: that webhook still gets its 200."""
+    port, run_dir = free_port(), short_run_dir()
+    config = tmp_path / "tenants.toml"
+    settings = {"run_dir": run_dir, "data_dir": tmp_path / "data"}
+    config.write_text(toml_text(settings, {}, tenants(), gateway_table(port)))
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_commit(request: web.Request) -> web.Response:
+        await request.read()
+        arrived.set()
+        await release.wait()
+        return web.json_response({"accepted": 1, "duplicates": 0})
+
+    app = web.Application()
+    app.router.add_post("/whatsapp/updates", slow_commit)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(run_dir / "acme.sock")).start()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "chatq.supervisor.gateway", "--config", str(config)),
+        cwd=tmp_path,
+        env=clean_env(),
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        meta = Meta(port)
+        await wait_until(lambda: _answers(port), what="the gateway to listen")
+        webhook = asyncio.create_task(
+            meta.post(update(change("111", messages=[text_message("wamid.d1")])))
+        )
+        await asyncio.wait_for(arrived.wait(), 10)
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: not _answers(port), what="the gateway to stop listening")
+        release.set()
+        assert (await webhook)[0] == 200
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await runner.cleanup()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
