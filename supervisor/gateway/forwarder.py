@@ -39,7 +39,6 @@ class TenantLink:
 
     def __init__(self, tenant_id: str, socket: Path, timeout: float, stats: GatewayStats) -> None:
         self.tenant_id = tenant_id
-        self._socket = socket
         self._timeout = timeout
         self._stats = stats
         self._client = UnixHTTP(socket, timeout=timeout)
