@@ -12,6 +12,7 @@
     ├── TransportError              sending a reply failed
     │   ├── RetryableTransportError ... for now (5xx, timeout, connection)
     │   └── PermanentTransportError ... for good (4xx, bad recipient)
+    ├── ForwardError                the gateway could not get an update committed by a tenant
     └── ControlError                an ops request could not be served
         ├── SupervisorNotRunning    no supervisor answers on the control socket
         ├── SupervisorRunning       another supervisor already runs on this run_dir
@@ -89,6 +90,10 @@ class PermanentTransportError(TransportError):
     """Sending failed for good (4xx, unknown recipient): do not try again."""
 
 
+class ForwardError(ChatqError):
+    """The gateway could not get a tenant's part of a webhook committed now (Meta retries)."""
+
+
 class ControlError(ChatqError):
     """An ops request could not be served."""
 
@@ -113,6 +118,7 @@ __all__ = [
     "ChatqError",
     "ConfigError",
     "ControlError",
+    "ForwardError",
     "HandlerError",
     "HandlerTimeoutError",
     "NoSuchTenant",

@@ -15,20 +15,32 @@ thread of its own writes:
 
 `flush` waits (bounded) for what is queued, so a process's last words (its
 BootFailed, its "stopped" line) reach the supervisor before it exits.
+
+Both supervised programs (a tenant's worker and the gateway) use it:
+
+    link = PipeLink(conn)
+    link.watch(request_stop)                      # Stop frame or EOF -> request_stop(reason)
+    task = asyncio.create_task(beat(link, interval, make_heartbeat))
+
+Heartbeats come from the child's event loop, so a blocked loop goes silent
+and the supervisor calls the child hung.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from chatq.shared import protocol
+from chatq.shared.text import storable_text
 
-__all__ = ["MAX_LOG_LINE", "MAX_QUEUED_LINES", "PipeLink"]
+__all__ = ["MAX_LOG_LINE", "MAX_QUEUED_LINES", "PipeLink", "beat"]
 
 MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
 MAX_QUEUED_LINES = 1_000  # a busy second of INFO lines; well under 1 MB
@@ -70,8 +82,25 @@ class PipeLink:
         """A log sink (shared/log.py): one formatted line as a LogRecord frame."""
         if len(line) > MAX_LOG_LINE:
             line = line[:MAX_LOG_LINE] + " …[truncated]"
-        line = _encodable(line)  # a lone surrogate cannot be encoded for the pipe
+        line = storable_text(line)  # a lone surrogate cannot be encoded for the pipe
         self.send(protocol.LogRecord(line=line, level=_level_of(line)))
+
+    def watch(self, request_stop: Callable[[str], None]) -> None:
+        """On the running loop: call `request_stop` on a Stop frame or when the pipe ends."""
+        loop = asyncio.get_running_loop()
+
+        def on_readable() -> None:
+            try:
+                frame = protocol.recv(self.conn)
+            except (EOFError, OSError, protocol.ProtocolError):
+                loop.remove_reader(self.conn.fileno())
+                self.broken = True
+                request_stop("supervisor went away")
+                return
+            if isinstance(frame, protocol.Stop):
+                request_stop(frame.reason)
+
+        loop.add_reader(self.conn.fileno(), on_readable)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s until everything queued is written; True if it was."""
@@ -129,13 +158,20 @@ def _dropped_line(count: int) -> protocol.LogRecord:
     return protocol.LogRecord(line=line, level="WARNING")
 
 
-def _encodable(text: str) -> str:
-    """`text` with lone surrogates escaped (they cannot be encoded as UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+async def beat(
+    link: PipeLink, interval: float, heartbeat: Callable[[int], protocol.Heartbeat]
+) -> None:
+    """Send ``heartbeat(seq)`` forever, from the event loop.
+
+    After the first beat, beats fall on multiples of the interval in wall
+    time: every child beats at the same instants, and the supervisor wakes
+    once per interval for all of them instead of once per child.
+    """
+    seq = 0
+    while True:
+        seq += 1
+        link.send(heartbeat(seq))
+        await asyncio.sleep(interval - time.time() % interval)
 
 
 def _level_of(line: str) -> str:

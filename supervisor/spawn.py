@@ -15,17 +15,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from chatq.config import ChatqConfig
 
 # Imported by the fork server only (never by the supervisor itself), in this
-# order: signal set-up, what workers run, then freeze the lot (keep it last).
+# order: signal set-up, what workers and the gateway run, then freeze the lot
+# (keep it last).
 PRELOAD = [
     "chatq.supervisor.forkserver_setup",
     "chatq.tenant_worker.worker",
+    "chatq.supervisor.gateway.main",
     "chatq.supervisor.forkserver_ready",
 ]
 
@@ -38,16 +42,34 @@ def context() -> ForkServerContext:
     return ctx
 
 
+def _own_group() -> None:
+    """In a child: its own process group, default signal handling.
+
+    A Ctrl-C in the supervisor's terminal then reaches only the supervisor,
+    which drains its children itself, in order; the fork server ignores the
+    signals its children must obey.
+    """
+    os.setpgrp()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
     """The function a worker process runs (in the child)."""
-    # Own process group: a Ctrl-C in the supervisor's terminal reaches only the
-    # supervisor, which then drains workers itself, in order.
-    os.setpgrp()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the fork server ignores them
-        signal.signal(signum, signal.SIG_DFL)
+    _own_group()
     from chatq.tenant_worker.worker import run_worker
 
     code = run_worker(config, tenant_id, conn)
+    conn.close()
+    raise SystemExit(code)
+
+
+def gateway_main(config: ChatqConfig, conn: Connection) -> None:
+    """The function the gateway process runs (in the child)."""
+    _own_group()
+    from chatq.supervisor.gateway.main import run_gateway
+
+    code = run_gateway(config, conn)
     conn.close()
     raise SystemExit(code)
 
@@ -56,10 +78,19 @@ def spawn_worker(
     ctx: ForkServerContext, config: ChatqConfig, tenant_id: str
 ) -> tuple[BaseProcess, Connection]:
     """Start one tenant's worker; return the process and our end of its pipe."""
+    return _spawn(ctx, worker_main, (config, tenant_id), f"chatq-worker-{tenant_id}")
+
+
+def spawn_gateway(ctx: ForkServerContext, config: ChatqConfig) -> tuple[BaseProcess, Connection]:
+    """Start the gateway; return the process and our end of its pipe."""
+    return _spawn(ctx, gateway_main, (config,), "chatq-gateway")
+
+
+def _spawn(
+    ctx: ForkServerContext, target: Callable[..., None], args: tuple[Any, ...], name: str
+) -> tuple[BaseProcess, Connection]:
     ours, theirs = ctx.Pipe(duplex=True)
-    process = ctx.Process(
-        target=worker_main, args=(config, tenant_id, theirs), name=f"chatq-worker-{tenant_id}"
-    )
+    process = ctx.Process(target=target, args=(*args, theirs), name=name)
     try:
         process.start()
     finally:

@@ -33,8 +33,10 @@ from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTen
 from chatq.supervisor import spawn
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
+from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
 from chatq.supervisor.logstream import LogStream
 from chatq.supervisor.metrics import start_metrics_server
+from chatq.supervisor.program import ProgramHandle
 from chatq.supervisor.tenant import State, TenantHandle
 from chatq.supervisor.waiter import Waiter
 from chatq.supervisor.watchdog import ProcessSampler, ProcStats, over_memory
@@ -68,7 +70,7 @@ class Supervisor:
         self._load = load
         self._stream = stream
         self._clock = clock
-        self._handles: dict[str, TenantHandle] = {}
+        self._handles: dict[str, ProgramHandle] = {}  # tenants, and "gateway"
         self._removed: set[str] = set()
         self._ctx = spawn.context()
         self._sampler = ProcessSampler()
@@ -88,10 +90,10 @@ class Supervisor:
 
     # -- lookups used by commands ------------------------------------------
 
-    def handles(self) -> list[TenantHandle]:
+    def handles(self) -> list[ProgramHandle]:
         return list(self._handles.values())
 
-    def handle(self, tenant_id: str) -> TenantHandle:
+    def handle(self, tenant_id: str) -> ProgramHandle:
         found = self._handles.get(tenant_id)
         if found is None or tenant_id in self._removed:
             raise NoSuchTenant(tenant_id)
@@ -117,6 +119,8 @@ class Supervisor:
             )
             for tenant in self.config.tenants:
                 self._add(self.config, tenant.id)
+            if self.config.gateway is not None:
+                self._add_gateway(self.config)
             while not (self._shutting_down and not any(h.alive for h in self.handles())):
                 self.step()
         except BaseException:
@@ -194,7 +198,7 @@ class Supervisor:
 
     # -- repair steps --------------------------------------------------------
 
-    def _read_frames(self, handle: TenantHandle) -> None:
+    def _read_frames(self, handle: ProgramHandle) -> None:
         conn, reader = handle.conn, handle.reader
         assert conn is not None and reader is not None
         try:
@@ -211,7 +215,7 @@ class Supervisor:
         if reader.eof:
             self._drop_conn(handle, conn)
 
-    def _catch_up(self, handle: TenantHandle) -> None:
+    def _catch_up(self, handle: ProgramHandle) -> None:
         """Read what the worker's pipe holds now, beats included."""
         for _ in range(CATCH_UP_READS):
             conn = handle.conn
@@ -219,11 +223,11 @@ class Supervisor:
                 return
             self._read_frames(handle)
 
-    def _drop_conn(self, handle: TenantHandle, conn: Connection) -> None:
+    def _drop_conn(self, handle: ProgramHandle, conn: Connection) -> None:
         conn.close()
         handle.conn = handle.reader = None  # the sentinel reports the exit itself
 
-    def _reap(self, handle: TenantHandle) -> None:
+    def _reap(self, handle: ProgramHandle) -> None:
         if handle.conn is not None:
             self._read_frames(handle)  # a BootFailed frame may still be in the pipe
         if handle.pid is not None:
@@ -272,7 +276,7 @@ class Supervisor:
             if handle.pid is None:
                 continue
             stats = self._read_stats(handle, full)
-            limit = handle.tenant.memory_limit_mb
+            limit = handle.memory_limit_mb
             if stats is not None and over_memory(stats, limit) and handle.stopping_reason is None:
                 reason = (
                     f"memory: rss {stats.rss_bytes / 2**20:.0f} MB over memory_limit_mb {limit}"
@@ -280,7 +284,7 @@ class Supervisor:
                 logger.warning("{}: {}; restarting it", handle.id, reason)
                 handle.stop(reason, State.STARTING)
 
-    def _read_stats(self, handle: TenantHandle, full: bool) -> ProcStats | None:
+    def _read_stats(self, handle: ProgramHandle, full: bool) -> ProcStats | None:
         assert handle.pid is not None
         old = handle.proc_stats
         if full or old is None:
@@ -290,7 +294,7 @@ class Supervisor:
             handle.proc_stats = None if rss is None else replace(old, rss_bytes=rss)
         return handle.proc_stats
 
-    def sample_now(self, handle: TenantHandle) -> None:
+    def sample_now(self, handle: ProgramHandle) -> None:
         """Fresh CPU, fds and memory readings of one tenant (for `status`)."""
         if handle.pid is not None:
             self._read_stats(handle, full=True)
@@ -318,6 +322,12 @@ class Supervisor:
         handle = TenantHandle(config, config.tenant(tenant_id), clock=self._clock)
         self._handles[tenant_id] = handle
         if handle.tenant.enabled and not self._shutting_down:
+            handle.start(self._ctx)
+
+    def _add_gateway(self, config: ChatqConfig) -> None:
+        handle = GatewayHandle(config, clock=self._clock)
+        self._handles[GATEWAY_ID] = handle
+        if not self._shutting_down:
             handle.start(self._ctx)
 
     def restart(self, tenant_id: str) -> None:
@@ -355,22 +365,55 @@ class Supervisor:
         if new.control_socket != self.config.control_socket:
             logger.warning("reload: run_dir changes apply after a supervisor restart")
         everything_changed = _worker_view(new) != _worker_view(self.config)
-        old_ids = {h.id for h in self.handles() if h.id not in self._removed}
+        tenants = [h for h in self.handles() if isinstance(h, TenantHandle)]
+        old_ids = {h.id for h in tenants if h.id not in self._removed}
         new_ids = [t.id for t in new.tenants]
         changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
         for tenant_id in old_ids - set(new_ids):
-            self._removed.add(tenant_id)
-            self._handles[tenant_id].stop("removed from the config", State.STOPPED)
-            if not self._handles[tenant_id].alive:
-                del self._handles[tenant_id]
-                self._removed.discard(tenant_id)
+            self._remove(tenant_id)
             changes["removed"].append(tenant_id)
         for tenant_id in new_ids:
             kind = self._apply(new, tenant_id, old_ids, everything_changed)
             changes[kind].append(tenant_id)
+        gateway = self._apply_gateway(new, everything_changed)
+        if gateway is not None:
+            changes[gateway].append(GATEWAY_ID)
         self.config = new
         logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
         return changes
+
+    def _remove(self, name: str) -> None:
+        """Stop a program the config no longer has; forget it once it has exited."""
+        self._removed.add(name)
+        self._handles[name].stop("removed from the config", State.STOPPED)
+        if not self._handles[name].alive:
+            del self._handles[name]
+            self._removed.discard(name)
+
+    def _apply_gateway(self, new: ChatqConfig, force: bool) -> str | None:
+        """Start, stop or restart the gateway for a reloaded config; None if there is none."""
+        handle = self._handles.get(GATEWAY_ID)
+        present = handle is not None and GATEWAY_ID not in self._removed
+        if new.gateway is None:
+            if not present:
+                return None
+            self._remove(GATEWAY_ID)
+            return "removed"
+        if handle is None:
+            self._add_gateway(new)
+            return "added"
+        changed = force or gateway_view(new) != gateway_view(handle.config)
+        handle.use_config(new)
+        if not present:  # removed earlier and still draining: start it after
+            self._removed.discard(GATEWAY_ID)
+            handle.stop("added again to the config", State.STARTING)
+            return "added"
+        if not changed:
+            return "unchanged"
+        if not (handle.state is State.STOPPED or handle.stopping_for_good):
+            handle.revive()
+            handle.stop("config changed", State.STARTING)
+        return "changed"
 
     def _apply(self, new: ChatqConfig, tenant_id: str, old_ids: set[str], force: bool) -> str:
         if tenant_id not in old_ids:
@@ -379,12 +422,14 @@ class Supervisor:
             if draining is None:
                 self._add(new, tenant_id)
             else:  # removed earlier and still draining: one worker per store, so start it after
+                assert isinstance(draining, TenantHandle)
                 draining.use_config(new)
                 draining.tenant = new.tenant(tenant_id)
                 then = State.STARTING if draining.tenant.enabled else State.STOPPED
                 draining.stop("added again to the config", then)
             return "added"
         handle = self._handles[tenant_id]
+        assert isinstance(handle, TenantHandle)
         tenant = new.tenant(tenant_id)
         handle.use_config(new)
         if tenant == handle.tenant and not force:

@@ -1,75 +1,25 @@
-"""One tenant as the supervisor sees it: its worker process, state and history.
-
-    starting --Ready--> running --exit--> backoff --delay--> starting
-        |                  |                  \\--too many--> fatal
-        \\--BootFailed----> fatal             stop --> stopped
-
-A ``TenantHandle`` holds no loop of its own: the supervisor calls it with
-what it saw (a frame, an exit, the time) and it changes state.
-"""
+"""One tenant as the supervisor sees it: a `ProgramHandle` that runs the tenant's worker."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from typing import Any
-
-from loguru import logger
 
 from chatq.config import ChatqConfig, TenantConfig
-from chatq.shared import protocol
-from chatq.supervisor.pipes import FrameReader
-from chatq.supervisor.policy import RestartPolicy
+from chatq.supervisor.program import ExitInfo, ProgramHandle, State, describe_exit
 from chatq.supervisor.spawn import spawn_worker
-from chatq.supervisor.watchdog import ProcStats
 
-LOG_TAIL = 20
-# Stops the supervisor makes because the worker misbehaved: their exits count
-# as failures for the restart policy (backoff, fatal), unlike asked-for stops.
-FAILURE_REASONS = ("hung", "memory", "protocol error")
-BOOT_TIMEOUT = 60.0  # a worker not Ready by then is hung in boot
+__all__ = ["ExitInfo", "State", "TenantHandle", "describe_exit"]
 
 
-class State(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPED = "stopped"
-    FATAL = "fatal"
-
-
-@dataclass(frozen=True, slots=True)
-class ExitInfo:
-    """How a worker process ended."""
-
-    code: int | None
-    reason: str
-    at: float  # wall clock
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "unknown"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:  # real-time signals (SIGRTMIN+n) have no name in the enum
-            name = f"signal {-code}"
-        return f"killed by {name}"
-    return f"exit code {code}"
-
-
-class TenantHandle:
+class TenantHandle(ProgramHandle):
     """One tenant's worker, restarted per its policy."""
+
+    kind = "tenant"
+    noun = "worker"
 
     def __init__(
         self,
@@ -79,273 +29,20 @@ class TenantHandle:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        super().__init__(config, clock=clock, wall=wall)
         self.tenant = tenant
-        self._clock = clock
-        self._wall = wall
-        self.policy = RestartPolicy(*_limits(config), clock=clock)
-        self.state = State.STOPPED
-        self.process: BaseProcess | None = None
-        self.conn: Connection | None = None
-        self.reader: FrameReader | None = None
-        self.started_at = 0.0
-        self.restarts = 0
-        self.heartbeat: protocol.Heartbeat | None = None
-        self.heartbeat_at = 0.0
-        self.last_exit: ExitInfo | None = None
-        self.boot_error: str | None = None
-        self.start_at: float | None = None  # when a backoff ends
-        self.kill_at: float | None = None  # when a stopping worker gets SIGKILL
-        self.stopping_reason: str | None = None
-        self.after_exit: State | None = None  # what an asked-for exit leads to
-        self.proc_stats: ProcStats | None = None
-        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL)
 
     @property
     def id(self) -> str:
         return self.tenant.id
 
     @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+    def enabled(self) -> bool:
+        return self.tenant.enabled
 
     @property
-    def stopping_for_good(self) -> bool:
-        """A stop under way that ends in ``stopped`` (not a restart)."""
-        return self.process is not None and self.after_exit is State.STOPPED
+    def memory_limit_mb(self) -> int | None:
+        return self.tenant.memory_limit_mb
 
-    def use_config(self, config: ChatqConfig) -> None:
-        """A reloaded config: restart limits apply now, the rest at the next start."""
-        self.config = config
-        self.policy.set_limits(*_limits(config))
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None
-
-    # -- transitions --------------------------------------------------------
-
-    def start(self, ctx: ForkServerContext) -> None:
-        """Spawn the worker now (a spawn that fails counts as a failed run)."""
-        try:
-            self.process, self.conn = spawn_worker(ctx, self.config, self.id)
-        except OSError as exc:  # e.g. out of file descriptors: retry later, keep the rest up
-            logger.error("{}: cannot start a worker: {}", self.id, exc)
-            self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
-            self.boot_error = None
-            self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
-            self.policy.on_start()
-            self._after_failure(None, self.last_exit.reason)
-            return
-        self.reader = FrameReader(self.conn)
-        now = self._clock()
-        self.state = State.STARTING
-        self.started_at = now
-        self.heartbeat = None
-        self.heartbeat_at = now
-        self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
-        self.boot_error = None
-        self.policy.on_start()
-        logger.info("{}: started worker pid {}", self.id, self.pid)
-
-    def on_frame(self, frame: protocol.Frame) -> str | None:
-        """Take in a frame from the worker; returns a log line to pass on, if any."""
-        if isinstance(frame, protocol.LogRecord):
-            self.log_tail.append(frame.line)
-            return frame.line
-        if isinstance(frame, protocol.Heartbeat):
-            self.heartbeat, self.heartbeat_at = frame, self._clock()
-        elif isinstance(frame, protocol.Ready):
-            if self.state is State.STARTING:
-                self.state = State.RUNNING
-            self.heartbeat_at = self._clock()
-        elif isinstance(frame, protocol.BootFailed):
-            self.boot_error = frame.reason
-        return None
-
-    def stop(self, reason: str, then: State) -> None:
-        """Ask the worker to drain and exit (SIGTERM), SIGKILL after stop_grace.
-
-        ``then`` is the state once it has exited (stopped, or starting again
-        for a restart). A tenant without a process moves there at once.
-        """
-        if self.process is None:
-            self.start_at = None
-            self.state = then if then is not State.STARTING else State.BACKOFF
-            if then is State.STARTING:
-                self.start_at = self._clock()
-            return
-        self.after_exit = then
-        # Once per stop: after SIGKILL `kill_at` is None again, but the first
-        # reason (e.g. "stop requested") must survive until the exit.
-        if self.stopping_reason is None:
-            self.stopping_reason = reason
-            self.kill_at = self._clock() + self.config.supervisor.stop_grace
-            logger.info("{}: stopping pid {} ({})", self.id, self.pid, reason)
-            _signal(self.process, signal.SIGTERM)
-            self._send_stop(reason)
-
-    def _send_stop(self, reason: str) -> None:
-        """The same request by pipe: a worker forked a moment ago still ignores
-        SIGTERM (inherited from the fork server) but reads this once it is up."""
-        if self.conn is not None:
-            with contextlib.suppress(OSError, ValueError):
-                protocol.send(self.conn, protocol.Stop(reason=reason))
-
-    def abandon(self) -> None:
-        """The supervisor is failing: close the pipe (the worker drains on EOF) and SIGTERM."""
-        if self.conn is not None:
-            with contextlib.suppress(OSError):
-                self.conn.close()
-            self.conn = self.reader = None
-        if self.process is not None:
-            _signal(self.process, signal.SIGTERM)
-
-    def reap_or_kill(self, within: float) -> None:
-        """Wait up to ``within`` s for the process to exit, then SIGKILL it."""
-        if self.process is None:
-            return
-        self.process.join(within)
-        if self.process.exitcode is None:
-            _signal(self.process, signal.SIGKILL)
-            self.process.join(5.0)
-
-    def kill_if_overdue(self) -> None:
-        if self.process is not None and self.kill_at is not None and self._clock() >= self.kill_at:
-            logger.warning(
-                "{}: pid {} still running {}s after SIGTERM: SIGKILL",
-                self.id,
-                self.pid,
-                self.config.supervisor.stop_grace,
-            )
-            _signal(self.process, signal.SIGKILL)
-            self.kill_at = None  # once is enough; the sentinel reports the exit
-
-    def is_hung(self) -> bool:
-        """Silent for heartbeat_timeout since its last beat (or no beat at all in time).
-
-        Workers beat from the start of their loop, through boot and replay.
-        """
-        if self.process is None or self.stopping_reason is not None:
-            return False  # already being stopped (maybe SIGKILLed): its exit decides
-        silent = self._clock() - self.heartbeat_at
-        if self.heartbeat is not None:
-            return silent > self.config.supervisor.heartbeat_timeout_s
-        return silent > BOOT_TIMEOUT
-
-    def on_exit(self) -> None:
-        """The process ended: record why, and decide what comes next."""
-        assert self.process is not None
-        self.process.join(0)
-        code = self.process.exitcode
-        self.process.close()
-        if self.conn is not None:
-            self.conn.close()
-        self.process, self.conn, self.reader = None, None, None
-        self.proc_stats = None
-        reason = self.stopping_reason or describe_exit(code)
-        self.last_exit = ExitInfo(code=code, reason=reason, at=self._wall())
-        asked = self.after_exit
-        self.kill_at = self.stopping_reason = self.after_exit = None
-        # An operator's stop wins even over a failure-stop already under way.
-        if asked is State.STOPPED or (asked is not None and not reason.startswith(FAILURE_REASONS)):
-            self._after_asked_exit(asked)
-        else:
-            self._after_failure(code, reason)
-
-    def _after_asked_exit(self, then: State) -> None:
-        logger.info("{}: worker exited ({})", self.id, self.last_exit and self.last_exit.reason)
-        if then is State.STARTING:
-            self.state, self.start_at = State.BACKOFF, self._clock()
-            self.restarts += 1
-        else:
-            self.state = then
-
-    def _after_failure(self, code: int | None, reason: str) -> None:
-        if self.boot_error is not None:
-            logger.error("{}: failed to boot: {} (not restarting)", self.id, self.boot_error)
-            self.state = State.FATAL
-            return
-        decision = self.policy.on_exit()
-        if decision.action == "fatal":
-            logger.error(
-                "{}: worker exited ({}); too many restarts, giving up (state fatal)",
-                self.id,
-                reason,
-            )
-            self.state = State.FATAL
-            return
-        logger.warning(
-            "{}: worker exited ({}); restarting in {:.2f}s", self.id, reason, decision.delay
-        )
-        self.state = State.BACKOFF
-        self.start_at = self._clock() + decision.delay
-        self.restarts += 1
-
-    def revive(self) -> None:
-        """An operator's restart: forget the failure history."""
-        self.policy.reset()
-        self.boot_error = None
-
-    # -- reporting ----------------------------------------------------------
-
-    def summary(self) -> dict[str, Any]:
-        """The ``chatq list --json`` object of this tenant."""
-        now = self._clock()
-        beat = self.heartbeat
-        stats = self.proc_stats
-        running = self.process is not None
-        return {
-            "tenant": self.id,
-            "state": self.state.value,
-            "pid": self.pid,
-            "uptime_s": round(now - self.started_at, 3) if running else None,
-            "restarts": self.restarts,
-            "last_heartbeat_age_s": round(now - self.heartbeat_at, 3) if beat else None,
-            "heartbeat_seq": beat.seq if beat else None,
-            "queued": beat.queued if beat else 0,
-            "in_flight": beat.in_flight if beat else 0,
-            "processed": beat.processed if beat else 0,
-            "failed": beat.failed if beat else 0,
-            "rejected": beat.rejected if beat else 0,
-            "duplicates": beat.duplicates if beat else 0,
-            "rate_limited": beat.rate_limited if beat else 0,
-            "rss_bytes": stats.rss_bytes if stats else None,
-        }
-
-    def details(self) -> dict[str, Any]:
-        """The ``chatq status --json`` object: the summary and more."""
-        now = self._clock()
-        stats = self.proc_stats
-        exit_info = self.last_exit
-        return {
-            **self.summary(),
-            "enabled": self.tenant.enabled,
-            "cpu_percent": stats.cpu_percent if stats else None,
-            "num_fds": stats.num_fds if stats else None,
-            "backoff_left_s": (
-                round(max(0.0, self.start_at - now), 3)
-                if self.state is State.BACKOFF and self.start_at is not None
-                else None
-            ),
-            "last_exit": (
-                {"code": exit_info.code, "reason": exit_info.reason, "at": exit_info.at}
-                if exit_info
-                else None
-            ),
-            "boot_error": self.boot_error,
-            "busiest": [list(pair) for pair in self.heartbeat.busiest] if self.heartbeat else [],
-            "log_tail": list(self.log_tail),
-        }
-
-
-def _signal(process: BaseProcess, signum: int) -> None:
-    if process.pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError):  # already gone: the sentinel tells
-        os.kill(process.pid, signum)
-
-
-def _limits(config: ChatqConfig) -> tuple[float, float, float, int, float]:
-    s = config.supervisor
-    return s.backoff_initial, s.backoff_max, s.healthy_after, s.max_restarts, s.restart_window
+    def spawn(self, ctx: ForkServerContext) -> tuple[BaseProcess, Connection]:
+        return spawn_worker(ctx, self.config, self.id)

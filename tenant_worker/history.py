@@ -44,15 +44,15 @@ def _last_messages(
 ) -> list[dict[str, Any]]:
     where, params = ("WHERE chat_id = ?", [chat_id]) if chat_id is not None else ("", [])
     rows = conn.execute(
-        "SELECT id, chat_id, sender, text, status, attempts, last_error, received_at"
+        "SELECT id, chat_id, sender, text, type, status, attempts, last_error, received_at"
         f" FROM messages {where} ORDER BY seq DESC LIMIT ?",
         [*params, limit],
     ).fetchall()
-    keys = ("id", "chat_id", "from", "text", "status", "attempts", "last_error")
+    keys = ("id", "chat_id", "from", "text", "type", "status", "attempts", "last_error")
     entries = []
     for row in reversed(rows):
-        entry = dict(zip(keys, row[:7], strict=True))
-        entry["received_at"] = iso_utc(row[7])
+        entry = dict(zip(keys, row[:8], strict=True))
+        entry["received_at"] = iso_utc(row[8])
         entry["replies"] = []
         entries.append(entry)
     return entries
@@ -61,11 +61,11 @@ def _last_messages(
 def _attach_replies(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
     by_message = {entry["id"]: entry["replies"] for entry in entries}
     rows = conn.execute(
-        "SELECT message_id, id, text, status, attempts, provider_id, sent_at FROM replies"
-        " WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY id",
+        "SELECT message_id, id, text, status, attempts, provider_id, last_error, sent_at"
+        " FROM replies WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY id",
         [json.dumps(list(by_message))],
     )
-    for message_id, rid, text, status, attempts, provider_id, sent_at in rows:
+    for message_id, rid, text, status, attempts, provider_id, last_error, sent_at in rows:
         by_message[message_id].append(
             {
                 "id": rid,
@@ -73,6 +73,7 @@ def _attach_replies(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> 
                 "status": status,
                 "attempts": attempts,
                 "provider_id": provider_id,
+                "last_error": last_error,
                 "sent_at": iso_utc(sent_at),
             }
         )
@@ -105,7 +106,9 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     for entry in entries:
         received = entry.get("received_at")
         when = received[:19].replace("T", " ") if received else "?" * 19
-        line = f"{when}  {_flat(entry['chat_id'])}  <- [{entry['status']}] {_flat(entry['text'])}"
+        kind = _flat(entry.get("type", "text"))
+        shown = _flat(entry["text"]) if kind == "text" else f"({kind}) {_flat(entry['text'])}"
+        line = f"{when}  {_flat(entry['chat_id'])}  <- [{entry['status']}] {shown.rstrip()}"
         if entry.get("last_error") and entry["status"] != "processed":
             line += f"  (error: {_flat(entry['last_error'])})"
         lines.append(line)

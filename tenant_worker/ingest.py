@@ -1,9 +1,15 @@
-"""HTTP ingest for one tenant: ``POST /messages`` and ``GET /health`` (aiohttp).
+"""HTTP ingest for one tenant: ``POST /messages``, ``POST /whatsapp/updates``, ``GET /health``.
 
-Served on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600) and, if
-the tenant has a ``port``, on 127.0.0.1:port. A request is answered 202 only
-after its rows are committed; a refused request (400, 413, 503) writes
-nothing.
+Served (aiohttp) on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600)
+and, if the tenant has a ``port``, on 127.0.0.1:port. A request is answered
+202 (200 for updates) only after its rows are committed; a refused request
+(400, 413, 503) writes nothing.
+
+``POST /whatsapp/updates`` is the gateway's way in (supervisor/gateway/):
+``{"messages": [message, ...], "statuses": [{"id", "status", "error"?}, ...]}``
+where a message is what ``/messages`` takes; the statuses are applied to the
+replies with that provider_id in the same commit as the messages (when the
+store groups them, as it does for writes submitted together).
 """
 
 from __future__ import annotations
@@ -16,15 +22,26 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from chatq.shared.errors import StoreError
-from chatq.tenant_worker.messages import MAX_TEXT_CHARS, Message, storable
+from chatq.tenant_worker.messages import (
+    MAX_TEXT_CHARS,
+    Message,
+    StatusCounts,
+    StatusUpdate,
+    storable,
+)
 from chatq.tenant_worker.pipeline import Accepted
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
+# The gateway forwards Meta's batches (up to 3 MB each, raw objects included),
+# several at once: a bound far above that, far below harm.
+MAX_UPDATES_BYTES = 32 << 20
+MAX_TYPE_CHARS = 64
+STATUS_NAMES = ("sent", "delivered", "read", "failed")
 MAX_ID_CHARS = 256
 # At stop, how long requests still in progress get (aiohttp's default is 60 s):
 # one whose body is still arriving would otherwise hold the worker's exit past
@@ -32,7 +49,10 @@ MAX_ID_CHARS = 256
 SHUTDOWN_GRACE = 0.5
 
 Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
+# Queue status updates now (to share the messages' commit); await the outcome later.
+ApplyStatuses = Callable[[Sequence[StatusUpdate]], Awaitable[StatusCounts]]
 Probe = Callable[[], dict[str, Any]]
+T = TypeVar("T")
 
 
 class IngestState(Enum):
@@ -105,17 +125,67 @@ def parse_message(item: object, where: str, tenant_id: str, now: float) -> Messa
         sender=_string(item, where, "from", required=False),
         ts=_timestamp(item, where),
         received_at=now,
+        type=_kind(item, where),
+        payload=_payload(item, where),
     )
 
 
-def parse_body(raw: bytes, tenant_id: str, now: float) -> list[Message]:
-    """The messages of a ``POST /messages`` body: one object or a non-empty list."""
+def _kind(item: dict[str, Any], where: str) -> str:
+    value = _string(item, where, "type", required=False)
+    if value is None:
+        return "text"
+    if not value or len(value) > MAX_TYPE_CHARS:
+        raise BadMessage(f"{where}.type: must be 1 to {MAX_TYPE_CHARS} characters")
+    return value
+
+
+def _payload(item: dict[str, Any], where: str) -> dict[str, Any] | None:
+    value = item.get("payload")
+    if value is not None and not isinstance(value, dict):
+        raise BadMessage(f"{where}.payload: must be an object, got {type(value).__name__}")
+    return value
+
+
+def _status_update(item: object, where: str) -> StatusUpdate:
+    if not isinstance(item, dict):
+        raise BadMessage(f"{where}: must be an object, got {type(item).__name__}")
+    status = item.get("status")
+    if status not in STATUS_NAMES:
+        raise BadMessage(f"{where}.status: must be one of {', '.join(STATUS_NAMES)}")
+    error = _string(item, where, "error", required=False)
+    return StatusUpdate(_identifier(item, where, "id"), str(status), error)
+
+
+def _json_body(raw: bytes) -> Any:
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except ValueError as exc:  # also bad UTF-8 and integers over 4300 digits
         raise BadMessage(f"body: not valid JSON ({exc})") from None
     except RecursionError:
         raise BadMessage("body: not valid JSON (nested too deeply)") from None
+
+
+def parse_updates(
+    raw: bytes, tenant_id: str, now: float
+) -> tuple[list[Message], list[StatusUpdate]]:
+    """The messages and statuses of a ``POST /whatsapp/updates`` body."""
+    body = _json_body(raw)
+    if not isinstance(body, dict):
+        raise BadMessage(f"body: must be an object, got {type(body).__name__}")
+    unknown = sorted(set(body) - {"messages", "statuses"})
+    if unknown:
+        raise BadMessage(f"body.{unknown[0][:80]}: unknown field")
+    items, states = body.get("messages", []), body.get("statuses", [])
+    if not isinstance(items, list) or not isinstance(states, list):
+        raise BadMessage("body: messages and statuses must be lists")
+    messages = [parse_message(m, f"messages[{n}]", tenant_id, now) for n, m in enumerate(items)]
+    statuses = [_status_update(s, f"statuses[{n}]") for n, s in enumerate(states)]
+    return messages, statuses
+
+
+def parse_body(raw: bytes, tenant_id: str, now: float) -> list[Message]:
+    """The messages of a ``POST /messages`` body: one object or a non-empty list."""
+    body = _json_body(raw)
     if isinstance(body, dict):
         return [parse_message(body, "message", tenant_id, now)]
     if isinstance(body, list):
@@ -136,16 +206,20 @@ class Ingest:
         accept: Accept,
         probe: Probe,
         *,
+        apply_statuses: ApplyStatuses | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.tenant_id = tenant_id
         self.state = IngestState.STARTING
         self._accept = accept
         self._probe = probe
+        self._apply_statuses = apply_statuses
         self._clock = clock
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        # Each route checks its own limit (`_read`); this is the largest.
+        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES)
         self.app.router.add_post("/messages", self.post_messages)
+        self.app.router.add_post("/whatsapp/updates", self.post_updates)
         self.app.router.add_get("/health", self.health)
 
     async def start(self, socket_path: Path, port: int | None = None) -> None:
@@ -169,19 +243,24 @@ class Ingest:
             await self._runner.cleanup()
             self._runner = None
 
-    async def post_messages(self, request: web.Request) -> web.Response:
+    async def _body(
+        self, request: web.Request, limit: int, parse: Callable[[bytes, str, float], T]
+    ) -> T | web.Response:
+        """The parsed body, or the answer that refuses it (503, 413, 400)."""
         if self.state is not IngestState.RUNNING:
             return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return _error(413, f"body over {MAX_BODY_BYTES} bytes")
+        raw = await _read(request, limit)
+        if isinstance(raw, web.Response):
+            return raw
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body over {MAX_BODY_BYTES} bytes")
-        try:
-            messages = parse_body(raw, self.tenant_id, self._clock())
+            return parse(raw, self.tenant_id, self._clock())
         except BadMessage as exc:
             return _error(400, str(exc))
+
+    async def post_messages(self, request: web.Request) -> web.Response:
+        messages = await self._body(request, MAX_BODY_BYTES, parse_body)
+        if isinstance(messages, web.Response):
+            return messages
         try:
             result = await self._accept(messages)
         except StoreError as exc:
@@ -195,9 +274,56 @@ class Ingest:
             status=202,
         )
 
+    async def post_updates(self, request: web.Request) -> web.Response:
+        """The gateway's messages and statuses: 200 with counts once all are committed."""
+        parsed = await self._body(request, MAX_UPDATES_BYTES, parse_updates)
+        if isinstance(parsed, web.Response):
+            return parsed
+        messages, statuses = parsed
+        try:
+            accepted, counts = await self._commit_updates(messages, statuses)
+        except StoreError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        body = {
+            "accepted": accepted.accepted,
+            "duplicates": accepted.duplicates,
+            "rejected": accepted.rejected,
+            "statuses_applied": counts.applied,
+            "statuses_stale": counts.stale,
+            "statuses_unknown": counts.unknown,
+        }
+        return web.json_response(body, status=200)
+
+    async def _commit_updates(
+        self, messages: list[Message], statuses: list[StatusUpdate]
+    ) -> tuple[Accepted, StatusCounts]:
+        """Statuses first (queued, not awaited), then the messages: one group commit."""
+        applying: Awaitable[StatusCounts] | None = None
+        if statuses:
+            if self._apply_statuses is None:
+                raise StoreError("this worker takes no delivery statuses")
+            applying = self._apply_statuses(statuses)
+        try:
+            accepted = await self._accept(messages) if messages else Accepted(0, 0, 0)
+        finally:
+            counts = await applying if applying is not None else StatusCounts()
+        return accepted, counts
+
     async def health(self, _request: web.Request) -> web.Response:
         body = {"tenant": self.tenant_id, "status": self.state.value, **self._probe()}
         return web.json_response(body, status=200 if self.state is IngestState.RUNNING else 503)
+
+
+async def _read(request: web.Request, limit: int) -> bytes | web.Response:
+    """The whole body, or the 413 answer when it is over `limit` bytes."""
+    too_big = _error(413, f"body over {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        return too_big
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return too_big
+    return too_big if len(raw) > limit else raw
 
 
 def _clear_socket_path(path: Path) -> None:

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from chatq.shared.text import storable, storable_text
+
+__all__ = [
+    "MAX_TEXT_CHARS",
+    "Message",
+    "Reply",
+    "StatusCounts",
+    "StatusUpdate",
+    "storable",
+    "storable_text",
+]
 
 MAX_TEXT_CHARS = 4096
 
@@ -18,6 +31,8 @@ class Message:
     sender: str | None = None
     ts: float | None = None  # the sender's own timestamp, if it sent one
     received_at: float = 0.0  # wall-clock seconds when ingest accepted it
+    type: str = "text"  # a channel's message kind: text, image, button, ... (WhatsApp)
+    payload: dict[str, Any] | None = None  # the channel's raw message object, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,21 +47,19 @@ class Reply:
     next_attempt_at: float = 0.0
 
 
-def storable(text: str) -> bool:
-    """Whether SQLite can store `text` as UTF-8: not with a lone surrogate in it.
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A provider's delivery status for a sent reply (found by its provider_id)."""
 
-    JSON (``"\\ud800"``) and Python strings allow lone surrogates; UTF-8 has
-    no encoding for them.
-    """
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    provider_id: str
+    status: str  # sent | delivered | read | failed
+    error: str | None = None  # "code: title", for failed
 
 
-def storable_text(text: str) -> str:
-    """`text`, with any lone surrogate written as an escape (for error texts and log lines)."""
-    return text if storable(text) else text.encode("utf-8", "backslashreplace").decode()
+@dataclass(frozen=True, slots=True)
+class StatusCounts:
+    """What applying statuses did: moved a reply, changed nothing, or found no reply."""
+
+    applied: int = 0
+    stale: int = 0  # already there or further on (re-delivered, out of order)
+    unknown: int = 0  # no reply has that provider_id

@@ -43,7 +43,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import aiosqlite
 
 from chatq.shared.errors import StoreError
-from chatq.tenant_worker.messages import Message, Reply, storable_text
+from chatq.tenant_worker.delivery import advance
+from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
 
 __all__ = [
     "MESSAGE_STATUSES",
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 MESSAGE_STATUSES = ("queued", "processing", "processed", "failed", "rejected")
-REPLY_STATUSES = ("pending", "sent", "failed")
+REPLY_STATUSES = ("pending", "sent", "delivered", "read", "failed")
 
 _V1 = (
     """CREATE TABLE messages (
@@ -91,15 +92,48 @@ _V1 = (
     "CREATE INDEX replies_by_message ON replies (message_id)",
 )
 
+_REPLY_COLUMNS = (
+    "id, message_id, chat_id, text, status, attempts, next_attempt_at, provider_id,"
+    " last_error, created_at, sent_at"
+)
+# WhatsApp: a message's kind and raw object; replies move on to delivered and
+# read. SQLite cannot change a CHECK, so `replies` is rebuilt (rows and indexes kept).
+_V2 = (
+    "ALTER TABLE messages ADD COLUMN type TEXT NOT NULL DEFAULT 'text'",
+    "ALTER TABLE messages ADD COLUMN payload TEXT",  # JSON, or NULL
+    """CREATE TABLE replies_v2 (
+        id              INTEGER PRIMARY KEY,
+        message_id      TEXT    NOT NULL REFERENCES messages (id),
+        chat_id         TEXT    NOT NULL,
+        text            TEXT    NOT NULL,
+        status          TEXT    NOT NULL CHECK (status IN
+                            ('pending', 'sent', 'delivered', 'read', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL    NOT NULL,
+        provider_id     TEXT,
+        last_error      TEXT,
+        created_at      REAL    NOT NULL,
+        sent_at         REAL
+    )""",
+    f"INSERT INTO replies_v2 ({_REPLY_COLUMNS}) SELECT {_REPLY_COLUMNS} FROM replies",
+    "DROP TABLE replies",
+    "ALTER TABLE replies_v2 RENAME TO replies",
+    "CREATE INDEX replies_pending ON replies (id) WHERE status = 'pending'",
+    "CREATE INDEX replies_by_message ON replies (message_id)",
+    "CREATE INDEX replies_by_provider ON replies (provider_id)",  # statuses find them by it
+)
+
 # Forward migrations: entry N (0-based) takes the schema from user_version N
 # to N + 1. Append only; never edit a released entry.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 
 # Page cache per connection. Writes touch the tail of each table and index,
 # reads are rare (replay, counts): SQLite's default 2 MiB per connection bought
 # no throughput in bench/worker_bench.py and was 4 MB of a worker's 60 MB.
 CACHE_KIB = 256
-_MESSAGE_COLUMNS = "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error"
+_MESSAGE_COLUMNS = (
+    "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error, type, payload"
+)
 
 T = TypeVar("T")
 
@@ -227,6 +261,14 @@ class Store:
         """Record that a reply cannot be delivered; counts the attempt."""
         await self._submit(_FailReply(reply_id, storable_text(error)))
 
+    async def apply_statuses(self, updates: Sequence[StatusUpdate]) -> StatusCounts:
+        """Move replies, found by provider_id, along their delivery statuses."""
+        return await self.apply_statuses_soon(updates)
+
+    def apply_statuses_soon(self, updates: Sequence[StatusUpdate]) -> asyncio.Future[StatusCounts]:
+        """`apply_statuses` without waiting: queued now, so it can share a commit."""
+        return self._enqueue(_ApplyStatuses(list(updates)))
+
     # -- reads ----------------------------------------------------------------
 
     async def unfinished_messages(self) -> list[StoredMessage]:
@@ -274,8 +316,11 @@ class Store:
             raise StoreError(f"store {self.path}: {_one_line(exc)}") from exc
 
     def _stored_message(self, row: tuple[Any, ...]) -> StoredMessage:
-        seq, mid, chat_id, sender, text, ts, received_at, status, attempts, last_error = row
-        message = Message(mid, chat_id, text, self.tenant_id, sender, ts, received_at)
+        seq, mid, chat_id, sender, text, ts, received_at, status, attempts, last_error = row[:10]
+        kind, payload = row[10], json.loads(row[11]) if row[11] is not None else None
+        message = Message(
+            mid, chat_id, text, self.tenant_id, sender, ts, received_at, kind, payload
+        )
         return StoredMessage(message, seq, status, attempts, last_error)
 
     async def _shutdown(self) -> None:
@@ -608,13 +653,16 @@ class _AddMessages(_Op[list[bool]]):
             op.outcome = fresh
         _insert_rows(
             db,
-            "INSERT INTO messages (id, chat_id, sender, text, ts, received_at, status, updated_at)",
+            "INSERT INTO messages (id, chat_id, sender, text, ts, received_at, type, payload,"
+            " status, updated_at)",
             rows,
         )
 
 
 def _message_row(m: Message, now: float) -> tuple[Any, ...]:
-    return (m.id, m.chat_id, m.sender, m.text, m.ts, m.received_at or now)
+    # ASCII JSON: a lone surrogate in a provider's payload is kept as its escape.
+    payload = None if m.payload is None else json.dumps(m.payload)
+    return (m.id, m.chat_id, m.sender, m.text, m.ts, m.received_at or now, m.type, payload)
 
 
 @dataclass(eq=False)
@@ -812,3 +860,61 @@ class _FailReply(_RowUpdate):
 
     def params(self, now: float) -> tuple[Any, ...]:
         return (self.reply_id, self.error)
+
+
+@dataclass(eq=False)
+class _ApplyStatuses(_Op[StatusCounts]):
+    """Delivery statuses for replies found by provider_id (see tenant_worker/delivery.py)."""
+
+    NAME = "apply_statuses"
+    TABLE = "replies"
+    updates: list[StatusUpdate]
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("provider_id", update.provider_id) for update in self.updates]
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        ids = [update.provider_id for op in ops for update in op.updates]
+        sql = (
+            "SELECT id, provider_id, status, last_error FROM replies"
+            " WHERE provider_id IN (SELECT value FROM json_each(?))"
+        )
+        found: dict[str, list[list[Any]]] = {}
+        for rid, provider_id, status, error in _fetch(db, sql, _json(ids)):
+            found.setdefault(provider_id, []).append([rid, status, error])
+        changed: dict[int, list[Any]] = {}
+        for op in ops:
+            op.outcome = _advance_all(op.updates, found, changed)
+        rows = [(rid, status, error) for rid, (status, error) in changed.items()]
+        if rows:
+            db.execute(
+                "UPDATE replies SET status = j.value ->> 1, last_error = j.value ->> 2"
+                " FROM json_each(?) AS j WHERE replies.id = j.value ->> 0",
+                (_json(rows),),
+            )
+
+
+def _advance_all(
+    updates: Sequence[StatusUpdate],
+    found: dict[str, list[list[Any]]],
+    changed: dict[int, list[Any]],
+) -> StatusCounts:
+    """Apply `updates` in order to the rows in `found` (changed in place); count them."""
+    applied = stale = unknown = 0
+    for update in updates:
+        rows = found.get(update.provider_id)
+        if not rows:
+            unknown += 1
+            continue
+        moved = False
+        for row in rows:
+            new = advance(row[1], update.status)
+            if new is not None:
+                row[1] = new
+                if new == "failed":
+                    row[2] = storable_text(update.error or "failed")
+                changed[row[0]] = [row[1], row[2]]
+                moved = True
+        applied, stale = (applied + 1, stale) if moved else (applied, stale + 1)
+    return StatusCounts(applied=applied, stale=stale, unknown=unknown)

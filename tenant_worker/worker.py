@@ -33,7 +33,7 @@ from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
 from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
-from chatq.shared.pipe_link import PipeLink
+from chatq.shared.pipe_link import PipeLink, beat
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.outbox import Outbox
@@ -196,7 +196,12 @@ class Worker:
         pipeline = Pipeline(
             tenant, store, parts.handler, outbox, stats, on_fatal=self._store_failed
         )
-        ingest = Ingest(tenant.id, pipeline.accept, lambda: _probe(pipeline, outbox))
+        ingest = Ingest(
+            tenant.id,
+            pipeline.accept,
+            lambda: _probe(pipeline, outbox),
+            apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
+        )
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
             [row.message for row in unfinished],
@@ -236,20 +241,8 @@ class Worker:
             await service.ingest.stop()
 
     async def _heartbeats(self) -> None:
-        """Beat from the event loop, so a blocked loop goes silent.
-
-        After the first beat, beats fall on multiples of the interval in wall
-        time: every worker beats at the same instants, and the supervisor
-        wakes once per interval for all of them instead of once per worker.
-        """
-        if self.link is None:
-            return
-        interval = self.config.supervisor.heartbeat_interval_s
-        seq = 0
-        while True:
-            seq += 1
-            self.link.send(self._heartbeat(seq))
-            await asyncio.sleep(interval - time.time() % interval)
+        if self.link is not None:
+            await beat(self.link, self.config.supervisor.heartbeat_interval_s, self._heartbeat)
 
     def _heartbeat(self, seq: int) -> protocol.Heartbeat:
         pipeline = self._pipeline
@@ -284,19 +277,7 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if self.link is not None:
-            loop.add_reader(self.link.conn.fileno(), self._on_pipe)
-
-    def _on_pipe(self) -> None:
-        assert self.link is not None
-        try:
-            frame = protocol.recv(self.link.conn)
-        except (EOFError, OSError, protocol.ProtocolError):
-            asyncio.get_running_loop().remove_reader(self.link.conn.fileno())
-            self.link.broken = True
-            self.request_stop("supervisor went away")
-            return
-        if isinstance(frame, protocol.Stop):
-            self.request_stop(frame.reason)
+            self.link.watch(self.request_stop)
 
 
 def _probe(pipeline: Pipeline, outbox: Outbox) -> dict[str, Any]:

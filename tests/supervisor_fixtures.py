@@ -87,15 +87,23 @@ def gone(pid: int) -> bool:
 
 
 def _table(lines: list[str], header: str, values: Mapping[str, object]) -> None:
+    """A table, then a sub-table for each mapping value (e.g. [tenants.whatsapp])."""
     lines.append(header)
-    lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
+    name = header.strip("[]")
+    nested = {key: value for key, value in values.items() if isinstance(value, Mapping)}
+    lines.extend(
+        f"{key} = {toml_value(value)}" for key, value in values.items() if key not in nested
+    )
     lines.append("")
+    for key, value in nested.items():
+        _table(lines, f"[{name}.{key}]", value)
 
 
 def toml_text(
     supervisor: Mapping[str, object],
     defaults: Mapping[str, object],
     tenants: Mapping[str, Mapping[str, object]],
+    gateway: Mapping[str, object] | None = None,
 ) -> str:
     """A chatq config file: ``tenants`` maps each tenant id to its own keys."""
     lines: list[str] = []
@@ -103,6 +111,8 @@ def toml_text(
     _table(lines, "[defaults]", defaults)
     for tenant_id, keys in tenants.items():
         _table(lines, "[[tenants]]", {"id": tenant_id, **keys})
+    if gateway is not None:
+        _table(lines, "[gateway]", gateway)
     return "\n".join(lines)
 
 
@@ -275,6 +285,7 @@ class SupervisorHarness:
         *,
         supervisor: Mapping[str, object] | None = None,
         defaults: Mapping[str, object] | None = None,
+        gateway: Mapping[str, object] | None = None,
     ) -> Path:
         """Write (or rewrite) the config file; `supervisor`/`defaults` override the fast ones."""
         settings = {
@@ -283,7 +294,7 @@ class SupervisorHarness:
             **FAST_SUPERVISOR,
             **(supervisor or {}),
         }
-        text = toml_text(settings, {**FAST_DEFAULTS, **(defaults or {})}, tenants)
+        text = toml_text(settings, {**FAST_DEFAULTS, **(defaults or {})}, tenants, gateway)
         self.config_path.write_text(text, encoding="utf-8")
         return self.config_path
 

@@ -95,6 +95,8 @@ async def test_http_posts_the_message_as_json(service: FakeService, http_handler
             "text": "hey",
             "from": "alice",
             "ts": 12.5,
+            "type": "text",
+            "payload": None,
             "tenant_id": "t",
             "attempt": 2,
         }

@@ -50,6 +50,7 @@ async def test_entry_shape_with_replies(store: Store, db_path: Path) -> None:
             "chat_id": "c1",
             "from": "alice",
             "text": "hello",
+            "type": "text",
             "status": "processed",
             "attempts": 1,
             "last_error": None,
@@ -61,6 +62,7 @@ async def test_entry_shape_with_replies(store: Store, db_path: Path) -> None:
                     "status": "sent",
                     "attempts": 1,
                     "provider_id": "prov-9",
+                    "last_error": None,
                     "sent_at": "2026-11-28T12:00:00.123Z",
                 },
                 {
@@ -69,6 +71,7 @@ async def test_entry_shape_with_replies(store: Store, db_path: Path) -> None:
                     "status": "pending",
                     "attempts": 0,
                     "provider_id": None,
+                    "last_error": None,
                     "sent_at": None,
                 },
             ],

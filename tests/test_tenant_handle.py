@@ -22,12 +22,16 @@ from typing import Any
 
 import pytest
 from fakes import FakeClock
+from pydantic import SecretStr
 
 from chatq.config import ChatqConfig, SupervisorSettings, TenantConfig
+from chatq.config.settings import GatewaySettings, GatewayWhatsApp, WhatsAppSettings
 from chatq.shared import protocol
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.supervisor import program as program_module
 from chatq.supervisor import tenant as tenant_module
 from chatq.supervisor.commands import COMMANDS
+from chatq.supervisor.gateway import handle as gateway_handle_module
 from chatq.supervisor.logstream import LogStream
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.supervisor import Supervisor
@@ -112,7 +116,7 @@ class FakeSpawner:
 def spawner(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSpawner]:
     fake = FakeSpawner()
     monkeypatch.setattr(tenant_module, "spawn_worker", fake.spawn)
-    monkeypatch.setattr(tenant_module, "_signal", fake.record_signal)
+    monkeypatch.setattr(program_module, "_signal", fake.record_signal)
     yield fake
     fake.close()
 
@@ -186,11 +190,11 @@ def test_log_frames_are_passed_on_and_kept_in_the_tail(
     spawner: FakeSpawner, clock: FakeClock
 ) -> None:
     handle = running_handle(clock)
-    for n in range(tenant_module.LOG_TAIL + 5):
+    for n in range(program_module.LOG_TAIL + 5):
         assert handle.on_frame(protocol.LogRecord(line=f"line {n}", level="INFO")) == f"line {n}"
     tail = handle.details()["log_tail"]
-    assert len(tail) == tenant_module.LOG_TAIL
-    assert tail[-1] == f"line {tenant_module.LOG_TAIL + 4}"
+    assert len(tail) == program_module.LOG_TAIL
+    assert tail[-1] == f"line {program_module.LOG_TAIL + 4}"
 
 
 def test_crash_backs_off_then_restarts(spawner: FakeSpawner, clock: FakeClock) -> None:
@@ -383,7 +387,7 @@ def test_a_failed_spawn_is_a_failure_not_a_crash(spawner: FakeSpawner, clock: Fa
 def test_no_ready_in_boot_timeout_is_hung(spawner: FakeSpawner, clock: FakeClock) -> None:
     handle = make_handle(clock)
     handle.start(CTX)
-    clock.advance(tenant_module.BOOT_TIMEOUT)
+    clock.advance(program_module.BOOT_TIMEOUT)
     assert not handle.is_hung()
     clock.advance(0.01)
     assert handle.is_hung()
@@ -812,3 +816,56 @@ def test_shutdown_stops_everything_and_starts_nothing(
     t.sup._start_due()
     assert [h.state for h in t.sup.handles()] == [State.STOPPED, State.STOPPED]
     assert not any(h.alive for h in t.sup.handles())
+
+
+# -- the gateway as a program ------------------------------------------------------------
+
+
+def with_gateway(config: ChatqConfig, secret: str = "s") -> ChatqConfig:
+    gateway = GatewaySettings(
+        listen="127.0.0.1:8080",
+        whatsapp=GatewayWhatsApp(app_secret=SecretStr(secret), verify_token=SecretStr("v")),
+    )
+    return config.model_copy(update={"gateway": gateway})
+
+
+def wa_tenant(tenant_id: str, number: str) -> TenantConfig:
+    return TenantConfig(
+        id=tenant_id,
+        whatsapp=WhatsAppSettings(phone_number_id=number, access_token=SecretStr("t")),
+    )
+
+
+def test_reload_adds_keeps_restarts_and_removes_the_gateway(
+    make_supervisor: Callable[..., Any], spawner: FakeSpawner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        gateway_handle_module,
+        "spawn_gateway",
+        lambda ctx, config: spawner.spawn(ctx, config, "gateway"),
+    )
+    t: SupervisorUnderTest = make_supervisor(wa_tenant("a", "111"))
+    plain = make_config(wa_tenant("a", "111"))
+    t.reload_to.append(with_gateway(plain))
+    assert t.sup.reload()["added"] == ["gateway"]
+    gateway = t.sup.handle("gateway")
+    assert (
+        gateway.summary()["kind"] == "gateway" and t.sup.handle("a").summary()["kind"] == "tenant"
+    )
+    first = gateway.pid
+
+    t.reload_to.append(with_gateway(plain))
+    assert t.sup.reload()["unchanged"] == ["a", "gateway"]
+    assert spawner.sent(first) == []
+
+    t.reload_to.append(with_gateway(make_config(wa_tenant("a", "222"))))  # a new number
+    assert t.sup.reload()["changed"] == ["a", "gateway"]
+    assert spawner.sent(first) == [signal.SIGTERM]
+    t.exit("gateway", 0)
+    t.sup._start_due()
+    assert t.sup.handle("gateway").pid not in (None, first)
+
+    t.reload_to.append(make_config(wa_tenant("a", "222")))
+    assert t.sup.reload()["removed"] == ["gateway"]
+    with pytest.raises(NoSuchTenant):
+        t.sup.handle("gateway")

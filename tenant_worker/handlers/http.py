@@ -113,6 +113,8 @@ def _payload(message: Message, ctx: HandlerContext) -> dict[str, Any]:
         "text": message.text,
         "from": message.sender,
         "ts": message.ts,
+        "type": message.type,
+        "payload": message.payload,
         "tenant_id": ctx.tenant_id,
         "attempt": ctx.attempt,
     }

@@ -1,0 +1,441 @@
+"""The gateway end to end: signed webhooks -> gateway -> 4 tenants' workers -> 200.
+
+    .venv/bin/python bench/gateway_bench.py [--repeat 3] [--quick] [--json]
+        [--webhooks 20000] [--clients 32] [--seconds 20]
+
+Four real workers (``python -m chatq.tenant_worker``: echo handler, local
+transport, limits out of the way) and the gateway (``python -m
+chatq.supervisor.gateway``) run in a temporary folder. Bodies are built and
+signed (HMAC-SHA256, as Meta does) before any clock starts; the numbers are
+spread round-robin over the four tenants. The client is aiohttp with
+keep-alive connections, on the same machine.
+
+1. single: --clients concurrent senders post --webhooks webhooks of one
+   message each as fast as they are answered: webhooks/s (= messages/s).
+2. batch: the same with 50 messages per webhook (one tenant each): webhooks/s
+   and messages/s.
+3. latency: open loop at 500 single-message webhooks/s for --seconds: p50 and
+   p99 webhook -> 200 as the client sees it, and the worst post lateness.
+4. gateway RSS: peak over the run.
+5. gateway alone: phase 1 again with stand-ins that answer 200 at once in
+   place of the workers (nothing committed): what the gateway itself costs.
+6. ceiling: a bare aiohttp app (TCP, reads the body, answers 200) with the
+   same client, bodies and concurrency: webhooks/s, and the gateway's ratios.
+
+Every answer must be 200 (anything else aborts the run), and at the end of
+phases 1-3 the stores must hold every message sent: a 200 means committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from worker_bench import ResourceWatch, percentile, wait_healthy, worker_env
+
+from chatq.shared.whatsapp.webhook import sign
+
+TENANTS = ("t1", "t2", "t3", "t4")
+NUMBERS = {tenant: f"10000000000{n}" for n, tenant in enumerate(TENANTS)}
+SECRET = "bench-app-secret"
+BATCH = 50
+LATENCY_RATE = 500.0
+TARGETS = {"single_webhooks_per_s": 3000.0, "p99_ms": 50.0, "rss_mb": 60.0}
+Result = dict[str, float]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_config(folder: Path, port: int) -> Path:
+    tenants = "".join(
+        f"""
+[[tenants]]
+id = "{tenant}"
+[tenants.whatsapp]
+phone_number_id = "{number}"
+access_token = "unused"
+"""
+        for tenant, number in NUMBERS.items()
+    )
+    text = f"""
+[supervisor]
+run_dir = "run"
+data_dir = "data"
+log_level = "WARNING"
+
+[defaults]
+handler = "echo"
+rate_limit_per_minute = 100000000
+max_queue_size = 1000000
+
+[gateway]
+listen = "127.0.0.1:{port}"
+[gateway.whatsapp]
+app_secret = "{SECRET}"
+verify_token = "bench"
+{tenants}"""
+    path = folder / "tenants.toml"
+    path.write_text(text)
+    return path
+
+
+def spawn(folder: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    with (folder / f"{name}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=folder,
+            env=worker_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_http(url: str, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with aiohttp.ClientSession() as s, s.get(url) as response:
+                if response.status < 500:
+                    return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {within:g} s")
+
+
+@contextlib.contextmanager
+def running_gateway(
+    folder: Path, *, instant: bool = False
+) -> Iterator[tuple[str, list[int], Path]]:
+    """Four workers and the gateway; yields (url, [gateway pid, worker pids], data folder).
+
+    `instant`: stand-ins that answer 200 at once replace the workers (the gateway alone).
+    """
+    port = free_port()
+    config = str(write_config(folder, port))
+    (folder / "run").mkdir(exist_ok=True)
+    procs = [
+        spawn(folder, t, __file__, "--serve-instant-worker", str(folder / "run" / f"{t}.sock"))
+        if instant
+        else spawn(folder, t, "-m", "chatq.tenant_worker", "--config", config, "--tenant", t)
+        for t in TENANTS
+    ]
+    try:
+        for tenant, proc in zip(TENANTS, procs, strict=True):
+            socket_path = folder / "run" / f"{tenant}.sock"
+            if not asyncio.run(wait_healthy(socket_path, proc, 30)):
+                raise RuntimeError(f"worker {tenant} not healthy; see {folder}/{tenant}.log")
+        procs.append(spawn(folder, "gateway", "-m", "chatq.supervisor.gateway", "--config", config))
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(wait_http(url + "/metrics", procs[-1]))
+        yield url + "/whatsapp", [procs[-1].pid, *(p.pid for p in procs[:-1])], folder / "data"
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+def serve_instant_worker(socket_path: str) -> None:
+    """A worker stand-in that commits nothing: reads the body, answers 200 at once."""
+
+    async def updates(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        return web.json_response({"accepted": len(body["messages"]), "duplicates": 0})
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "running"})
+
+    app = web.Application(client_max_size=32 << 20)
+    app.router.add_post("/whatsapp/updates", updates)
+    app.router.add_get("/health", health)
+    web.run_app(app, path=socket_path, access_log=None, print=None)
+
+
+def serve_bare(port: int) -> None:
+    """The ceiling: reads the body, answers 200 (run in its own process)."""
+
+    async def webhook(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"messages": 1, "statuses": 0, "unknown_numbers": 0})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    app = web.Application(client_max_size=4 << 20)
+    app.router.add_post("/whatsapp", webhook)
+    app.router.add_get("/metrics", metrics)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# -- bodies and the client -----------------------------------------------------------
+
+
+def webhook(prefix: str, start: int, count: int, number: str) -> bytes:
+    messages = [
+        {
+            "from": f"1555{n % 1000:04d}",
+            "id": f"wamid.{prefix}.{n}",
+            "timestamp": "1700000000",
+            "type": "text",
+            "text": {"body": f"hello {n}"},
+        }
+        for n in range(start, start + count)
+    ]
+    contacts = [{"profile": {"name": "Bench"}, "wa_id": m["from"]} for m in messages]
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550000000", "phone_number_id": number},
+        "contacts": contacts,
+        "messages": messages,
+    }
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"value": value, "field": "messages"}]}],
+    }
+    return json.dumps(body).encode()
+
+
+def signed(prefix: str, webhooks: int, per_webhook: int) -> list[tuple[bytes, str]]:
+    numbers = list(NUMBERS.values())
+    out = []
+    for n in range(webhooks):
+        body = webhook(prefix, n * per_webhook, per_webhook, numbers[n % len(numbers)])
+        out.append((body, sign(body, SECRET)))
+    return out
+
+
+async def post(client: aiohttp.ClientSession, url: str, item: tuple[bytes, str]) -> float:
+    body, signature = item
+    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": signature}
+    start = time.perf_counter()
+    async with client.post(url, data=body, headers=headers) as response:
+        answer = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"webhook answered {response.status}: {answer[:200]!r}")
+    return time.perf_counter() - start
+
+
+async def closed_loop(url: str, items: Sequence[tuple[bytes, str]], clients: int) -> float:
+    """Seconds for `clients` senders to get every item answered 200."""
+    todo = iter(items)
+
+    async def sender(client: aiohttp.ClientSession) -> None:
+        for item in todo:
+            await post(client, url, item)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(client) for _ in range(clients)))
+        return time.perf_counter() - started
+
+
+async def open_loop(
+    url: str, items: Sequence[tuple[bytes, str]], rate: float
+) -> tuple[list[float], float]:
+    """Post at `rate`/s whatever the answers; each post's seconds and the worst lateness."""
+    latencies: list[float] = []
+    late = 0.0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        tasks = []
+        start = time.perf_counter()
+        for n, item in enumerate(items):
+            due = start + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            late = max(late, time.perf_counter() - due)
+            tasks.append(asyncio.create_task(post(client, url, item)))
+        latencies = list(await asyncio.gather(*tasks))
+    return latencies, late
+
+
+def stored_messages(data: Path) -> int:
+    total = 0
+    for tenant in TENANTS:
+        db = sqlite3.connect(f"file:{data / f'{tenant}.sqlite3'}?mode=ro", uri=True)
+        try:
+            total += db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        finally:
+            db.close()
+    return total
+
+
+# -- one run ---------------------------------------------------------------------------
+
+
+def gateway_phases(args: argparse.Namespace) -> Result:
+    singles = signed("s", args.webhooks, 1)
+    batches = signed("b", max(1, args.webhooks // 10), BATCH)
+    paced = signed("p", int(LATENCY_RATE * args.seconds), 1)
+    result: Result = {}
+    with tempfile.TemporaryDirectory() as tmp, running_gateway(Path(tmp)) as (url, pids, data):
+        pid = pids[0]
+        asyncio.run(closed_loop(url, signed("w", 500, 1), args.clients))  # warm-up
+        peak = 0
+        workers = [ResourceWatch(worker) for worker in pids[1:]]
+        with ResourceWatch(pid) as watch, contextlib.ExitStack() as stack:
+            for worker_watch in workers:
+                stack.enter_context(worker_watch)
+            seconds = asyncio.run(closed_loop(url, singles, args.clients))
+        result["single_webhooks_per_s"] = len(singles) / seconds
+        result["single_cpu_pct"] = 100 * watch.cpu_s / seconds
+        result["workers_cpu_pct"] = 100 * sum(w.cpu_s for w in workers) / seconds
+        peak = max(peak, watch.peak_rss)
+        with ResourceWatch(pid) as watch:
+            seconds = asyncio.run(closed_loop(url, batches, args.clients))
+        result["batch_webhooks_per_s"] = len(batches) / seconds
+        result["batch_msgs_per_s"] = len(batches) * BATCH / seconds
+        peak = max(peak, watch.peak_rss)
+        with ResourceWatch(pid) as watch:
+            latencies, late = asyncio.run(open_loop(url, paced, LATENCY_RATE))
+        result["p50_ms"] = 1000 * percentile(latencies, 50)
+        result["p99_ms"] = 1000 * percentile(latencies, 99)
+        result["late_max_ms"] = 1000 * late
+        result["latency_cpu_pct"] = 100 * watch.cpu_s / args.seconds
+        result["rss_mb"] = max(peak, watch.peak_rss) / 2**20
+        expected = 500 + len(singles) + len(batches) * BATCH + len(paced)
+        if stored_messages(data) != expected:
+            raise RuntimeError(f"stores hold {stored_messages(data)} messages, sent {expected}")
+    return result
+
+
+def gateway_alone(args: argparse.Namespace) -> Result:
+    """1-message webhooks/s through the gateway to instant stand-ins, and its CPU."""
+    items = signed("i", args.webhooks, 1)
+    with tempfile.TemporaryDirectory() as tmp, running_gateway(Path(tmp), instant=True) as run:
+        url, pids, _ = run
+        asyncio.run(closed_loop(url, signed("w", 500, 1), args.clients))
+        with ResourceWatch(pids[0]) as watch:
+            seconds = asyncio.run(closed_loop(url, items, args.clients))
+    return {
+        "alone_webhooks_per_s": len(items) / seconds,
+        "alone_cpu_pct": 100 * watch.cpu_s / seconds,
+    }
+
+
+def ceiling(args: argparse.Namespace) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(port)], env=worker_env())
+    try:
+        asyncio.run(wait_http(f"http://127.0.0.1:{port}/metrics", proc))
+        url = f"http://127.0.0.1:{port}/whatsapp"
+        asyncio.run(closed_loop(url, signed("w", 500, 1), args.clients))
+        items = signed("c", args.webhooks, 1)
+        return len(items) / asyncio.run(closed_loop(url, items, args.clients))
+    finally:
+        stop(proc)
+
+
+def one_run(args: argparse.Namespace) -> Result:
+    result = gateway_phases(args)
+    result.update(gateway_alone(args))
+    result["bare_webhooks_per_s"] = ceiling(args)
+    result["vs_bare"] = result["single_webhooks_per_s"] / result["bare_webhooks_per_s"]
+    result["alone_vs_bare"] = result["alone_webhooks_per_s"] / result["bare_webhooks_per_s"]
+    return result
+
+
+ROWS: tuple[tuple[str, str, str], ...] = (
+    ("single_webhooks_per_s", "gateway: 1-message webhooks (= msgs/s)", "{:,.0f} /s"),
+    ("single_cpu_pct", "gateway CPU during the 1-message phase", "{:.0f} %"),
+    ("workers_cpu_pct", "4 workers' CPU during the 1-message phase", "{:.0f} %"),
+    ("batch_webhooks_per_s", "gateway: 50-message webhooks", "{:,.0f} /s"),
+    ("batch_msgs_per_s", "gateway: messages in 50-message webhooks", "{:,.0f} /s"),
+    ("p50_ms", "p50 webhook -> 200 @500 webhooks/s", "{:.1f} ms"),
+    ("p99_ms", "p99 webhook -> 200 @500 webhooks/s", "{:.1f} ms"),
+    ("late_max_ms", "client: worst post lateness @500/s", "{:.1f} ms"),
+    ("latency_cpu_pct", "gateway CPU @500 webhooks/s", "{:.0f} %"),
+    ("rss_mb", "gateway peak RSS", "{:.1f} MB"),
+    (
+        "alone_webhooks_per_s",
+        "gateway alone (workers answer at once): 1-msg webhooks",
+        "{:,.0f} /s",
+    ),
+    ("alone_cpu_pct", "gateway CPU, alone", "{:.0f} %"),
+    ("bare_webhooks_per_s", "ceiling: bare aiohttp app answering 200", "{:,.0f} /s"),
+    ("vs_bare", "gateway end to end / bare app", "{:.2f}x"),
+    ("alone_vs_bare", "gateway alone / bare app", "{:.2f}x"),
+)
+
+
+def meets(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    ok = value >= TARGETS[key] if key.endswith("_per_s") else value <= TARGETS[key]
+    sign_text = ">=" if key.endswith("_per_s") else "<="
+    return f"{sign_text} {TARGETS[key]:,.0f} {'met' if ok else 'MISSED'}"
+
+
+def report(result: Result, args: argparse.Namespace) -> str:
+    lines = [
+        f"CPython {platform.python_version()}, {os.cpu_count()} CPUs; {args.webhooks:,} webhooks,"
+        f" {args.clients} clients, {len(TENANTS)} tenants; medians of {args.repeat} run(s)"
+    ]
+    for key, label, fmt in ROWS:
+        lines.append(f"{label:<56} {fmt.format(result[key]):>12}  {meets(key, result[key])}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--webhooks", type=int, default=20_000)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve-bare", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-instant-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare:
+        serve_bare(args.serve_bare)
+        return
+    if args.serve_instant_worker:
+        serve_instant_worker(args.serve_instant_worker)
+        return
+    if args.quick:
+        args.webhooks, args.seconds = 2_000, 2.0
+    runs: list[Result] = []
+    for n in range(args.repeat):
+        runs.append(one_run(args))
+        print(
+            f"run {n + 1}: {json.dumps({k: round(v, 2) for k, v in runs[-1].items()})}",
+            file=sys.stderr,
+        )
+    result = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    if args.json:
+        print(json.dumps({"median": result, "runs": runs}, indent=2))
+    else:
+        print(report(result, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The gateway's HTTP face (aiohttp): Meta's handshake and webhooks, and its metrics.
+
+    GET  /whatsapp[/<tenant>]   hub.mode=subscribe + the right hub.verify_token
+                                -> 200 with hub.challenge as the plain body; else 403
+    POST /whatsapp[/<tenant>]   X-Hub-Signature-256 over the raw body: missing 401,
+                                wrong 403; body over max_body_bytes 413; not JSON or
+                                not an update 400; then every tenant's part is forwarded
+                                and the answer is 200 only once all are committed,
+                                503 if any is not (Meta re-delivers; the committed
+                                parts come back as duplicates). Unknown numbers: 200.
+    GET  /metrics               Prometheus text (see supervisor/gateway/stats.py)
+
+Nothing is stored here: an acknowledged update is in the tenants' stores, so
+the process may be killed at any moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from chatq.shared.errors import ForwardError
+from chatq.shared.whatsapp.webhook import (
+    SIGNATURE_HEADER,
+    BadUpdate,
+    Routed,
+    Signature,
+    parse_update,
+    verify_signature,
+)
+from chatq.supervisor.gateway.routes import Path, Routes, Split
+from chatq.supervisor.gateway.stats import GatewayStats
+
+__all__ = ["Forward", "GatewayApp"]
+
+MAX_CHALLENGE_CHARS = 256
+Forward = Callable[[str, Routed], Awaitable[None]]
+"""Hands one tenant's part to its worker; returns once committed, else ForwardError."""
+
+
+class GatewayApp:
+    """The routes and their handlers; the forwarding and the clock are injected."""
+
+    def __init__(
+        self,
+        routes: Routes,
+        verify_token: str,
+        forward: Forward,
+        stats: GatewayStats,
+        *,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._routes = routes
+        self._verify_token = verify_token
+        self._forward = forward
+        self.stats = stats
+        self._max_body = max_body_bytes
+        self._clock = clock
+        self.app = web.Application(client_max_size=max_body_bytes)
+        self.app.router.add_get("/whatsapp", self.handshake)
+        self.app.router.add_get("/whatsapp/{tenant}", self.handshake)
+        self.app.router.add_post("/whatsapp", self.webhook)
+        self.app.router.add_post("/whatsapp/{tenant}", self.webhook)
+        self.app.router.add_get("/metrics", self.metrics)
+
+    async def handshake(self, request: web.Request) -> web.Response:
+        query = request.query
+        token = query.get("hub.verify_token", "")
+        challenge = query.get("hub.challenge", "")
+        ok = (
+            self._path(request) is not None  # an unknown tenant's path: 403 like a wrong token
+            and query.get("hub.mode") == "subscribe"
+            and hmac.compare_digest(token.encode(), self._verify_token.encode())
+        )
+        if not ok or len(challenge) > MAX_CHALLENGE_CHARS:
+            logger.warning("handshake refused on {}: wrong mode or verify token", request.path)
+            return self._answer(403, "verification failed")
+        logger.info("handshake answered on {}", request.path)
+        self.stats.answered(200)
+        return web.Response(text=challenge, content_type="text/plain")
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        started = self._clock()
+        self.stats.in_flight += 1
+        try:
+            code, body = await self._webhook(request)
+        finally:
+            self.stats.in_flight -= 1
+        self.stats.answered(code, self._clock() - started)
+        return web.json_response(body, status=code)
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.stats.exposition(), content_type="text/plain")
+
+    # -- one webhook ------------------------------------------------------------
+
+    async def _webhook(self, request: web.Request) -> tuple[int, dict[str, Any]]:
+        path = self._path(request)
+        if path is None:
+            return 404, {"error": "no such tenant"}
+        raw = await self._read(request)
+        if raw is None:
+            return 413, {"error": f"body over {self._max_body} bytes"}
+        refused = self._check_signature(request, raw, path)
+        if refused is not None:
+            return refused
+        try:
+            routed = parse_update(json.loads(raw))
+        except (ValueError, RecursionError) as exc:  # BadUpdate is a ValueError too
+            reason = str(exc) if isinstance(exc, BadUpdate) else "body is not JSON"
+            logger.warning("webhook refused (400): {:.300}", reason)
+            return 400, {"error": reason[:300]}
+        split = self._routes.split(routed, path)
+        self._note_unknown(split)
+        return await self._forward_all(split)
+
+    def _path(self, request: web.Request) -> Path | None:
+        return self._routes.path(request.match_info.get("tenant"))
+
+    async def _read(self, request: web.Request) -> bytes | None:
+        """The raw body, read once; None when it is over the limit."""
+        if request.content_length is not None and request.content_length > self._max_body:
+            return None
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return None
+        return raw if len(raw) <= self._max_body else None
+
+    def _check_signature(
+        self, request: web.Request, raw: bytes, path: Path
+    ) -> tuple[int, dict[str, Any]] | None:
+        if path.secret is None:
+            logger.warning("webhook on {} refused: no app_secret configured for it", request.path)
+            return 403, {"error": "no app_secret configured for this path"}
+        verdict = verify_signature(raw, request.headers.get(SIGNATURE_HEADER), path.secret)
+        if verdict is Signature.MISSING:
+            logger.warning("webhook on {} refused: no {} header", request.path, SIGNATURE_HEADER)
+            return 401, {"error": f"missing {SIGNATURE_HEADER}"}
+        if verdict is Signature.BAD:
+            logger.warning("webhook on {} refused: wrong signature", request.path)
+            return 403, {"error": "signature does not match"}
+        return None
+
+    def _note_unknown(self, split: Split) -> None:
+        for number in split.unknown:
+            self.stats.unknown_numbers.inc()
+            logger.warning("webhook for phone_number_id {:.40} which no tenant has", number)
+
+    async def _forward_all(self, split: Split) -> tuple[int, dict[str, Any]]:
+        tenants = list(split.parts)
+        outcomes = await asyncio.gather(
+            *(self._forward(tenant, split.parts[tenant]) for tenant in tenants),
+            return_exceptions=True,
+        )
+        failed = {}
+        for tenant, outcome in zip(tenants, outcomes, strict=True):
+            if isinstance(outcome, ForwardError):
+                failed[tenant] = str(outcome)
+            elif isinstance(outcome, BaseException):
+                logger.opt(exception=outcome).error("forwarding to {} failed", tenant)
+                failed[tenant] = "internal error"
+        if failed:
+            logger.warning("webhook answered 503: {}", "; ".join(failed.values()))
+            return 503, {"error": "not committed now; send again", "tenants": sorted(failed)}
+        return 200, {
+            "messages": sum(len(part.messages) for part in split.parts.values()),
+            "statuses": sum(len(part.statuses) for part in split.parts.values()),
+            "unknown_numbers": len(split.unknown),
+        }
+
+    def _answer(self, code: int, error: str) -> web.Response:
+        self.stats.answered(code)
+        return web.json_response({"error": error}, status=code)

@@ -1,0 +1,176 @@
+"""Hands each tenant's part of a webhook to that tenant's worker, over its unix socket.
+
+    await forwarder.forward("acme", part)    # returns once committed; ForwardError if not
+
+``POST /whatsapp/updates`` on the worker's socket answers 200 only after its
+commit, so a part that returned is durable. Concurrent webhooks for one
+tenant are coalesced: while `MAX_IN_FLIGHT` posts to a tenant are under way
+the next parts wait and then go together, as one post and one commit (the
+worker's dedup makes a part that appears twice harmless). Every part's
+caller gets the outcome of the post that carried it.
+
+A worker that restarted drops its keep-alive connections: a post that fails
+on such a connection is sent once more (re-sending is safe, it is deduped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from chatq.shared.errors import ForwardError
+from chatq.shared.whatsapp.webhook import Routed
+from chatq.supervisor.gateway.stats import GatewayStats
+from chatq.supervisor.gateway.unix_http import BadAnswer, Dropped, UnixHTTP, Unreachable
+
+__all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
+
+MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
+MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
+
+_Waiting = tuple[Routed, "asyncio.Future[None]"]
+
+
+class TenantLink:
+    """One tenant's worker socket."""
+
+    def __init__(self, tenant_id: str, socket: Path, timeout: float, stats: GatewayStats) -> None:
+        self.tenant_id = tenant_id
+        self._timeout = timeout
+        self._stats = stats
+        self._client = UnixHTTP(socket, timeout=timeout)
+        self._waiting: list[_Waiting] = []
+        self._sending = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def forward(self, part: Routed) -> None:
+        """Return once `part` is committed by the worker; ForwardError if it is not."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((part, done))
+        self._pump()
+        await done
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._client.aclose()
+
+    def _pump(self) -> None:
+        while self._waiting and self._sending < MAX_IN_FLIGHT:
+            batch: list[_Waiting] = []
+            size = 0
+            while self._waiting and (
+                not batch or size + _items(self._waiting[0][0]) <= MAX_BATCH_ITEMS
+            ):
+                batch.append(self._waiting.pop(0))
+                size += _items(batch[-1][0])
+            self._sending += 1
+            task = asyncio.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Waiting]) -> None:
+        try:
+            await self._deliver(batch)
+        finally:
+            self._sending -= 1
+            self._pump()
+
+    async def _deliver(self, batch: list[_Waiting]) -> None:
+        """Post the batch and settle every part's future with the outcome."""
+        outcome: ForwardError | None = None
+        try:
+            status, answer = await self._post([part for part, _ in batch])
+        except ForwardError as exc:
+            outcome = exc
+        else:
+            if status == 400 and len(batch) > 1:  # one bad part must not sink the others
+                for item in batch:
+                    await self._deliver([item])
+                return
+            if status == 200:
+                self._count(batch, answer)
+            else:
+                outcome = _refusal(self.tenant_id, status, answer)
+        for _, done in batch:
+            if done.done():
+                continue
+            if outcome is None:
+                done.set_result(None)
+            else:
+                done.set_exception(outcome)
+
+    async def _post(self, parts: Sequence[Routed]) -> tuple[int, dict[str, Any]]:
+        body = _body(parts)
+        for attempt in (1, 2):
+            try:
+                status, raw = await self._client.post("/whatsapp/updates", body)
+            except Unreachable as exc:
+                raise ForwardError(f"tenant {self.tenant_id}: not running ({exc})") from None
+            except Dropped as exc:  # e.g. a kept-alive connection to a worker since restarted
+                if attempt == 2:
+                    raise ForwardError(f"tenant {self.tenant_id}: {exc}") from None
+                continue
+            except TimeoutError:
+                raise ForwardError(
+                    f"tenant {self.tenant_id}: no answer within {self._timeout:g}s"
+                ) from None
+            except (OSError, BadAnswer) as exc:
+                raise ForwardError(
+                    f"tenant {self.tenant_id}: {type(exc).__name__}: {exc}"
+                ) from None
+            return status, _answer(raw)
+        raise AssertionError("unreachable")
+
+    def _count(self, batch: list[_Waiting], answer: dict[str, Any]) -> None:
+        messages = sum(len(part.messages) for part, _ in batch)
+        statuses = sum(len(part.statuses) for part, _ in batch)
+        counts = {k: v for k, v in answer.items() if isinstance(v, int)}
+        self._stats.committed(self.tenant_id, messages, statuses, counts)
+
+
+class Forwarder:
+    """A `TenantLink` per tenant, made on first use."""
+
+    def __init__(self, sockets: dict[str, Path], timeout: float, stats: GatewayStats) -> None:
+        self._links = {
+            tenant_id: TenantLink(tenant_id, socket, timeout, stats)
+            for tenant_id, socket in sockets.items()
+        }
+
+    async def forward(self, tenant_id: str, part: Routed) -> None:
+        await self._links[tenant_id].forward(part)
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(link.aclose() for link in self._links.values()))
+
+
+def _items(part: Routed) -> int:
+    return len(part.messages) + len(part.statuses)
+
+
+def _body(parts: Sequence[Routed]) -> bytes:
+    body = {
+        "messages": [m for part in parts for m in part.messages],
+        "statuses": [s.as_json() for part in parts for s in part.statuses],
+    }
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate in a payload: JSON escapes carry it
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _answer(raw: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _refusal(tenant_id: str, status: int, answer: dict[str, Any]) -> ForwardError:
+    error = str(answer.get("error") or f"HTTP {status}")[:300]
+    return ForwardError(f"tenant {tenant_id}: {status} {error}")

@@ -1,0 +1,97 @@
+"""The gateway's own figures: Prometheus metrics on its ``GET /metrics`` and heartbeat counts.
+
+    chatq_gateway_requests_total{code}              webhooks (and handshakes) by answer
+    chatq_gateway_forwarded_messages_total{tenant}  messages committed by a tenant's worker
+    chatq_gateway_forwarded_statuses_total{tenant}  statuses handed to a tenant's worker
+    chatq_gateway_duplicates_total{tenant}          messages a worker already had (re-deliveries)
+    chatq_gateway_unknown_statuses_total{tenant}    statuses for no known reply
+    chatq_gateway_unknown_numbers_total             changes for a phone number no tenant has
+    chatq_gateway_request_seconds                   webhook received -> answered (histogram)
+
+No label holds a secret, a phone number or anything a sender chose: only
+answer codes and configured tenant ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from chatq.shared import protocol
+
+__all__ = ["GatewayStats"]
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class GatewayStats:
+    """Counters of one gateway process (since it started)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    in_flight: int = 0
+    forwarded: int = 0
+    refused: int = 0  # 4xx answers
+    unavailable: int = 0  # 503 answers
+    duplicates: int = 0
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "chatq_gateway_requests", "Requests by answer code", ["code"], registry=r
+        )
+        self.messages = Counter(
+            "chatq_gateway_forwarded_messages", "Messages committed", ["tenant"], registry=r
+        )
+        self.statuses = Counter(
+            "chatq_gateway_forwarded_statuses", "Statuses handed over", ["tenant"], registry=r
+        )
+        self.duplicate_messages = Counter(
+            "chatq_gateway_duplicates", "Re-delivered messages", ["tenant"], registry=r
+        )
+        self.unknown_statuses = Counter(
+            "chatq_gateway_unknown_statuses", "Statuses for no known reply", ["tenant"], registry=r
+        )
+        self.unknown_numbers = Counter(
+            "chatq_gateway_unknown_numbers", "Changes for a number no tenant has", registry=r
+        )
+        self.latency = Histogram(
+            "chatq_gateway_request_seconds", "Webhook -> answer", buckets=_BUCKETS, registry=r
+        )
+
+    def answered(self, code: int, seconds: float | None = None) -> None:
+        self.requests.labels(str(code)).inc()
+        if seconds is not None:
+            self.latency.observe(seconds)
+        if code == 503:
+            self.unavailable += 1
+        elif 400 <= code < 500:
+            self.refused += 1
+
+    def committed(self, tenant: str, messages: int, statuses: int, answer: dict[str, int]) -> None:
+        """A tenant's part is committed; `answer` is its worker's counts."""
+        self.forwarded += messages
+        self.duplicates += answer.get("duplicates", 0)
+        self.messages.labels(tenant).inc(messages)
+        self.statuses.labels(tenant).inc(statuses)
+        self.duplicate_messages.labels(tenant).inc(answer.get("duplicates", 0))
+        self.unknown_statuses.labels(tenant).inc(answer.get("statuses_unknown", 0))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def heartbeat(self, seq: int, now: float) -> protocol.Heartbeat:
+        """The gateway's beat: in_flight webhooks, processed = messages forwarded,
+        failed = 503 answers, rejected = 4xx answers, duplicates = re-deliveries."""
+        return protocol.Heartbeat(
+            seq=seq,
+            time=now,
+            queued=0,
+            in_flight=self.in_flight,
+            processed=self.forwarded,
+            failed=self.unavailable,
+            rejected=self.refused,
+            duplicates=self.duplicates,
+            rate_limited=0,
+        )
