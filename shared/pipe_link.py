@@ -40,10 +40,13 @@ from multiprocessing.connection import Connection
 from chatq.shared import protocol
 from chatq.shared.text import storable_text
 
-__all__ = ["MAX_LOG_LINE", "MAX_QUEUED_LINES", "PipeLink", "beat"]
+__all__ = ["EXIT_FLUSH_S", "MAX_LOG_LINE", "MAX_QUEUED_LINES", "PipeLink", "beat"]
 
 MAX_LOG_LINE = 64 * 1024  # a huge traceback is cut, not dropped with its frame
 MAX_QUEUED_LINES = 1_000  # a busy second of INFO lines; well under 1 MB
+# How long an exiting child waits for its last frames to reach the supervisor
+# (a supervisor that is not reading must not hold the exit up).
+EXIT_FLUSH_S = 1.0
 
 
 class PipeLink:

@@ -33,7 +33,7 @@ from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
 from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
-from chatq.shared.pipe_link import PipeLink, beat
+from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.outbox import Outbox
@@ -51,9 +51,6 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
-# How long an exiting worker waits for its last frames to reach the supervisor
-# (a supervisor that is not reading must not hold the exit up).
-EXIT_FLUSH_S = 1.0
 
 
 class _StoppedWhileBooting(Exception):

@@ -28,7 +28,7 @@ from chatq.config.settings import GatewaySettings
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError
 from chatq.shared.log import setup_logging
-from chatq.shared.pipe_link import PipeLink, beat
+from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.supervisor.gateway.app import GatewayApp
 from chatq.supervisor.gateway.forwarder import Forwarder
 from chatq.supervisor.gateway.routes import Routes
@@ -140,6 +140,14 @@ class Gateway:
 def run_gateway(config: ChatqConfig, conn: Connection | None = None) -> int:
     """The entry point in the gateway process; returns its exit code."""
     link = PipeLink(conn) if conn is not None else None
+    try:
+        return _run_gateway(config, link)
+    finally:
+        if link is not None:
+            link.flush(EXIT_FLUSH_S)  # its last words: BootFailed, "stopped"
+
+
+def _run_gateway(config: ChatqConfig, link: PipeLink | None) -> int:
     settings = config.supervisor
     try:
         setup_logging(
