@@ -11,7 +11,9 @@
     │   └── PermanentHandlerError   ... in a way retrying will not fix
     ├── TransportError              sending a reply failed
     │   ├── RetryableTransportError ... for now (5xx, timeout, connection)
-    │   └── PermanentTransportError ... for good (4xx, bad recipient)
+    │   │   └── PairRateLimitError  ... to one recipient too often: back off that chat
+    │   ├── PermanentTransportError ... for good (4xx, bad recipient)
+    │   └── SendingPausedError      ... for every chat until an operator acts (bad token)
     └── ControlError                an ops request could not be served
         ├── SupervisorNotRunning    no supervisor answers on the control socket
         └── NoSuchTenant            the request names an unknown tenant
@@ -88,6 +90,14 @@ class PermanentTransportError(TransportError):
     """Sending failed for good (4xx, unknown recipient): do not try again."""
 
 
+class PairRateLimitError(RetryableTransportError):
+    """Too many messages to one recipient (WhatsApp 131056): back off that chat only."""
+
+
+class SendingPausedError(TransportError):
+    """The provider refuses all of the tenant's sending (bad token, account locked): pause."""
+
+
 class ControlError(ChatqError):
     """An ops request could not be served."""
 
@@ -111,12 +121,14 @@ __all__ = [
     "HandlerError",
     "HandlerTimeoutError",
     "NoSuchTenant",
+    "PairRateLimitError",
     "PermanentHandlerError",
     "PermanentTransportError",
     "QueueClearedError",
     "QueueError",
     "QueueFullError",
     "RetryableTransportError",
+    "SendingPausedError",
     "StoreError",
     "SupervisorNotRunning",
     "TransportError",
