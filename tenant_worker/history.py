@@ -60,11 +60,12 @@ def _last_messages(
 def _attach_replies(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> None:
     by_message = {entry["id"]: entry["replies"] for entry in entries}
     rows = conn.execute(
-        "SELECT message_id, id, text, status, attempts, provider_id, sent_at FROM replies"
+        "SELECT message_id, id, text, status, attempts, provider_id, last_error, sent_at"
+        " FROM replies"
         " WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY id",
         [json.dumps(list(by_message))],
     )
-    for message_id, rid, text, status, attempts, provider_id, sent_at in rows:
+    for message_id, rid, text, status, attempts, provider_id, last_error, sent_at in rows:
         by_message[message_id].append(
             {
                 "id": rid,
@@ -72,6 +73,7 @@ def _attach_replies(conn: sqlite3.Connection, entries: list[dict[str, Any]]) -> 
                 "status": status,
                 "attempts": attempts,
                 "provider_id": provider_id,
+                "last_error": last_error,
                 "sent_at": iso_utc(sent_at),
             }
         )
@@ -90,7 +92,8 @@ def format_transcript(entries: Sequence[Mapping[str, Any]]) -> str:
     """Readable transcript, one block per chat (in order of first appearance).
 
     `2026-11-28 12:00:00  c1  <- [processed] hello` for a message, then
-    `    -> [sent] hello` for each of its replies. Empty for no entries.
+    `    -> [sent] hello` for each of its replies (with ``(error: ...)`` when a
+    pending or failed one has a last error). Empty for no entries.
     """
     chats: dict[str, list[Mapping[str, Any]]] = {}
     for entry in entries:
@@ -108,10 +111,15 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         if entry.get("last_error") and entry["status"] != "processed":
             line += f"  (error: {_flat(entry['last_error'])})"
         lines.append(line)
-        lines.extend(
-            f"    -> [{reply['status']}] {_flat(reply['text'])}" for reply in entry["replies"]
-        )
+        lines.extend(_reply_line(reply) for reply in entry["replies"])
     return lines
+
+
+def _reply_line(reply: Mapping[str, Any]) -> str:
+    line = f"    -> [{reply['status']}] {_flat(reply['text'])}"
+    if reply.get("last_error") and reply["status"] in ("pending", "failed"):
+        line += f"  (error: {_flat(reply['last_error'])})"
+    return line
 
 
 def _flat(text: str) -> str:

@@ -22,6 +22,11 @@ amortised, and memory holds only keys with a grant inside the window.
 
 A log is a flat array of doubles (8 bytes a grant; a deque of float objects
 costs ~35): a worker sending 1,000 replies a second holds 60,000 grants.
+
+Per second: `throughput_limiter(rate)` is the same log over slices of about a
+tenth of a second (e.g. 8 per 0.102 s for 80/s), so a number's sends are
+spread over each second instead of leaving in one burst of `rate`, and any
+1 s window still holds at most `rate` grants.
 """
 
 from __future__ import annotations
@@ -33,7 +38,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["RateLimiter"]
+__all__ = ["THROUGHPUT_MARGIN", "RateLimiter", "throughput_limiter"]
+
+# Each slice is this much longer than rate/slices implies: what reaches the
+# provider may bunch up by network jitter, and its count must not exceed the
+# tier. Costs 2 % of the rate; covers 20 ms of jitter (see throughput_limiter).
+THROUGHPUT_MARGIN = 0.02
+_SLICES = 10  # at least this many slices a second, when the rate allows
 
 
 @dataclass
@@ -172,3 +183,29 @@ class RateLimiter:
             if self._logs[key].newest() + self._window > now:
                 return
             del self._logs[key]
+
+
+def throughput_limiter(
+    per_second: int,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    *,
+    margin: float = THROUGHPUT_MARGIN,
+) -> RateLimiter:
+    """A limiter granting at most `per_second` per key over any 1 s window, spread out.
+
+    The second is cut into n = per_second / k slices of k grants, k the largest
+    divisor of `per_second` that leaves at least 10 slices (k = 1 below 10/s).
+    A 1 s window overlaps at most n slices of (1 + margin) / n s, so it holds
+    at most n * k = per_second grants; and arrival jitter up to `margin`
+    seconds cannot push more than that into one second at the far end.
+    """
+    if isinstance(per_second, bool) or not isinstance(per_second, int) or per_second < 1:
+        raise ValueError(f"per_second must be an integer >= 1, got {per_second!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    slice_size = max(
+        (k for k in range(1, per_second // _SLICES + 1) if per_second % k == 0), default=1
+    )
+    window = slice_size / per_second * (1 + margin)
+    return RateLimiter(slice_size, clock, sleep, window=window)

@@ -15,7 +15,7 @@ from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatq.tenant_worker.rate_limiter import RateLimiter
+from chatq.tenant_worker.rate_limiter import RateLimiter, throughput_limiter
 
 WINDOW = 60.0
 
@@ -374,3 +374,30 @@ def test_try_acquire_grants_whenever_the_window_has_room(
             model[key].append(clock.now)
         live = sum(1 for times in model.values() if times and times[-1] + WINDOW > clock.now)
         assert len(limiter) == live
+
+
+@pytest.mark.parametrize("rate", [1, 7, 15, 20, 80, 85, 97, 1000])
+async def test_throughput_limiter_holds_any_second_to_the_rate_and_spreads_it(
+    rate: int, clock: FakeClock
+) -> None:
+    limiter = throughput_limiter(rate, clock, AdvancingSleep(clock))
+    start = clock()
+    times = []
+    for _ in range(3 * rate):
+        await limiter.acquire("number")
+        times.append(clock() - start)
+    # Two pointers: the most grants in any half-open 1 s window.
+    busiest, first = 0, 0
+    for last, at in enumerate(times):
+        while times[first] <= at - 1.0:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    assert busiest <= rate
+    span = times[-1] + (times[1] - times[0] if rate > 1 else 1.0)
+    assert 3 * rate / span >= 0.95 * rate  # not much slower than the tier
+    assert max(times.count(t) for t in set(times)) <= max(1, rate // 10)  # no big bursts
+
+
+def test_throughput_limiter_refuses_a_bad_rate() -> None:
+    with pytest.raises(ValueError, match="per_second must be an integer >= 1"):
+        throughput_limiter(0)
