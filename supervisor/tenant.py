@@ -310,6 +310,10 @@ class TenantHandle:
             "rejected": beat.rejected if beat else 0,
             "duplicates": beat.duplicates if beat else 0,
             "rate_limited": beat.rate_limited if beat else 0,
+            "replies_sent": beat.replies_sent if beat else 0,
+            "replies_failed": beat.replies_failed if beat else 0,
+            "replies_retried": beat.replies_retried if beat else 0,
+            "paused": beat.paused if beat else None,
             "rss_bytes": stats.rss_bytes if stats else None,
         }
 
@@ -334,6 +338,7 @@ class TenantHandle:
                 else None
             ),
             "boot_error": self.boot_error,
+            "paused_since": self.heartbeat.paused_since if self.heartbeat else None,
             "busiest": [list(pair) for pair in self.heartbeat.busiest] if self.heartbeat else [],
             "log_tail": list(self.log_tail),
         }
