@@ -11,6 +11,9 @@ It answers ``POST /{version}/{phone_number_id}/messages``: per recipient
 Answers: `OK`, `error(code)` (Meta's error body, HTTP 400 unless told),
 `HTTP_500` (a server page, no JSON) and `HANG` (no answer until the fake
 stops: the client's timeout fires).
+
+`fake_graph_in_thread()` runs one on its own loop in a thread, for tests
+whose waits block (the supervisor harness) and for benchmarks.
 """
 
 from __future__ import annotations
@@ -19,15 +22,26 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["HANG", "HTTP_500", "OK", "Answer", "FakeGraph", "GraphRequest", "error", "fake_graph"]
+__all__ = [
+    "HANG",
+    "HTTP_500",
+    "OK",
+    "Answer",
+    "FakeGraph",
+    "GraphRequest",
+    "error",
+    "fake_graph",
+    "fake_graph_in_thread",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +172,28 @@ async def fake_graph() -> AsyncIterator[FakeGraph]:
     finally:
         graph.release()
         await runner.cleanup()
+
+
+@contextlib.contextmanager
+def fake_graph_in_thread() -> Iterator[FakeGraph]:
+    """A `fake_graph` served from a daemon thread's own loop; stopped on exit."""
+    ready: list[tuple[FakeGraph, asyncio.AbstractEventLoop, asyncio.Event]] = []
+    started = threading.Event()
+
+    async def serve() -> None:
+        done = asyncio.Event()
+        async with fake_graph() as graph:
+            ready.append((graph, asyncio.get_running_loop(), done))
+            started.set()
+            await done.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("the fake Graph API did not start")
+    graph, loop, done = ready[0]
+    try:
+        yield graph
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        thread.join(10)
