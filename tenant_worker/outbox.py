@@ -49,7 +49,7 @@ from chatq.shared.errors import (
 )
 from chatq.tenant_worker.chat_queue import ChatQueueManager
 from chatq.tenant_worker.messages import Reply
-from chatq.tenant_worker.rate_limiter import RateLimiter, throughput_limiter
+from chatq.tenant_worker.rate_limiter import RateLimiter, ThroughputLimiter
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.transports import Transport
 
@@ -117,7 +117,7 @@ class Outbox:
             RateLimiter(tenant_per_minute, monotonic, sleep) if tenant_per_minute else None
         )
         self._per_number = (
-            throughput_limiter(number_per_second, monotonic, sleep) if number_per_second else None
+            ThroughputLimiter(number_per_second, monotonic, sleep) if number_per_second else None
         )
         self._retry_backoff = retry_backoff
         self._jitter = jitter

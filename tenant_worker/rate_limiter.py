@@ -23,28 +23,25 @@ amortised, and memory holds only keys with a grant inside the window.
 A log is a flat array of doubles (8 bytes a grant; a deque of float objects
 costs ~35): a worker sending 1,000 replies a second holds 60,000 grants.
 
-Per second: `throughput_limiter(rate)` is the same log over slices of about a
-tenth of a second (e.g. 8 per 0.102 s for 80/s), so a number's sends are
-spread over each second instead of leaving in one burst of `rate`, and any
-1 s window still holds at most `rate` grants.
+Per second: `ThroughputLimiter(rate)` paces one sender (a WhatsApp number)
+evenly, one grant per (1 + margin) / rate s, under a hard cap of this log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["THROUGHPUT_MARGIN", "RateLimiter", "throughput_limiter"]
+__all__ = ["THROUGHPUT_MARGIN", "RateLimiter", "ThroughputLimiter"]
 
-# Each slice is this much longer than rate/slices implies: what reaches the
-# provider may bunch up by network jitter, and its count must not exceed the
-# tier. Costs 2 % of the rate; covers 20 ms of jitter (see throughput_limiter).
+# The pace is this much under the rate: what reaches the provider bunches up
+# by network and scheduling jitter, and its count must not exceed the tier.
 THROUGHPUT_MARGIN = 0.02
-_SLICES = 10  # at least this many slices a second, when the rate allows
 
 
 @dataclass
@@ -185,27 +182,61 @@ class RateLimiter:
             del self._logs[key]
 
 
-def throughput_limiter(
-    per_second: int,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    *,
-    margin: float = THROUGHPUT_MARGIN,
-) -> RateLimiter:
-    """A limiter granting at most `per_second` per key over any 1 s window, spread out.
+class ThroughputLimiter:
+    """At most `per_second` grants in any 1 s window, spread evenly over it.
 
-    The second is cut into n = per_second / k slices of k grants, k the largest
-    divisor of `per_second` that leaves at least 10 slices (k = 1 below 10/s).
-    A 1 s window overlaps at most n slices of (1 + margin) / n s, so it holds
-    at most n * k = per_second grants; and arrival jitter up to `margin`
-    seconds cannot push more than that into one second at the far end.
+    Two rules. The pace: grants follow a fixed schedule, one slot every
+    ``(1 + margin) / per_second`` s; a grant late for its slot (a busy loop)
+    does not push the later slots back, so lateness never adds up to a lower
+    rate; up to ``margin / 2`` s behind, grants catch up at once, further
+    behind (or after an idle spell) the schedule restarts from now, so there
+    is no burst of saved-up slots. The cap: a `RateLimiter` of `per_second` grants per
+    ``1 + margin / 2`` s, exact on the grant times, so even catching up never
+    puts more than `per_second` into one second, and up to ``margin / 2`` s of
+    jitter between a grant and the provider's clock cannot either.
+
+    One sender: the key is ignored. Callers are served FIFO.
     """
-    if isinstance(per_second, bool) or not isinstance(per_second, int) or per_second < 1:
-        raise ValueError(f"per_second must be an integer >= 1, got {per_second!r}")
-    if not 0 <= margin < 1:
-        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
-    slice_size = max(
-        (k for k in range(1, per_second // _SLICES + 1) if per_second % k == 0), default=1
-    )
-    window = slice_size / per_second * (1 + margin)
-    return RateLimiter(slice_size, clock, sleep, window=window)
+
+    def __init__(
+        self,
+        per_second: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        margin: float = THROUGHPUT_MARGIN,
+    ) -> None:
+        if isinstance(per_second, bool) or not isinstance(per_second, int) or per_second < 1:
+            raise ValueError(f"per_second must be an integer >= 1, got {per_second!r}")
+        if not 0 <= margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+        self._interval = (1 + margin) / per_second
+        self._slack = margin / 2
+        self._next = -math.inf  # the next free slot on the schedule
+        self._cap = RateLimiter(per_second, clock, sleep, window=1 + margin / 2)
+        self._clock = clock
+        self._sleep = sleep
+        self._line = asyncio.Lock()
+
+    def try_acquire(self, key: str = "") -> bool:
+        """Take the current slot if it is due and nobody is queued; never waits."""
+        if self._line.locked():
+            return False
+        now = self._clock()
+        slot = self._slot(now)
+        if slot > now or not self._cap.try_acquire(key):
+            return False
+        self._next = slot + self._interval
+        return True
+
+    async def acquire(self, key: str = "") -> None:
+        """Wait for the next slot (and the cap) and take it."""
+        async with self._line:
+            while (slot := self._slot(now := self._clock())) > now:
+                await self._sleep(slot - now)
+            await self._cap.acquire(key)
+            self._next = slot + self._interval
+
+    def _slot(self, now: float) -> float:
+        """The next slot; behind by more than the slack (or idle), the schedule starts now."""
+        return self._next if self._next >= now - self._slack else now
