@@ -24,7 +24,7 @@ A log is a flat array of doubles (8 bytes a grant; a deque of float objects
 costs ~35): a worker sending 1,000 replies a second holds 60,000 grants.
 
 Per second: `ThroughputLimiter(rate)` paces one sender (a WhatsApp number)
-evenly, one grant per (1 + margin) / rate s, under a hard cap of this log.
+evenly, one grant per 1.03 / rate s, under a hard cap of this log.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["THROUGHPUT_MARGIN", "RateLimiter", "ThroughputLimiter"]
+__all__ = ["JITTER_S", "THROUGHPUT_MARGIN", "RateLimiter", "ThroughputLimiter"]
 
-# The pace is this much under the rate: what reaches the provider bunches up
-# by network and scheduling jitter, and its count must not exceed the tier.
-THROUGHPUT_MARGIN = 0.02
+# What reaches the provider bunches up by network and scheduling jitter, and
+# its count must not exceed the tier: the hard cap holds any 1 s + JITTER_S
+# window to the tier, and the pace runs THROUGHPUT_MARGIN under it, which is
+# more than JITTER_S (so the cap only binds while catching up).
+THROUGHPUT_MARGIN = 0.03
+JITTER_S = 0.025
+CATCH_UP_S = 0.01  # how far behind its schedule the pace still catches up at once
 
 
 @dataclass
@@ -188,12 +192,12 @@ class ThroughputLimiter:
     Two rules. The pace: grants follow a fixed schedule, one slot every
     ``(1 + margin) / per_second`` s; a grant late for its slot (a busy loop)
     does not push the later slots back, so lateness never adds up to a lower
-    rate; up to ``margin / 2`` s behind, grants catch up at once, further
-    behind (or after an idle spell) the schedule restarts from now, so there
-    is no burst of saved-up slots. The cap: a `RateLimiter` of `per_second` grants per
-    ``1 + margin / 2`` s, exact on the grant times, so even catching up never
-    puts more than `per_second` into one second, and up to ``margin / 2`` s of
-    jitter between a grant and the provider's clock cannot either.
+    rate; up to CATCH_UP_S behind, grants catch up at once, further behind
+    (or after an idle spell) the schedule restarts from now, so there is no
+    burst of saved-up slots. The cap: a `RateLimiter` of `per_second` grants
+    per ``1 + jitter`` s, exact on the grant times, so even catching up never
+    puts more than `per_second` into one second, and up to `jitter` s of delay
+    between a grant and the provider's clock cannot either.
 
     One sender: the key is ignored. Callers are served FIFO.
     """
@@ -205,15 +209,17 @@ class ThroughputLimiter:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         *,
         margin: float = THROUGHPUT_MARGIN,
+        jitter: float = JITTER_S,
     ) -> None:
         if isinstance(per_second, bool) or not isinstance(per_second, int) or per_second < 1:
             raise ValueError(f"per_second must be an integer >= 1, got {per_second!r}")
         if not 0 <= margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1) seconds, got {jitter!r}")
         self._interval = (1 + margin) / per_second
-        self._slack = margin / 2
         self._next = -math.inf  # the next free slot on the schedule
-        self._cap = RateLimiter(per_second, clock, sleep, window=1 + margin / 2)
+        self._cap = RateLimiter(per_second, clock, sleep, window=1 + jitter)
         self._clock = clock
         self._sleep = sleep
         self._line = asyncio.Lock()
@@ -239,4 +245,4 @@ class ThroughputLimiter:
 
     def _slot(self, now: float) -> float:
         """The next slot; behind by more than the slack (or idle), the schedule starts now."""
-        return self._next if self._next >= now - self._slack else now
+        return self._next if self._next >= now - CATCH_UP_S else now
