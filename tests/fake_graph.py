@@ -38,6 +38,7 @@ __all__ = [
     "Answer",
     "FakeGraph",
     "GraphRequest",
+    "documented_text_message",
     "error",
     "fake_graph",
     "fake_graph_in_thread",
@@ -57,6 +58,17 @@ class Answer:
 OK = Answer()
 HTTP_500 = Answer(status=500, raw=b"<html><body>Internal Server Error</body></html>")
 HANG = Answer(hang=True)
+
+
+def documented_text_message(to: str, body: str) -> dict[str, Any]:
+    """A text message's JSON body as Meta's reference writes it (the oracle for tests)."""
+    return {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "text",
+        "text": {"preview_url": False, "body": body},
+    }
 
 
 def error(code: int, status: int = 400, message: str = "") -> Answer:

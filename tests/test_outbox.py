@@ -144,12 +144,12 @@ async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
         await outbox.aclose()
 
 
-def failing(times: int, error: Callable[[], Exception]) -> FailWith:
-    """Fail the first `times` sends with `error()`, then succeed."""
+def failing(times: int, error: Callable[[], Exception], text: str | None = None) -> FailWith:
+    """Fail the first `times` sends (of `text`, if given) with `error()`, then succeed."""
     left = [times]
 
-    def fail_with(chat_id: str, text: str) -> Exception | None:
-        if left[0] > 0:
+    def fail_with(chat_id: str, sent: str) -> Exception | None:
+        if left[0] > 0 and text in (None, sent):
             left[0] -= 1
             return error()
         return None
@@ -357,19 +357,6 @@ async def test_with_a_real_store_replies_end_sent_with_their_attempts(tmp_path: 
 # --- long replies, pause, pair rate, the number's throughput (the whatsapp transport) --------
 
 
-def fail_on(text: str, error: Callable[[], Exception], times: int = 1) -> FailWith:
-    """Fail the first `times` sends of `text` with `error()`."""
-    left = [times]
-
-    def fail_with(chat_id: str, sent: str) -> Exception | None:
-        if sent == text and left[0] > 0:
-            left[0] -= 1
-            return error()
-        return None
-
-    return fail_with
-
-
 async def test_a_long_reply_goes_out_in_parts_each_rate_limited(
     make_rig: Callable[..., Rig],
 ) -> None:
@@ -389,7 +376,7 @@ async def test_a_long_reply_goes_out_in_parts_each_rate_limited(
 
 
 async def test_a_retry_resumes_at_the_part_that_failed(make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig(fail_on("bbbb", lambda: RetryableTransportError("130429: slow down")), 4)
+    rig = make_rig(failing(1, lambda: RetryableTransportError("130429: slow down"), "bbbb"), 4)
     first = reply("a", "aaaa bbbb cccc")
     rig.outbox.submit([first])
     await rig.done()
@@ -400,7 +387,7 @@ async def test_a_retry_resumes_at_the_part_that_failed(make_rig: Callable[..., R
 
 
 async def test_a_later_part_failing_for_good_names_the_part(make_rig: Callable[..., Rig]) -> None:
-    failure = fail_on("bbbb", lambda: PermanentTransportError("131047: Re-engagement message"))
+    failure = failing(1, lambda: PermanentTransportError("131047: Re-engagement message"), "bbbb")
     rig = make_rig(failure, 4)
     doomed = reply("a", "aaaa bbbb cccc")
     rig.outbox.submit([doomed, reply("a", "next")])
@@ -504,7 +491,7 @@ async def test_a_pause_sends_nothing_more_and_keeps_replies_pending() -> None:
 async def test_replies_keep_their_order_through_retries_and_pair_rate(
     make_rig: Callable[..., Rig],
 ) -> None:
-    rig = make_rig(fail_on("a1", lambda: PairRateLimitError("131056"), times=2))
+    rig = make_rig(failing(2, lambda: PairRateLimitError("131056"), "a1"))
     rig.outbox.submit([reply("a", f"a{n}") for n in range(1, 5)])
     await rig.done()
     assert [text for _chat, text in rig.transport.sent] == ["a1", "a2", "a3", "a4"]

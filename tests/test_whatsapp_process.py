@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 from conftest import WorkerFactory, WorkerProcess, message, post, wait_until
-from fake_graph import HANG, HTTP_500, FakeGraph, error, fake_graph, fake_graph_in_thread
+from fake_graph import (
+    HANG,
+    HTTP_500,
+    FakeGraph,
+    documented_text_message,
+    error,
+    fake_graph,
+    fake_graph_in_thread,
+)
 from http_fakes import free_port
 from sandbox import wait_for
 from supervisor_fixtures import SupervisorHarness
@@ -85,13 +93,7 @@ async def test_a_reply_leaves_as_meta_documents_and_a_long_one_in_parts(
     first, *parts = graph.requests
     assert first.path == f"/v23.0/{PHONE}/messages"
     assert first.headers["Authorization"] == f"Bearer {TOKEN}"
-    assert first.body == {
-        "messaging_product": "whatsapp",
-        "recipient_type": "individual",
-        "to": "15550001",
-        "type": "text",
-        "text": {"preview_url": False, "body": "hello"},
-    }
+    assert first.body == documented_text_message("15550001", "hello")
     assert len(parts) == 3 and all(len(p.text) <= 4096 for p in parts)
     assert " ".join(p.text for p in parts) == " ".join(f"w{n:04d}" for n in range(1500))
     sent = replies(worker)

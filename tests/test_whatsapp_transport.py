@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from fake_graph import HANG, HTTP_500, FakeGraph, error, fake_graph
+from fake_graph import HANG, HTTP_500, FakeGraph, documented_text_message, error, fake_graph
 from http_fakes import free_port
 
 from chatq.config.settings import TenantConfig, WhatsAppSettings
@@ -62,13 +62,7 @@ async def test_the_request_is_the_one_meta_documents(
     assert request.path == f"/v23.0/{PHONE}/messages"
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
     assert request.headers["Content-Type"].startswith("application/json")
-    assert request.body == {
-        "messaging_product": "whatsapp",
-        "recipient_type": "individual",
-        "to": "15550001",
-        "type": "text",
-        "text": {"preview_url": False, "body": "hello"},
-    }
+    assert request.body == documented_text_message("15550001", "hello")
 
 
 async def test_each_send_gets_its_own_wamid(transport: WhatsAppTransport) -> None:
