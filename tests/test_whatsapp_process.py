@@ -183,16 +183,14 @@ async def test_the_number_sends_at_its_tier_and_never_over_it(
     worker = wa_worker(worker_factory, graph, whatsapp={"messages_per_second": 20})
     await worker.started()
     async with worker.client() as session:
-        batch = [message(f"m{n}", f"user{n}", f"hi {n}") for n in range(50)]
+        batch = [message(f"m{n}", f"user{n}", f"hi {n}") for n in range(30)]
         assert (await post(session, batch))[0] == 202
-    await wait_until(lambda: all_done(worker, 50), within=10, what="50 replies")
+    await wait_until(lambda: all_done(worker, 30), within=10, what="30 replies")
 
     times = sorted(r.at for r in graph.requests)
-    assert len(times) == 50
-    busiest = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
-    assert busiest <= 20
-    span = times[-1] - times[0]  # 49 x 0.0515 s
-    assert 2.4 <= span <= 3.2
+    assert len(times) == 30
+    assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 20
+    assert times[-1] - times[0] >= 29 * 1.03 / 20 - 0.03  # evenly paced, not in a burst
 
 
 # --- with the supervisor: status, metrics, logs ----------------------------------------
