@@ -55,6 +55,7 @@ from chatq.tenant_worker.transports import Transport
 
 REPLY_MAX_ATTEMPTS = 8
 REPLY_BACKOFF_MAX = 300.0
+PAUSE_REASON_MAX = 300  # characters of the provider's reason kept for chatq status
 PAIR_RATE_BACKOFF_MAX = 4.0**6  # 68 min: past that the chat is not coming back soon
 _TENANT_KEY = "*"
 
@@ -226,7 +227,10 @@ class Outbox:
     def _pause(self, exc: SendingPausedError) -> None:
         """The provider refuses the tenant's sending: hold every reply until a restart."""
         if self.paused is None:
-            self.paused = Pause(reason=str(exc), since=self._clock())
+            reason = str(exc)
+            if len(reason) > PAUSE_REASON_MAX:  # it rides every heartbeat
+                reason = reason[: PAUSE_REASON_MAX - 1] + "…"
+            self.paused = Pause(reason=reason, since=self._clock())
             logger.error("sending paused until restart or reload: {}", exc)
 
     async def _acquire(self, chat_id: str) -> None:
