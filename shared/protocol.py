@@ -13,8 +13,8 @@ On the wire a frame is its fields plus ``"kind"``, e.g.
 no missing or unknown ones) and raises `ProtocolError` naming what was wrong;
 `encode` runs the same checks, so a bug shows up in the sender. Fields added
 after a frame kind first shipped are optional on the wire (`_OPTIONAL`): a
-frame from an older worker, without them, decodes with their defaults. A frame is at
-most `MAX_FRAME_BYTES`; `recv` refuses a longer one without reading it into
+frame from an older worker, without them, decodes with their defaults. A
+frame is at most `MAX_FRAME_BYTES`; `recv` refuses a longer one without reading it into
 memory. After a `ProtocolError` from `recv` the connection can no longer be
 read: treat the peer as broken.
 

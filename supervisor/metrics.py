@@ -68,8 +68,8 @@ _WORKER_FIGURES: tuple[tuple[str, str, str, bool], ...] = (
     ("duplicates", "chatq_duplicates", "Duplicate messages dropped since the worker started", True),
     ("rate_limited", "chatq_rate_limited", "Replies that waited for the rate limiter", True),
     ("replies_sent", "chatq_replies_sent", "Replies sent since the worker started", True),
-    ("replies_failed", "chatq_replies_failed", "Replies given up on (idem)", True),
-    ("replies_retried", "chatq_replies_retried", "Reply attempts rescheduled (idem)", True),
+    ("replies_failed", "chatq_replies_failed", "Replies given up on since the start", True),
+    ("replies_retried", "chatq_replies_retried", "Failed reply attempts rescheduled", True),
 )
 _PAUSED = ("chatq_sending_paused", "1 while the provider refuses the tenant's sending, else 0")
 _PROCESS_FIGURES: tuple[tuple[str, str, str], ...] = (
