@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import gc
 import json
 import math
 import os
@@ -147,8 +148,19 @@ def per_full_second(times: Sequence[float]) -> float:
     return bisect.bisect_left(times, times[0] + seconds) / seconds
 
 
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """No collections in this process while measuring: they would stall the fake's clock."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def one_run(tier: int, replies: int) -> Result:
-    with fake_graph_in_thread() as graph, tempfile.TemporaryDirectory() as tmp:
+    with no_gc(), fake_graph_in_thread() as graph, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         with running_worker(folder, write_config(folder, graph.url, tier)) as proc:
             with ResourceWatch(proc.pid) as watch:

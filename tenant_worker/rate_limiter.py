@@ -45,7 +45,10 @@ __all__ = ["JITTER_S", "THROUGHPUT_MARGIN", "RateLimiter", "ThroughputLimiter"]
 # more than JITTER_S (so the cap only binds while catching up).
 THROUGHPUT_MARGIN = 0.03
 JITTER_S = 0.025
-CATCH_UP_S = 0.01  # how far behind its schedule the pace still catches up at once
+# How far behind its schedule the pace still catches up at once: a loop busy
+# with a burst of ingest for 20 ms then loses no slots (measured at 1,000/s:
+# 0.95 of the tier with 10 ms, 0.96 with 25 ms); the cap bounds the catching up.
+CATCH_UP_S = 0.025
 
 
 @dataclass
