@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from fake_graph import HANG, HTTP_500, FakeGraph, documented_text_message, error, fake_graph
+from fake_graph import HANG, HTTP_500, Answer, FakeGraph, documented_text_message, error, fake_graph
 from http_fakes import free_port
 
 from chatq.config.settings import TenantConfig, WhatsAppSettings
@@ -153,3 +153,11 @@ def test_make_transport_builds_it_for_a_whatsapp_tenant() -> None:
     transport = make_transport(tenant)
     assert isinstance(transport, WhatsAppTransport)
     assert transport.split(" ".join(["a"] * 3000)) == ["a " * 2047 + "a", "a " * 951 + "a"]
+
+
+async def test_a_2xx_without_a_message_id_counts_as_sent(
+    graph: FakeGraph, transport: WhatsAppTransport
+) -> None:
+    graph.always = Answer(status=200, raw=b"{}")
+    provider_id = await transport.send("15550001", "hi")
+    assert provider_id.startswith("whatsapp-")  # sending again would send twice
