@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/queue_bench.py
 	$(PY) bench/worker_bench.py
 	$(PY) bench/supervisor_bench.py
+	$(PY) bench/whatsapp_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

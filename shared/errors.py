@@ -11,7 +11,9 @@
     │   └── PermanentHandlerError   ... in a way retrying will not fix
     ├── TransportError              sending a reply failed
     │   ├── RetryableTransportError ... for now (5xx, timeout, connection)
-    │   └── PermanentTransportError ... for good (4xx, bad recipient)
+    │   │   └── PairRateLimitError  ... to one recipient too often: back off that chat
+    │   ├── PermanentTransportError ... for good (4xx, bad recipient)
+    │   └── SendingPausedError      ... for every chat until an operator acts (bad token)
     ├── ForwardError                the gateway could not get an update committed by a tenant
     └── ControlError                an ops request could not be served
         ├── SupervisorNotRunning    no supervisor answers on the control socket
@@ -94,6 +96,14 @@ class ForwardError(ChatqError):
     """The gateway could not get a tenant's part of a webhook committed now (Meta retries)."""
 
 
+class PairRateLimitError(RetryableTransportError):
+    """Too many messages to one recipient (WhatsApp 131056): back off that chat only."""
+
+
+class SendingPausedError(TransportError):
+    """The provider refuses all of the tenant's sending (bad token, account locked): pause."""
+
+
 class ControlError(ChatqError):
     """An ops request could not be served."""
 
@@ -122,12 +132,14 @@ __all__ = [
     "HandlerError",
     "HandlerTimeoutError",
     "NoSuchTenant",
+    "PairRateLimitError",
     "PermanentHandlerError",
     "PermanentTransportError",
     "QueueClearedError",
     "QueueError",
     "QueueFullError",
     "RetryableTransportError",
+    "SendingPausedError",
     "StoreError",
     "SupervisorNotRunning",
     "SupervisorRunning",

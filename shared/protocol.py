@@ -11,8 +11,10 @@ must be checkable field by field.
 On the wire a frame is its fields plus ``"kind"``, e.g.
 ``{"kind": "ready", "pid": 4242}``. `decode` checks every field (type, sign,
 no missing or unknown ones) and raises `ProtocolError` naming what was wrong;
-`encode` runs the same checks, so a bug shows up in the sender. A frame is at
-most `MAX_FRAME_BYTES`; `recv` refuses a longer one without reading it into
+`encode` runs the same checks, so a bug shows up in the sender. Fields added
+after a frame kind first shipped are optional on the wire (`_OPTIONAL`): a
+frame from an older worker, without them, decodes with their defaults. A
+frame is at most `MAX_FRAME_BYTES`; `recv` refuses a longer one without reading it into
 memory. After a `ProtocolError` from `recv` the connection can no longer be
 read: treat the peer as broken.
 
@@ -70,6 +72,9 @@ class Heartbeat:
     """Worker -> supervisor, from the worker's event loop: alive, with counters.
 
     `busiest` lists up to MAX_BUSIEST ``(chat_id, depth)`` pairs, deepest first.
+    `replies_*` count since the worker started; `paused` is why the provider
+    refuses the tenant's sending (None while sending), `paused_since` when
+    that began (epoch seconds).
     """
 
     kind: ClassVar[Literal["heartbeat"]] = "heartbeat"
@@ -83,6 +88,11 @@ class Heartbeat:
     duplicates: int
     rate_limited: int
     busiest: list[tuple[str, int]] = field(default_factory=list)
+    replies_sent: int = 0
+    replies_failed: int = 0
+    replies_retried: int = 0
+    paused: str | None = None
+    paused_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +161,14 @@ def _name(kind: str, name: str, value: object) -> str:
     return value
 
 
+def _optional_text(kind: str, name: str, value: object) -> str | None:
+    return None if value is None else _text(kind, name, value)
+
+
+def _optional_number(kind: str, name: str, value: object) -> float | None:
+    return None if value is None else _number(kind, name, value)
+
+
 def _busiest(kind: str, name: str, value: object) -> list[tuple[str, int]]:
     expected = f"a list of at most {MAX_BUSIEST} [chat_id, depth] pairs"
     if not isinstance(value, list | tuple) or len(value) > MAX_BUSIEST:
@@ -165,12 +183,21 @@ def _busiest(kind: str, name: str, value: object) -> list[tuple[str, int]]:
 
 
 _COUNTERS = ("queued", "in_flight", "processed", "failed", "rejected", "duplicates", "rate_limited")
+_REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried")
 
 _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
     Ready.kind: (Ready, {"pid": _count}),
     Heartbeat.kind: (
         Heartbeat,
-        {"seq": _count, "time": _number, **dict.fromkeys(_COUNTERS, _count), "busiest": _busiest},
+        {
+            "seq": _count,
+            "time": _number,
+            **dict.fromkeys(_COUNTERS, _count),
+            "busiest": _busiest,
+            **dict.fromkeys(_REPLY_COUNTERS, _count),
+            "paused": _optional_text,
+            "paused_since": _optional_number,
+        },
     ),
     BootFailed.kind: (BootFailed, {"reason": _text}),
     LogRecord.kind: (LogRecord, {"line": _text, "level": _name}),
@@ -179,6 +206,10 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
 
 
 _KEYS = {kind: frozenset(checks) | {"kind"} for kind, (_, checks) in _SCHEMAS.items()}
+# Fields a frame may lack (added later; the dataclass default stands in).
+_OPTIONAL: dict[str, frozenset[str]] = {
+    Heartbeat.kind: frozenset({*_REPLY_COUNTERS, "paused", "paused_since"}),
+}
 
 
 def _build(obj: dict[str, Any]) -> Frame:
@@ -191,9 +222,13 @@ def _build(obj: dict[str, Any]) -> Frame:
         unknown = sorted(obj.keys() - _KEYS[kind])
         if unknown:
             raise ProtocolError(f"{kind} frame: unknown field {unknown[0]!r:.80}")
-        missing = [name for name in checks if name not in obj]
-        raise ProtocolError(f"{kind} frame: missing field {missing[0]!r}")
-    return cls(**{name: check(kind, name, obj[name]) for name, check in checks.items()})
+        optional = _OPTIONAL.get(kind, frozenset())
+        missing = [name for name in checks if name not in obj and name not in optional]
+        if missing:
+            raise ProtocolError(f"{kind} frame: missing field {missing[0]!r}")
+    return cls(
+        **{name: check(kind, name, obj[name]) for name, check in checks.items() if name in obj}
+    )
 
 
 def _refuse_constant(constant: str) -> None:

@@ -23,10 +23,14 @@ Per tenant (label ``tenant``):
     chatq_rejected_total          messages refused by a full chat queue (idem)
     chatq_duplicates_total        duplicate messages dropped (since the worker started)
     chatq_rate_limited_total      replies that waited for the rate limiter (idem)
+    chatq_replies_sent_total      replies handed to the provider (idem)
+    chatq_replies_failed_total    replies given up on (idem)
+    chatq_replies_retried_total   reply attempts that failed and were rescheduled (idem)
+    chatq_sending_paused          1 while the provider refuses the tenant's sending, else 0
     chatq_rss_bytes               the worker's resident memory
     chatq_cpu_percent             the worker's CPU use (100 = one core)
 
-The worker's own figures (heartbeat age to rate_limited) are left out while
+The worker's own figures (heartbeat age to sending_paused) are left out while
 the tenant's current worker has sent no heartbeat yet (a stopped tenant keeps
 its last worker's), and rss/cpu while the worker has not been sampled: an
 absent series says "unknown", where a 0 would look like a counter reset or an
@@ -63,7 +67,11 @@ _WORKER_FIGURES: tuple[tuple[str, str, str, bool], ...] = (
     ("rejected", "chatq_rejected", "Messages refused by a full chat queue", True),
     ("duplicates", "chatq_duplicates", "Duplicate messages dropped since the worker started", True),
     ("rate_limited", "chatq_rate_limited", "Replies that waited for the rate limiter", True),
+    ("replies_sent", "chatq_replies_sent", "Replies sent since the worker started", True),
+    ("replies_failed", "chatq_replies_failed", "Replies given up on since the start", True),
+    ("replies_retried", "chatq_replies_retried", "Failed reply attempts rescheduled", True),
 )
+_PAUSED = ("chatq_sending_paused", "1 while the provider refuses the tenant's sending, else 0")
 _PROCESS_FIGURES: tuple[tuple[str, str, str], ...] = (
     ("rss_bytes", "chatq_rss_bytes", "Resident memory of the worker process"),
     ("cpu_percent", "chatq_cpu_percent", "CPU use of the worker process (100 = one core)"),
@@ -103,6 +111,7 @@ class TenantCollector:
         for key, name, doc, counter in _WORKER_FIGURES:
             kind = CounterMetricFamily if counter else GaugeMetricFamily
             families[key] = kind(name, doc, labels=["tenant"])
+        families["paused"] = GaugeMetricFamily(*_PAUSED, labels=["tenant"])
         for key, name, doc in _PROCESS_FIGURES:
             families[key] = GaugeMetricFamily(name, doc, labels=["tenant"])
         return families
@@ -118,6 +127,7 @@ def _add_tenant(families: Mapping[str, Metric], row: Mapping[str, Any]) -> None:
     if row.get("last_heartbeat_age_s") is not None:
         for key, *_ in _WORKER_FIGURES:
             _add(families[key], [tenant], row.get(key, 0))
+        _add(families["paused"], [tenant], 1.0 if row.get("paused") else 0.0)
     for key, *_ in _PROCESS_FIGURES:
         if row.get(key) is not None:
             _add(families[key], [tenant], row[key])

@@ -212,6 +212,23 @@ def _resources(details: Mapping[str, Any]) -> str:
     return f"cpu {cpu_text}, fds {fds_text}, rss {human_bytes(details.get('rss_bytes'))}"
 
 
+def _replies(details: Mapping[str, Any]) -> str:
+    counts = {
+        "sent": details.get("replies_sent", 0),
+        "failed": details.get("replies_failed", 0),
+        "retried": details.get("replies_retried", 0),
+        "rate limited": details.get("rate_limited", 0),
+    }
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
+
+
+def _paused(details: Mapping[str, Any]) -> str:
+    """'paused: 190: ... (since 2026-11-30 02:00:00)': why the provider refuses all sending."""
+    since = details.get("paused_since")
+    when = f" (since {_clock_time(since)})" if since else ""
+    return f"paused: {details['paused']}{when}; restart or reload the tenant to resume"
+
+
 def _busiest(details: Mapping[str, Any]) -> str:
     pairs = details.get("busiest") or []
     return ", ".join(f"{chat} ({depth})" for chat, depth in pairs) or "-"
@@ -234,7 +251,8 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
         ("Resources", _resources(details)),
         ("Queue", _counts(details, ("queued", "in_flight"))),
         ("Messages", _counts(details, ("processed", "failed", "rejected", "duplicates"))),
-        ("Replies", _counts(details, ("rate_limited",))),
+        *([("Sending", _paused(details))] if details.get("paused") else []),
+        ("Replies", _replies(details)),
         ("Busiest", _busiest(details)),
     ]
     if details.get("boot_error"):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from chatq.config import ChatqConfig, TenantConfig
 from chatq.supervisor.program import ExitInfo, ProgramHandle, State, describe_exit
@@ -46,3 +47,19 @@ class TenantHandle(ProgramHandle):
 
     def spawn(self, ctx: ForkServerContext) -> tuple[BaseProcess, Connection]:
         return spawn_worker(ctx, self.config, self.id)
+
+    def summary(self) -> dict[str, Any]:
+        """The program's row, with the outbox's counters and a paused sending's reason."""
+        beat = self.heartbeat
+        return {
+            **super().summary(),
+            "replies_sent": beat.replies_sent if beat else 0,
+            "replies_failed": beat.replies_failed if beat else 0,
+            "replies_retried": beat.replies_retried if beat else 0,
+            "paused": beat.paused if beat else None,
+        }
+
+    def details(self) -> dict[str, Any]:
+        """`summary`'s details, with when sending was paused."""
+        beat = self.heartbeat
+        return {**super().details(), "paused_since": beat.paused_since if beat else None}

@@ -92,7 +92,8 @@ def format_transcript(entries: Sequence[Mapping[str, Any]]) -> str:
     """Readable transcript, one block per chat (in order of first appearance).
 
     `2026-11-28 12:00:00  c1  <- [processed] hello` for a message, then
-    `    -> [sent] hello` for each of its replies. Empty for no entries.
+    `    -> [sent] hello` for each of its replies (with ``(error: ...)`` when a
+    pending or failed one has a last error). Empty for no entries.
     """
     chats: dict[str, list[Mapping[str, Any]]] = {}
     for entry in entries:
@@ -112,10 +113,15 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
         if entry.get("last_error") and entry["status"] != "processed":
             line += f"  (error: {_flat(entry['last_error'])})"
         lines.append(line)
-        lines.extend(
-            f"    -> [{reply['status']}] {_flat(reply['text'])}" for reply in entry["replies"]
-        )
+        lines.extend(_reply_line(reply) for reply in entry["replies"])
     return lines
+
+
+def _reply_line(reply: Mapping[str, Any]) -> str:
+    line = f"    -> [{reply['status']}] {_flat(reply['text'])}"
+    if reply.get("last_error") and reply["status"] in ("pending", "failed"):
+        line += f"  (error: {_flat(reply['last_error'])})"
+    return line
 
 
 def _flat(text: str) -> str:

@@ -6,7 +6,9 @@ classes (passed in). 5xx, 429, connection errors and client timeouts raise
 the `retryable` class (a timeout its own class, if given); any other non-2xx
 status raises the `permanent` class. Every error is one line naming the URL,
 and the status and the start of the body when there was an answer. Redirects
-are not followed: a POST that gets moved is a configuration mistake.
+are not followed: a POST that gets moved is a configuration mistake. (The
+`whatsapp` transport reads every answer itself through `exchange`: Meta's
+errors come with any status.)
 
 Workers are forked, so nothing loop-bound is built in `__init__`: the
 `ClientSession` is created on first use, inside the worker's running loop.
@@ -36,8 +38,10 @@ class JsonPoster:
         retryable: type[Exception],
         permanent: type[Exception],
         timed_out: type[Exception] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self._url = url
+        self._headers = dict(headers or {})
         self._timeout_s = timeout
         self._retryable = retryable
         self._permanent = permanent
@@ -47,7 +51,7 @@ class JsonPoster:
 
     async def post(self, payload: Mapping[str, Any]) -> bytes:
         """POST `payload`; the body of a 2xx answer, else the error its status calls for."""
-        status, body = await self._send(payload)
+        status, body = await self.exchange(payload)
         if 200 <= status < 300:
             return body
         detail = f"{self.where} answered {status}{snippet(body)}"
@@ -61,7 +65,11 @@ class JsonPoster:
         if client is not None:
             await client.close()
 
-    async def _send(self, payload: Mapping[str, Any]) -> tuple[int, bytes]:
+    async def exchange(self, payload: Mapping[str, Any]) -> tuple[int, bytes]:
+        """POST `payload`; the answer's status and body, whatever the status.
+
+        Timeouts and connection errors raise the `timed_out` and `retryable` classes.
+        """
         try:
             async with self._session().post(
                 self._url, json=payload, allow_redirects=False
@@ -76,7 +84,7 @@ class JsonPoster:
         # Lazily, so the session binds to the loop that is running now.
         if self._client is None:
             timeout = aiohttp.ClientTimeout(total=self._timeout_s)
-            self._client = aiohttp.ClientSession(timeout=timeout)
+            self._client = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
         return self._client
 
 

@@ -10,28 +10,53 @@ parallel, state only for chats with replies waiting, and a send that does
 not suspend (rate limit free, a local transport) costs no task. Marking a
 reply sent is not waited for, for the same reason; if that write fails the
 worker stops (``on_fatal``) and the next start sends what is unconfirmed.
+
+What a transport error does (the `whatsapp` transport sorts Meta's codes
+into these classes):
+
+    RetryableTransportError  retry after reply_backoff (with jitter); fail after
+                             REPLY_MAX_ATTEMPTS attempts
+    PairRateLimitError       the same, but the wait is 4^n s, n = that chat's
+                             consecutive pair-rate refusals: only that chat waits
+    PermanentTransportError  the reply fails for good, with the error in last_error
+    SendingPausedError       the outbox pauses: nothing more is sent, replies stay
+                             pending in the store until the worker starts again
+
+Long replies: the transport's `split` gives the messages a reply goes out
+as; each passes the rate limiters on its own. The reply is marked sent, with
+the provider id of its LAST part, once every part is out. A retry in the same
+run resumes at the part that failed; after a restart (or a pause) the reply
+is sent again from its first part: at-least-once, a user may see a part twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
 
 from loguru import logger
 
-from chatq.shared.errors import PermanentTransportError, StoreError
+from chatq.shared.errors import (
+    PairRateLimitError,
+    PermanentTransportError,
+    SendingPausedError,
+    StoreError,
+)
 from chatq.tenant_worker.chat_queue import ChatQueueManager
 from chatq.tenant_worker.messages import Reply
-from chatq.tenant_worker.rate_limiter import RateLimiter
+from chatq.tenant_worker.rate_limiter import RateLimiter, ThroughputLimiter
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.transports import Transport
 
 REPLY_MAX_ATTEMPTS = 8
 REPLY_BACKOFF_MAX = 300.0
+PAUSE_REASON_MAX = 300  # characters of the provider's reason kept for chatq status
+PAIR_RATE_BACKOFF_MAX = 4.0**6  # 68 min: past that the chat is not coming back soon
 _TENANT_KEY = "*"
 
 
@@ -48,6 +73,24 @@ def reply_backoff(attempts: int, base: float) -> float:
     return float(min(base * 2 ** (attempts - 1), REPLY_BACKOFF_MAX))
 
 
+def pair_rate_backoff(strikes: int) -> float:
+    """Seconds a chat waits after its ``strikes``-th pair-rate refusal in a row: 4^n."""
+    return float(min(4.0**strikes, PAIR_RATE_BACKOFF_MAX))
+
+
+def jittered(delay: float) -> float:
+    """`delay` spread over [0.8, 1.2] of itself, so retries do not come back in step."""
+    return delay * (0.8 + 0.4 * random.random())
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Why and since when (wall-clock seconds) the outbox sends nothing."""
+
+    reason: str
+    since: float
+
+
 class Outbox:
     """Sends replies per chat in order, at most the configured rates."""
 
@@ -59,7 +102,9 @@ class Outbox:
         *,
         per_chat_per_minute: int,
         tenant_per_minute: int | None = None,
+        number_per_second: int | None = None,
         retry_backoff: float = 1.0,
+        jitter: Callable[[float], float] = jittered,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -72,12 +117,18 @@ class Outbox:
         self._per_tenant = (
             RateLimiter(tenant_per_minute, monotonic, sleep) if tenant_per_minute else None
         )
+        self._per_number = (
+            ThroughputLimiter(number_per_second, monotonic, sleep) if number_per_second else None
+        )
         self._retry_backoff = retry_backoff
+        self._jitter = jitter
         self._clock = clock
         self._sleep = sleep
         self._on_fatal = on_fatal
         self._lines = ChatQueueManager("outbox", max_queue_size=1)  # submit never refuses
         self._halted = False  # a store write failed: send nothing more (see _deliver)
+        self.paused: Pause | None = None  # the provider refused all sending (see _pause)
+        self._pair_strikes: dict[str, int] = {}  # chat -> consecutive pair-rate refusals
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
@@ -119,7 +170,7 @@ class Outbox:
         before one whose retry or failure could not be recorded. They all
         stay pending and go out, in order, after the restart.
         """
-        if self._halted:
+        if self._halted or self.paused is not None:
             return
         try:
             await self._send(reply)
@@ -128,44 +179,92 @@ class Outbox:
             raise
 
     async def _send(self, reply: Reply) -> None:
-        """Send one reply, retrying transient failures; record the outcome."""
+        """Send one reply (all its parts), retrying transient failures; record the outcome."""
+        parts = self._transport.split(reply.text)
+        sent: list[str] = []  # provider ids of the parts out in this run
         while True:
             delay = reply.next_attempt_at - self._clock()
             if delay > 0:
                 await self._sleep(delay)
-            await self._acquire(reply.chat_id)
             try:
-                provider_id = await self._transport.send(reply.chat_id, reply.text)
+                await self._send_parts(reply.chat_id, parts, sent)
+            except SendingPausedError as exc:
+                self._pause(exc)
+                return
             except PermanentTransportError as exc:
-                await self._give_up(reply, str(exc))
+                await self._give_up(reply, _part_error(exc, len(sent), len(parts)))
                 return
             except Exception as exc:  # retryable, or a transport bug: retry both
+                error = _part_error(exc, len(sent), len(parts))
                 attempts = reply.attempts + 1
                 if attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this last attempt
-                    await self._give_up(reply, f"{exc} (after {attempts} attempts)")
+                    await self._give_up(reply, f"{error} (after {attempts} attempts)")
                     return
-                reply = await self._reschedule(reply, exc)
+                reply = await self._reschedule(reply, error, self._retry_delay(reply, exc))
                 continue
-            self._store.mark_sent_soon(reply.id, provider_id).add_done_callback(self._check)
+            if len(sent) < len(parts):  # paused meanwhile: the reply stays pending
+                return
+            self._pair_strikes.pop(reply.chat_id, None)
+            self._store.mark_sent_soon(reply.id, sent[-1]).add_done_callback(self._check)
             self._stats.sent += 1
             return
 
+    async def _send_parts(self, chat_id: str, parts: list[str], sent: list[str]) -> None:
+        """Send the parts not sent yet, each through the limiters; stop if paused."""
+        for part in parts[len(sent) :]:
+            await self._acquire(chat_id)
+            if self.paused is not None:
+                return
+            sent.append(await self._transport.send(chat_id, part))
+
+    def _retry_delay(self, reply: Reply, exc: Exception) -> float:
+        if isinstance(exc, PairRateLimitError):
+            strikes = self._pair_strikes.get(reply.chat_id, 0) + 1
+            self._pair_strikes[reply.chat_id] = strikes
+            return self._jitter(pair_rate_backoff(strikes))
+        return self._jitter(reply_backoff(reply.attempts + 1, self._retry_backoff))
+
+    def _pause(self, exc: SendingPausedError) -> None:
+        """The provider refuses the tenant's sending: hold every reply until a restart."""
+        if self.paused is None:
+            reason = str(exc)
+            if len(reason) > PAUSE_REASON_MAX:  # it rides every heartbeat
+                reason = reason[: PAUSE_REASON_MAX - 1] + "…"
+            self.paused = Pause(reason=reason, since=self._clock())
+            logger.error("sending paused until restart or reload: {}", exc)
+
     async def _acquire(self, chat_id: str) -> None:
-        for limiter, key in ((self._per_chat, chat_id), (self._per_tenant, _TENANT_KEY)):
+        for limiter, key in (
+            (self._per_chat, chat_id),
+            (self._per_tenant, _TENANT_KEY),
+            (self._per_number, _TENANT_KEY),
+        ):
             if limiter is not None and not limiter.try_acquire(key):
                 self._stats.rate_limited += 1
                 await limiter.acquire(key)
 
-    async def _reschedule(self, reply: Reply, exc: Exception) -> Reply:
+    async def _reschedule(self, reply: Reply, error: str, delay: float) -> Reply:
         attempts = reply.attempts + 1
-        next_at = self._clock() + reply_backoff(attempts, self._retry_backoff)
+        next_at = self._clock() + delay
         logger.warning(
-            "reply {} to chat {} failed ({}); retry #{}", reply.id, reply.chat_id, exc, attempts
+            "reply {} to chat {} failed ({}); retry #{} in {:.1f}s",
+            reply.id,
+            reply.chat_id,
+            error,
+            attempts,
+            delay,
         )
-        await self._store.retry_reply(reply.id, str(exc), next_at)
+        await self._store.retry_reply(reply.id, error, next_at)
+        self._stats.retried += 1
         return replace(reply, attempts=attempts, next_attempt_at=next_at)
 
     async def _give_up(self, reply: Reply, error: str) -> None:
         logger.error("reply {} to chat {} failed for good: {}", reply.id, reply.chat_id, error)
         await self._store.fail_reply(reply.id, error)
+        self._pair_strikes.pop(reply.chat_id, None)
         self._stats.send_failed += 1
+
+
+def _part_error(exc: BaseException, done: int, parts: int) -> str:
+    """The error text, naming the part when the reply went out in several."""
+    return f"part {done + 1} of {parts}: {exc}" if parts > 1 else str(exc)

@@ -10,7 +10,8 @@ class WorkerStats:
     """Totals since the store was created (seeded from it at boot) or since start.
 
     processed/failed/rejected are seeded from the store, so they survive
-    restarts; duplicates/rate_limited/sent count since this process started.
+    restarts; duplicates/rate_limited/sent/send_failed/retried count since this
+    process started (retried: reply attempts that failed and were rescheduled).
     """
 
     processed: int = 0
@@ -20,3 +21,4 @@ class WorkerStats:
     rate_limited: int = 0
     sent: int = 0
     send_failed: int = 0
+    retried: int = 0

@@ -88,6 +88,7 @@ class Worker:
         self._stop_reason = ""
         self._exit = EXIT_OK
         self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
+        self._outbox: Outbox | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -187,6 +188,7 @@ class Worker:
             stats,
             per_chat_per_minute=tenant.rate_limit_per_minute,
             tenant_per_minute=tenant.tenant_rate_limit_per_minute,
+            number_per_second=_number_rate(tenant),
             retry_backoff=tenant.retry_backoff,
             on_fatal=self._store_failed,
         )
@@ -206,7 +208,7 @@ class Worker:
             suspects=[row.message.id for row in unfinished if row.status == "processing"],
         )
         ingest.state = IngestState.RUNNING
-        self._pipeline = pipeline
+        self._pipeline, self._outbox = pipeline, outbox
         return Service(pipeline, outbox, ingest)
 
     async def _listen(self, ingest: Ingest) -> None:
@@ -256,6 +258,7 @@ class Worker:
                 rate_limited=0,
             )
         queue, stats = pipeline.queue, pipeline.stats
+        pause = self._outbox.paused if self._outbox is not None else None
         return protocol.Heartbeat(
             seq=seq,
             time=time.time(),
@@ -267,6 +270,11 @@ class Worker:
             duplicates=stats.duplicates,
             rate_limited=stats.rate_limited,
             busiest=queue.busiest(protocol.MAX_BUSIEST),
+            replies_sent=stats.sent,
+            replies_failed=stats.send_failed,
+            replies_retried=stats.retried,
+            paused=pause.reason if pause else None,
+            paused_since=pause.since if pause else None,
         )
 
     def _watch_signals(self) -> None:
@@ -275,6 +283,13 @@ class Worker:
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if self.link is not None:
             self.link.watch(self.request_stop)
+
+
+def _number_rate(tenant: TenantConfig) -> int | None:
+    """The WhatsApp number's throughput tier (messages a second), if it sends through one."""
+    if tenant.transport == "whatsapp" and tenant.whatsapp is not None:
+        return tenant.whatsapp.messages_per_second
+    return None
 
 
 def _probe(pipeline: Pipeline, outbox: Outbox) -> dict[str, Any]:

@@ -40,7 +40,12 @@ def short_run_dir() -> Path:
 
 
 def toml_value(value: object) -> str:
-    """A Python scalar as a TOML value (strings as JSON strings, which TOML accepts)."""
+    """A Python scalar as a TOML value (strings as JSON strings, which TOML accepts).
+
+    A dict becomes an inline table, e.g. a tenant's ``whatsapp = {...}``.
+    """
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -177,6 +177,10 @@ SUMMARY_KEYS = {
     "rejected",
     "duplicates",
     "rate_limited",
+    "replies_sent",
+    "replies_failed",
+    "replies_retried",
+    "paused",
     "rss_bytes",
 }
 HEADERS = ["TENANT", "STATE", "PID", "UPTIME", "RESTARTS"]
@@ -188,6 +192,7 @@ DETAIL_KEYS = SUMMARY_KEYS | {
     "backoff_left_s",
     "last_exit",
     "boot_error",
+    "paused_since",
     "busiest",
     "log_tail",
 }
@@ -745,3 +750,15 @@ def test_status_block_of_a_running_tenant(tmp_path: Path) -> None:
     assert "Messages: processed 7, failed 0" in block
     assert "Busiest: c1 (3), c2 (1)" in block
     assert "Log (" not in block
+
+
+def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
+    details = handle(tmp_path).details()
+    details.update(state="running", pid=4242, uptime_s=60.0, replies_sent=12)
+    details.update(replies_failed=1, replies_retried=3, rate_limited=2)
+    assert "Sending:" not in render.status_block(details, now=NOW)
+    details.update(paused="190: Error validating access token", paused_since=NOW - 30)
+    block = render.status_block(details, now=NOW)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
+    assert f"Sending: paused: 190: Error validating access token (since {when});" in block
+    assert "Replies: sent 12, failed 1, retried 3, rate limited 2" in block

@@ -124,3 +124,20 @@ async def test_transcript_groups_by_chat(store: Store, db_path: Path) -> None:
         "2026-11-28 12:00:00  c2  <- [failed] line\\nbreak  (error: handler down)",
     ]
     assert format_transcript([]) == ""
+
+
+async def test_a_failed_reply_shows_its_last_error(store: Store, db_path: Path) -> None:
+    await store.add_messages([msg("m1")])
+    await store.begin_attempt("m1")
+    doomed, waiting = await store.complete("m1", ["too late", "later"])
+    await store.fail_reply(doomed.id, "131047: Re-engagement message")
+    await store.retry_reply(waiting.id, "130429: rate limit hit", NOON + 5)
+    (entry,) = read_history(db_path)
+    assert [(r["status"], r["last_error"]) for r in entry["replies"]] == [
+        ("failed", "131047: Re-engagement message"),
+        ("pending", "130429: rate limit hit"),
+    ]
+    assert format_transcript([entry]).splitlines()[1:] == [
+        "    -> [failed] too late  (error: 131047: Re-engagement message)",
+        "    -> [pending] later  (error: 130429: rate limit hit)",
+    ]

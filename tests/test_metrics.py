@@ -40,6 +40,10 @@ WORKER_METRICS = {
     "chatq_rejected",
     "chatq_duplicates",
     "chatq_rate_limited",
+    "chatq_replies_sent",
+    "chatq_replies_failed",
+    "chatq_replies_retried",
+    "chatq_sending_paused",
 }
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -66,6 +70,11 @@ def snapshot(tmp_path: Path) -> list[dict[str, Any]]:
             duplicates=4,
             rate_limited=6,
             busiest=[("c1", 3)],
+            replies_sent=38,
+            replies_failed=2,
+            replies_retried=7,
+            paused="190: Error validating access token",
+            paused_since=50.0,
         )
     )
     acme.proc_stats = ProcStats(pid=4242, rss_bytes=41 * 2**20, cpu_percent=12.5, num_fds=9)
@@ -107,6 +116,10 @@ def test_every_metric_with_its_type(snapshot: list[dict[str, Any]]) -> None:
         "chatq_rejected": "counter",
         "chatq_duplicates": "counter",
         "chatq_rate_limited": "counter",
+        "chatq_replies_sent": "counter",
+        "chatq_replies_failed": "counter",
+        "chatq_replies_retried": "counter",
+        "chatq_sending_paused": "gauge",
         "chatq_rss_bytes": "gauge",
         "chatq_cpu_percent": "gauge",
     }
@@ -126,6 +139,10 @@ def test_values_of_a_running_tenant(snapshot: list[dict[str, Any]]) -> None:
         "chatq_rejected_total": 3,
         "chatq_duplicates_total": 4,
         "chatq_rate_limited_total": 6,
+        "chatq_replies_sent_total": 38,
+        "chatq_replies_failed_total": 2,
+        "chatq_replies_retried_total": 7,
+        "chatq_sending_paused": 1,
         "chatq_rss_bytes": 41 * 2**20,
         "chatq_cpu_percent": 12.5,
     }

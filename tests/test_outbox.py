@@ -12,10 +12,22 @@ from typing import Any
 
 import pytest
 
-from chatq.shared.errors import PermanentTransportError, RetryableTransportError, StoreError
+from chatq.shared.errors import (
+    PairRateLimitError,
+    PermanentTransportError,
+    RetryableTransportError,
+    SendingPausedError,
+    StoreError,
+)
 from chatq.tenant_worker.history import read_history
 from chatq.tenant_worker.messages import Message, Reply
-from chatq.tenant_worker.outbox import REPLY_MAX_ATTEMPTS, Outbox, reply_backoff
+from chatq.tenant_worker.outbox import (
+    REPLY_MAX_ATTEMPTS,
+    Outbox,
+    jittered,
+    pair_rate_backoff,
+    reply_backoff,
+)
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.transports import FailWith, MemoryTransport
@@ -45,6 +57,7 @@ class FakeReplyStore:
 
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     broken: bool = False
+    provider_ids: dict[int, str] = field(default_factory=dict)
 
     def mark_sent_soon(self, reply_id: int, provider_id: str) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -52,6 +65,7 @@ class FakeReplyStore:
             done.set_exception(StoreError("store: disk I/O error"))
         else:
             self.calls.append(("sent", reply_id))
+            self.provider_ids[reply_id] = provider_id
             done.set_result(None)
         return done
 
@@ -67,8 +81,10 @@ class FakeReplyStore:
 class TimedTransport(MemoryTransport):
     """A MemoryTransport that notes the fake time of each successful send."""
 
-    def __init__(self, time: FakeTime, fail_with: FailWith | None = None) -> None:
-        super().__init__(fail_with)
+    def __init__(
+        self, time: FakeTime, fail_with: FailWith | None = None, max_chars: int | None = None
+    ) -> None:
+        super().__init__(fail_with, max_chars)
         self.time = time
         self.at: list[tuple[str, str, float]] = []
         self.jitter: Callable[[], float] | None = None
@@ -105,10 +121,10 @@ def reply(chat_id: str, text: str, **fields: Any) -> Reply:
 async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
     outboxes: list[Outbox] = []
 
-    def make(fail_with: FailWith | None = None, **limits: Any) -> Rig:
+    def make(fail_with: FailWith | None = None, max_chars: int | None = None, **limits: Any) -> Rig:
         time, store, stats = FakeTime(), FakeReplyStore(), WorkerStats()
         fatal: list[BaseException] = []
-        transport = TimedTransport(time, fail_with)
+        transport = TimedTransport(time, fail_with, max_chars)
         outbox = Outbox(
             store,
             transport,
@@ -118,6 +134,7 @@ async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
             monotonic=time.clock,
             sleep=time.sleep,
             on_fatal=fatal.append,
+            jitter=lambda delay: delay,  # exact retry times
         )
         outboxes.append(outbox)
         return Rig(outbox, store, transport, stats, time, fatal)
@@ -127,12 +144,12 @@ async def make_rig() -> AsyncIterator[Callable[..., Rig]]:
         await outbox.aclose()
 
 
-def failing(times: int, error: Callable[[], Exception]) -> FailWith:
-    """Fail the first `times` sends with `error()`, then succeed."""
+def failing(times: int, error: Callable[[], Exception], text: str | None = None) -> FailWith:
+    """Fail the first `times` sends (of `text`, if given) with `error()`, then succeed."""
     left = [times]
 
-    def fail_with(chat_id: str, text: str) -> Exception | None:
-        if left[0] > 0:
+    def fail_with(chat_id: str, sent: str) -> Exception | None:
+        if left[0] > 0 and text in (None, sent):
             left[0] -= 1
             return error()
         return None
@@ -335,3 +352,165 @@ async def test_with_a_real_store_replies_end_sent_with_their_attempts(tmp_path: 
         ("one", "sent", 2),
         ("two", "sent", 1),
     ]
+
+
+# --- long replies, pause, pair rate, the number's throughput (the whatsapp transport) --------
+
+
+async def test_a_long_reply_goes_out_in_parts_each_rate_limited(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(max_chars=9, per_chat_per_minute=2)
+    long_one = reply("a", "aaaa bbbb cccc dddd eeee")
+    rig.outbox.submit([long_one])
+    await rig.done()
+
+    assert rig.transport.at == [
+        ("a", "aaaa bbbb", 0.0),
+        ("a", "cccc dddd", 0.0),
+        ("a", "eeee", pytest.approx(60.0)),  # the third message waits for the chat's limit
+    ]
+    assert rig.store.calls == [("sent", long_one.id)]
+    assert rig.store.provider_ids[long_one.id] == "mem-3"  # the last part's id
+    assert rig.stats.sent == 1
+
+
+async def test_a_retry_resumes_at_the_part_that_failed(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(failing(1, lambda: RetryableTransportError("130429: slow down"), "bbbb"), 4)
+    first = reply("a", "aaaa bbbb cccc")
+    rig.outbox.submit([first])
+    await rig.done()
+
+    assert [text for _chat, text in rig.transport.sent] == ["aaaa", "bbbb", "cccc"]
+    assert rig.store.calls == [("retry", first.id, START + 1.0), ("sent", first.id)]
+    assert rig.stats.retried == 1
+
+
+async def test_a_later_part_failing_for_good_names_the_part(make_rig: Callable[..., Rig]) -> None:
+    failure = failing(1, lambda: PermanentTransportError("131047: Re-engagement message"), "bbbb")
+    rig = make_rig(failure, 4)
+    doomed = reply("a", "aaaa bbbb cccc")
+    rig.outbox.submit([doomed, reply("a", "next")])
+    await rig.done()
+
+    assert rig.store.calls[0] == ("failed", doomed.id, "part 2 of 3: 131047: Re-engagement message")
+    assert [text for _chat, text in rig.transport.sent] == ["aaaa", "next"]
+
+
+@dataclass
+class ScaledTime:
+    """Real time, sped up: concurrent chats really wait side by side (1 s = 10 ms)."""
+
+    speed: float = 100.0
+    origin: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+
+    def clock(self) -> float:
+        return START + (asyncio.get_running_loop().time() - self.origin) * self.speed
+
+    async def sleep(self, delay: float) -> None:
+        await asyncio.sleep(max(delay, 0.0) / self.speed)
+
+
+async def test_pair_rate_backs_off_that_chat_4_to_the_n_while_others_send() -> None:
+    time, store, stats = ScaledTime(), FakeReplyStore(), WorkerStats()
+    sent_at: list[tuple[str, float]] = []
+    refusals = [2]
+
+    def pair_rate(chat_id: str, text: str) -> Exception | None:
+        if chat_id == "busy" and refusals[0] > 0:
+            refusals[0] -= 1
+            return PairRateLimitError("131056: pair rate limit hit")
+        sent_at.append((text, time.clock() - START))
+        return None
+
+    outbox = Outbox(
+        store,
+        MemoryTransport(pair_rate),
+        stats,
+        per_chat_per_minute=1000,
+        clock=time.clock,
+        monotonic=time.clock,
+        sleep=time.sleep,
+        jitter=lambda delay: delay,
+    )
+    busy = [reply("busy", "busy1"), reply("busy", "busy2")]
+    outbox.submit(busy)
+    outbox.submit([reply(f"calm{n}", f"calm{n}") for n in range(5)])
+    assert await outbox.wait_empty(grace=5)
+    await outbox.aclose()
+
+    times = dict(sent_at)
+    assert all(times[f"calm{n}"] < 4.0 for n in range(5))  # not held up by "busy"
+    assert 19.9 <= times["busy1"] < 30.0  # after 4^1, then 4^2 seconds
+    assert times["busy2"] >= times["busy1"]  # the strikes end with a success
+    retries = [call for call in store.calls if call[0] == "retry"]
+    first, second = (call[2] - START for call in retries)
+    assert (first, second - first) == (pytest.approx(4.0, abs=2), pytest.approx(16.0, abs=2))
+
+
+async def test_a_pause_sends_nothing_more_and_keeps_replies_pending() -> None:
+    time, store, stats = ScaledTime(), FakeReplyStore(), WorkerStats()
+    failed_once: set[str] = set()
+
+    def refuse(chat_id: str, text: str) -> Exception | None:
+        if text == "token":
+            return SendingPausedError("190: Error validating access token")
+        if text == "slow" and text not in failed_once:
+            failed_once.add(text)
+            return RetryableTransportError("131000: something went wrong")
+        return None
+
+    transport = MemoryTransport(refuse)
+    outbox = Outbox(
+        store,
+        transport,
+        stats,
+        per_chat_per_minute=1000,
+        retry_backoff=20.0,
+        clock=time.clock,
+        monotonic=time.clock,
+        sleep=time.sleep,
+        jitter=lambda delay: delay,
+    )
+    slow, token = reply("a", "slow"), reply("b", "token")
+    outbox.submit([slow])  # fails first: waits 20 s (0.2 s) for its retry
+    outbox.submit([token, reply("b", "after")])
+    assert await outbox.wait_empty(grace=5)
+    outbox.submit([reply("c", "new")])
+    assert await outbox.wait_empty(grace=5)
+    await outbox.aclose()
+
+    assert outbox.paused is not None
+    assert outbox.paused.reason == "190: Error validating access token"
+    assert outbox.paused.since == pytest.approx(START, abs=20)
+    assert transport.sent == []  # "slow" woke up paused; "after" and "new" never went
+    assert [call[0] for call in store.calls] == ["retry"]  # nothing failed, nothing sent
+    assert (stats.sent, stats.send_failed, outbox.pending()) == (0, 0, 0)
+
+
+async def test_replies_keep_their_order_through_retries_and_pair_rate(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(failing(2, lambda: PairRateLimitError("131056"), "a1"))
+    rig.outbox.submit([reply("a", f"a{n}") for n in range(1, 5)])
+    await rig.done()
+    assert [text for _chat, text in rig.transport.sent] == ["a1", "a2", "a3", "a4"]
+
+
+async def test_the_number_limiter_spreads_sends_and_holds_the_tier(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(number_per_second=20)
+    rig.outbox.submit([reply(f"u{n}", f"m{n}") for n in range(60)])
+    await rig.done()
+
+    times = sorted(when for _chat, _text, when in rig.transport.at)
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert busiest == 20  # never more than the tier in any 1 s window
+    assert times[-1] == pytest.approx(59 * 0.0515)  # one per 0.0515 s: 3 % under the tier
+
+
+def test_jitter_spreads_a_delay_within_a_fifth() -> None:
+    assert all(0.8 <= jittered(10.0) / 10.0 <= 1.2 for _ in range(100))
+    assert pair_rate_backoff(1) == 4.0 and pair_rate_backoff(3) == 64.0
+    assert pair_rate_backoff(20) == 4.0**6

@@ -43,6 +43,7 @@ FRAMES: list[Frame] = [
     Ready(pid=4242),
     HEARTBEAT,
     Heartbeat(0, 0.0, 0, 0, 0, 0, 0, 0, 0, []),
+    Heartbeat(1, 1.0, 0, 0, 0, 0, 0, 0, 0, [], 5, 1, 2, "190: access token expired", 1.5),
     BootFailed(reason="cannot import mybot.handlers:reply"),
     LogRecord(line="2026-01-01 00:00:00.000 INFO  [acme pid=1] hé {braces}", level="INFO"),
     Stop(reason="reload"),
@@ -136,6 +137,9 @@ def _heartbeat_with(**changes: object) -> bytes:
         ({"busiest": [["c", 1, 2]]}, "'busiest' must be a list"),
         ({"busiest": [[1, 1]]}, "'busiest[].chat_id' must be a string"),
         ({"busiest": [["c", -1]]}, "'busiest[].depth' must be a non-negative integer"),
+        ({"replies_sent": -1}, "'replies_sent' must be a non-negative integer"),
+        ({"paused": 190}, "'paused' must be a string"),
+        ({"paused_since": "now"}, "'paused_since' must be a finite number"),
     ],
 )
 def test_bad_heartbeat_fields_are_named(changes: dict[str, object], needle: str) -> None:
@@ -214,3 +218,15 @@ def test_recv_lets_eof_through(pipe: tuple[Connection, Connection]) -> None:
     worker_end.close()
     with pytest.raises(EOFError):
         recv(supervisor_end)
+
+
+def test_a_heartbeat_from_an_older_worker_decodes_with_defaults() -> None:
+    raw = json.loads(encode(HEARTBEAT))
+    for name in ("replies_sent", "replies_failed", "replies_retried", "paused", "paused_since"):
+        del raw[name]
+    frame = decode(json.dumps(raw).encode())
+    assert frame == HEARTBEAT
+    assert isinstance(frame, Heartbeat) and frame.paused is None and frame.replies_sent == 0
+    del raw["queued"]  # the original fields stay required
+    with pytest.raises(ProtocolError, match="missing field 'queued'"):
+        decode(json.dumps(raw).encode())

@@ -8,6 +8,7 @@ advances that clock (`advancing_sleep`) or parks until the test releases it
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 
 import pytest
@@ -15,7 +16,7 @@ from fakes import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatq.tenant_worker.rate_limiter import RateLimiter
+from chatq.tenant_worker.rate_limiter import RateLimiter, ThroughputLimiter
 
 WINDOW = 60.0
 
@@ -374,3 +375,60 @@ def test_try_acquire_grants_whenever_the_window_has_room(
             model[key].append(clock.now)
         live = sum(1 for times in model.values() if times and times[-1] + WINDOW > clock.now)
         assert len(limiter) == live
+
+
+@pytest.mark.parametrize("rate", [1, 7, 15, 20, 80, 85, 97, 1000])
+async def test_throughput_limiter_holds_any_second_to_the_rate_and_spreads_it(
+    rate: int, clock: FakeClock
+) -> None:
+    limiter = ThroughputLimiter(rate, clock, AdvancingSleep(clock))
+    start = clock()
+    times = []
+    for _ in range(3 * rate):
+        await limiter.acquire("number")
+        times.append(clock() - start)
+    busiest = busiest_second(times)
+    assert busiest <= rate
+    gaps = {round(b - a, 9) for a, b in itertools.pairwise(times[1:])}
+    assert gaps == {round(1.03 / rate, 9)}  # evenly spread, 3 % under the tier
+
+
+def test_throughput_limiter_refuses_a_bad_rate() -> None:
+    with pytest.raises(ValueError, match="per_second must be an integer >= 1"):
+        ThroughputLimiter(0)
+
+
+async def test_throughput_limiter_late_grants_keep_the_schedule_under_the_cap(
+    clock: FakeClock,
+) -> None:
+    limiter = ThroughputLimiter(100, clock, AdvancingSleep(clock))
+    start = clock()
+    times = []
+    for n in range(300):
+        if n % 10 == 0:
+            clock.advance(0.009)  # a busy loop: late, but within the slack of 10 ms
+        await limiter.acquire("n")
+        times.append(clock() - start)
+    assert times[-1] <= 299 * 0.0103 + 0.02  # lateness did not add up
+    assert busiest_second(times) <= 100
+
+
+async def test_throughput_limiter_try_acquire_takes_only_a_due_slot(clock: FakeClock) -> None:
+    limiter = ThroughputLimiter(10, clock, AdvancingSleep(clock))
+    assert limiter.try_acquire() is True
+    assert limiter.try_acquire() is False  # the next slot is 0.103 s away
+    clock.advance(0.103)
+    assert limiter.try_acquire() is True
+    clock.advance(5.0)  # idle: no saved-up slots, one at a time again
+    assert limiter.try_acquire() is True
+    assert limiter.try_acquire() is False
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most grants in any half-open 1 s window (two pointers)."""
+    busiest, first = 0, 0
+    for last, at in enumerate(times):
+        while times[first] <= at - 1.0:
+            first += 1
+        busiest = max(busiest, last - first + 1)
+    return busiest

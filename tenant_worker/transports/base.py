@@ -15,6 +15,13 @@ __all__ = ["Transport"]
 class Transport(Protocol):
     """Sends reply texts to chats; built once per worker by `make_transport`."""
 
+    def split(self, text: str) -> list[str]:
+        """The messages one reply goes out as, in order (``[text]`` where there is no limit).
+
+        The outbox sends them one by one, each through the rate limiters.
+        """
+        ...
+
     async def send(self, chat_id: str, text: str) -> str:
         """Deliver `text` to `chat_id`; the provider's id for the sent message."""
         ...

@@ -22,6 +22,10 @@ class LocalTransport:
         self._prefix = f"local-{uuid.uuid4().hex[:16]}-"
         self._count = itertools.count(1)
 
+    def split(self, text: str) -> list[str]:
+        """No length limit: the reply is one message."""
+        return [text]
+
     async def send(self, chat_id: str, text: str) -> str:
         """Log the reply; a fresh id ``local-<hex>-<n>``."""
         logger.info("reply to {}: {}", chat_id, text)

@@ -44,6 +44,10 @@ class WebhookTransport:
             permanent=PermanentTransportError,
         )
 
+    def split(self, text: str) -> list[str]:
+        """The web service gets the reply whole."""
+        return [text]
+
     async def send(self, chat_id: str, text: str) -> str:
         """POST the reply; the provider's id, or an error by status."""
         return _provider_id(await self._poster.post(self._body(chat_id, text)))
