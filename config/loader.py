@@ -50,6 +50,7 @@ DOTENV_PATH = Path(".env")
 UNIX_SOCKET_MAX_BYTES = 107
 
 _TABLES = ("supervisor", "defaults", "tenants", "gateway")
+UNRESOLVED = "<unresolved>"  # a secret's stand-in under load_config(secrets=False)
 _PATH_KEYS = ("run_dir", "data_dir", "log_file")
 # Environment variable -> the model field it overrides.
 _ENV_SUPERVISOR = {
@@ -90,12 +91,18 @@ ENV_VARIABLES: tuple[str, ...] = tuple(EnvOverrides.model_fields)
 
 
 def load_config(
-    path: str | Path | None = None, env: Mapping[str, str] | None = None
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    secrets: bool = True,
 ) -> ChatqConfig:
     """Load, layer and validate a configuration; ConfigError (one line) if it is bad.
 
     `env` replaces the process environment *and* the ``.env`` file (for
     tests); by default both are read, the process environment winning.
+    ``secrets=False`` leaves ``env:``/``file:`` secrets unresolved (a
+    placeholder stands in): for the CLI commands that need no secret, run
+    from an operator's shell that lacks the service's variables.
     """
     overrides = read_env_overrides(env, env_file=DOTENV_PATH if env is None else None)
     variables = _environment(env, env_file=DOTENV_PATH if env is None else None)
@@ -105,16 +112,16 @@ def load_config(
     file = Path(os.path.normpath(Path(shown).expanduser().absolute()))
     document = _read_toml(file, shown)
     supervisor_table, defaults, entries = _split_tables(document, shown)
-    secrets = _Secrets(variables, file.parent)
+    resolver = _Secrets(variables, file.parent, resolve=secrets)
 
     supervisor = _validate(
         SupervisorSettings, supervisor_table | env_supervisor, f"{shown}: supervisor"
     )
     supervisor = _anchor_paths(supervisor, file.parent)
-    defaults = secrets.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
+    defaults = resolver.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
     _check_defaults(defaults, shown)
-    tenants = _build_tenants(entries, defaults | env_tenant, shown, secrets)
-    gateway = _build_gateway(document, shown, secrets)
+    tenants = _build_tenants(entries, defaults | env_tenant, shown, resolver)
+    gateway = _build_gateway(document, shown, resolver)
     config = ChatqConfig(path=file, supervisor=supervisor, tenants=tenants, gateway=gateway)
     _check_ports(config, entries, shown)
     _check_whatsapp(config, entries, shown)
@@ -152,9 +159,10 @@ def _environment(env: Mapping[str, str] | None, env_file: Path | None) -> dict[s
 class _Secrets:
     """Resolves ``env:NAME`` and ``file:PATH`` secret values; errors never show a value."""
 
-    def __init__(self, variables: Mapping[str, str], folder: Path) -> None:
+    def __init__(self, variables: Mapping[str, str], folder: Path, *, resolve: bool) -> None:
         self._variables = variables
         self._folder = folder
+        self._resolve = resolve
 
     def resolve_table(self, table: dict[str, Any], key: str, where: str) -> dict[str, Any]:
         """`table` with the secrets of its sub-table `key` resolved (a new dict)."""
@@ -172,6 +180,8 @@ class _Secrets:
         if not isinstance(value, str):
             return value  # the model reports the type, without showing a string
         scheme, _, rest = value.partition(":")
+        if scheme in ("env", "file") and rest and not self._resolve:
+            return UNRESOLVED
         if scheme == "env" and rest:
             if not self._variables.get(rest):
                 raise _config_error(f"{where}: environment variable {rest} is not set")

@@ -90,7 +90,8 @@ def run_dir(given: Path | None) -> Path:
         return found
     from chatq.config import load_config
 
-    return load_config(given).supervisor.run_dir  # the problem, as one ConfigError line
+    # The problem, as one ConfigError line (no secret is needed to find run_dir).
+    return load_config(given, secrets=False).supervisor.run_dir
 
 
 def _read_run_dir(file: Path) -> Path | None:
@@ -226,10 +227,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it."""
+    """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it.
+
+    Secrets are resolved by the supervisor, in its own environment: this
+    shell may lack the service's variables.
+    """
     from chatq.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, secrets=False)
     result = request(config.control_socket, "reload")
     if args.json:
         _print_json(result)
@@ -333,7 +338,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     from chatq.config import load_config
     from chatq.tenant_worker.history import format_transcript, read_history
 
-    config = load_config(args.config)
+    config = load_config(args.config, secrets=False)  # no secret is needed to read a store
     path = config.store_path(args.tenant)
     if not path.is_file() and all(t.id != args.tenant for t in config.tenants):
         raise NoSuchTenant(args.tenant)  # a removed tenant's store is still readable

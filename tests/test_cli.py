@@ -762,3 +762,23 @@ def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
     assert f"Sending: paused: 190: Error validating access token (since {when});" in block
     assert "Replies: sent 12, failed 1, retried 3, rate limited 2" in block
+
+
+def test_history_and_reload_need_no_secret_from_this_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's shell lacks the service's WA token: reading a store must still work."""
+    monkeypatch.delenv("ACME_WA_TOKEN", raising=False)
+    config = tmp_path / "tenants.toml"
+    config.write_text(
+        '[supervisor]\nrun_dir = "run"\ndata_dir = "data"\n'
+        '[[tenants]]\nid = "acme"\ntransport = "whatsapp"\n'
+        '[tenants.whatsapp]\nphone_number_id = "1"\naccess_token = "env:ACME_WA_TOKEN"\n'
+    )
+    code, _, err = run_cli(capsys, "--config", str(config), "history", "acme")
+    assert (code, err) == (
+        1,
+        f"chatq: no store at {tmp_path / 'data' / 'acme.sqlite3'} (has tenant acme run yet?)\n",
+    )
+    code, _, err = run_cli(capsys, "--config", str(config), "reload")
+    assert code == 1 and "supervisor is not running" in err  # the file itself passed

@@ -214,3 +214,13 @@ def test_gateway_table() -> None:
 def test_bad_gateway_config_is_one_line(text: str, expected: str) -> None:
     env = {} if "WA_VERIFY_TOKEN" in expected else {"WA_VERIFY_TOKEN": VERIFY}
     assert refused(text, env).startswith(expected)
+
+
+def test_commands_that_need_no_secret_load_without_them() -> None:
+    text = WA_TENANT.replace(TOKEN, "env:ACME_WA_TOKEN")
+    Path("tenants.toml").write_text(textwrap.dedent(text), encoding="utf-8")
+    config = load_config("tenants.toml", env={}, secrets=False)
+    wa = config.tenant("acme").whatsapp
+    assert wa is not None and wa.access_token.get_secret_value() == "<unresolved>"
+    with pytest.raises(ConfigError, match="ACME_WA_TOKEN is not set"):
+        load_config("tenants.toml", env={})
