@@ -249,11 +249,7 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
         ("Backoff", "-" if backoff is None else f"{backoff:.1f}s left"),
         ("Heartbeat", _heartbeat(details.get("last_heartbeat_age_s"))),
         ("Resources", _resources(details)),
-        ("Queue", _counts(details, ("queued", "in_flight"))),
-        ("Messages", _counts(details, ("processed", "failed", "rejected", "duplicates"))),
-        *([("Sending", _paused(details))] if details.get("paused") else []),
-        ("Replies", _replies(details)),
-        ("Busiest", _busiest(details)),
+        *(_gateway_fields if details.get("kind") == "gateway" else _tenant_fields)(details),
     ]
     if details.get("boot_error"):
         fields.insert(5, ("Boot error", str(details["boot_error"])))
@@ -264,6 +260,25 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
     if tail:
         lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):", *tail]
     return "\n".join(lines)
+
+
+def _tenant_fields(details: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("Queue", _counts(details, ("queued", "in_flight"))),
+        ("Messages", _counts(details, ("processed", "failed", "rejected", "duplicates"))),
+        *([("Sending", _paused(details))] if details.get("paused") else []),
+        ("Replies", _replies(details)),
+        ("Busiest", _busiest(details)),
+    ]
+
+
+def _gateway_fields(details: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The gateway's counters under its own names (its heartbeat reuses a worker's fields)."""
+    get = details.get
+    webhooks = f"in flight {get('in_flight', 0)}, answered 503 {get('failed', 0)}"
+    webhooks += f", refused (4xx) {get('rejected', 0)}"
+    forwarded = f"{get('processed', 0)}, of them duplicates {get('duplicates', 0)}"
+    return [("Webhooks", webhooks), ("Forwarded", f"messages {forwarded}")]
 
 
 def _state_line(details: Mapping[str, Any], state: str, colour: bool, now: float) -> str:

@@ -764,6 +764,16 @@ def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     assert "Replies: sent 12, failed 1, retried 3, rate limited 2" in block
 
 
+def test_status_block_of_the_gateway_names_its_own_counters(tmp_path: Path) -> None:
+    details = handle(tmp_path).details()
+    details.update(tenant="gateway", kind="gateway", state="running", pid=4243, in_flight=2)
+    details.update(processed=40, duplicates=3, failed=1, rejected=5)
+    block = render.status_block(details, now=NOW)
+    assert "Webhooks: in flight 2, answered 503 1, refused (4xx) 5" in block
+    assert "Forwarded: messages 40, of them duplicates 3" in block
+    assert "Replies:" not in block and "Queue:" not in block
+
+
 def test_history_and_reload_need_no_secret_from_this_shell(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
