@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import wait_until
+from fake_graph import fake_graph_in_thread
 from sandbox import clean_env, short_run_dir, wait_for
 from supervisor_fixtures import SupervisorHarness, SupervisorRun, toml_text
 from whatsapp_payloads import change, status, text_message, update
@@ -349,3 +350,49 @@ async def test_a_stop_lets_webhooks_in_progress_finish(tmp_path: Path) -> None:
 def _answers(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_the_whole_whatsapp_path_webhook_to_graph_to_read(tmp_path: Path) -> None:
+    """Meta's webhook for two numbers -> both stores -> replies through the Graph API
+    (the whatsapp transport) -> delivery statuses move each reply to read."""
+    port = free_port()
+    with fake_graph_in_thread() as graph, SupervisorHarness(tmp_path) as harness:
+        wa = {"graph_url": graph.url, "access_token": "graph-token-for-tests"}
+        harness.write_config(
+            {
+                tenant: {"transport": "whatsapp", "whatsapp": {"phone_number_id": number, **wa}}
+                for tenant, number in NUMBERS.items()
+            },
+            gateway=gateway_table(port),
+        )
+        run = harness.start()
+        meta = Meta(port)
+        gateway_pid(run)
+        body = update(
+            change("111", messages=[text_message("wamid.in1", sender="4911", body="hallo")]),
+            change("222", messages=[text_message("wamid.in2", sender="4922", body="hej")]),
+        )
+        assert (await meta.post(body))[0] == 200
+        assert "wamid.in1" in stored(run, "acme") and "wamid.in2" in stored(run, "globex")
+
+        sent = wait_for("both replies at the Graph API", lambda: len(graph.sent()) == 2 or None)
+        assert sent
+        by_user = {request.to: request for request in graph.sent()}
+        assert by_user["4911"].path == "/v23.0/111/messages" and by_user["4911"].text == "hallo"
+        assert by_user["4922"].path == "/v23.0/222/messages" and by_user["4922"].text == "hej"
+        for tenant, message in (("acme", "wamid.in1"), ("globex", "wamid.in2")):
+            wait_for(  # Meta's statuses come after the send is recorded (ms, not seconds)
+                f"{tenant}'s reply recorded as sent",
+                lambda t=tenant, m=message: stored(run, t)[m]["replies"][0]["status"] == "sent",
+            )
+        for number, user in (("111", "4911"), ("222", "4922")):
+            wamid = by_user[user].wamid
+            assert wamid is not None
+            for state in ("delivered", "read"):
+                statuses = [status(wamid, state)]
+                assert (await meta.post(update(change(number, statuses=statuses))))[0] == 200
+        for tenant, message in (("acme", "wamid.in1"), ("globex", "wamid.in2")):
+            (reply,) = stored(run, tenant)[message]["replies"]
+            assert reply["status"] == "read"
+            assert reply["provider_id"] == by_user["4911" if tenant == "acme" else "4922"].wamid
+        assert "graph-token-for-tests" not in run.log()
