@@ -11,7 +11,8 @@
     │   └── PermanentHandlerError   ... in a way retrying will not fix
     ├── TransportError              sending a reply failed
     │   ├── RetryableTransportError ... for now (5xx, timeout, connection)
-    │   │   └── PairRateLimitError  ... to one recipient too often: back off that chat
+    │   │   └── TransientTransportError ... for a while that is known to pass: no attempt limit
+    │   │       └── PairRateLimitError  ... to one recipient too often: back off that chat
     │   ├── PermanentTransportError ... for good (4xx, bad recipient)
     │   └── SendingPausedError      ... for every chat until an operator acts (bad token)
     ├── ForwardError                the gateway could not get an update committed by a tenant
@@ -96,7 +97,11 @@ class ForwardError(ChatqError):
     """The gateway could not get a tenant's part of a webhook committed now (Meta retries)."""
 
 
-class PairRateLimitError(RetryableTransportError):
+class TransientTransportError(RetryableTransportError):
+    """A failure known to pass (provider overload, 5xx, timeouts): retried without a limit."""
+
+
+class PairRateLimitError(TransientTransportError):
     """Too many messages to one recipient (WhatsApp 131056): back off that chat only."""
 
 
@@ -143,5 +148,6 @@ __all__ = [
     "StoreError",
     "SupervisorNotRunning",
     "SupervisorRunning",
+    "TransientTransportError",
     "TransportError",
 ]

@@ -39,8 +39,10 @@ class JsonPoster:
         permanent: type[Exception],
         timed_out: type[Exception] | None = None,
         headers: Mapping[str, str] | None = None,
+        max_connections: int = 100,
     ) -> None:
         self._url = url
+        self._max_connections = max_connections  # 0: no limit
         self._headers = dict(headers or {})
         self._timeout_s = timeout
         self._retryable = retryable
@@ -84,7 +86,10 @@ class JsonPoster:
         # Lazily, so the session binds to the loop that is running now.
         if self._client is None:
             timeout = aiohttp.ClientTimeout(total=self._timeout_s)
-            self._client = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
+            connector = aiohttp.TCPConnector(limit=self._max_connections)
+            self._client = aiohttp.ClientSession(
+                timeout=timeout, headers=self._headers, connector=connector
+            )
         return self._client
 
 

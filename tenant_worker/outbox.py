@@ -16,8 +16,11 @@ into these classes):
 
     RetryableTransportError  retry after reply_backoff (with jitter); fail after
                              REPLY_MAX_ATTEMPTS attempts
-    PairRateLimitError       the same, but the wait is 4^n s, n = that chat's
-                             consecutive pair-rate refusals: only that chat waits
+    TransientTransportError  the same, without the attempt limit: it is known to pass
+                             (the backoff is capped at REPLY_BACKOFF_MAX)
+    PairRateLimitError       transient, but the wait is 4^n s (jitter only adds to it),
+                             n = that chat's consecutive pair-rate refusals: only that
+                             chat waits
     PermanentTransportError  the reply fails for good, with the error in last_error
     SendingPausedError       the outbox pauses: nothing more is sent, replies stay
                              pending in the store until the worker starts again
@@ -46,6 +49,7 @@ from chatq.shared.errors import (
     PermanentTransportError,
     SendingPausedError,
     StoreError,
+    TransientTransportError,
 )
 from chatq.tenant_worker.chat_queue import ChatQueueManager
 from chatq.tenant_worker.messages import Reply
@@ -76,6 +80,12 @@ def reply_backoff(attempts: int, base: float) -> float:
 def pair_rate_backoff(strikes: int) -> float:
     """Seconds a chat waits after its ``strikes``-th pair-rate refusal in a row: 4^n."""
     return float(min(4.0**strikes, PAIR_RATE_BACKOFF_MAX))
+
+
+def pair_rate_wait(strikes: int, jitter: Callable[[float], float]) -> float:
+    """`pair_rate_backoff`, jittered upwards only: a retry sooner than 4^n s is refused again."""
+    wait = pair_rate_backoff(strikes)
+    return wait + abs(jitter(wait) - wait)
 
 
 def jittered(delay: float) -> float:
@@ -197,7 +207,8 @@ class Outbox:
             except Exception as exc:  # retryable, or a transport bug: retry both
                 error = _part_error(exc, len(sent), len(parts))
                 attempts = reply.attempts + 1
-                if attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this last attempt
+                bounded = not isinstance(exc, TransientTransportError)
+                if bounded and attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this one
                     await self._give_up(reply, f"{error} (after {attempts} attempts)")
                     return
                 reply = await self._reschedule(reply, error, self._retry_delay(reply, exc))
@@ -221,7 +232,7 @@ class Outbox:
         if isinstance(exc, PairRateLimitError):
             strikes = self._pair_strikes.get(reply.chat_id, 0) + 1
             self._pair_strikes[reply.chat_id] = strikes
-            return self._jitter(pair_rate_backoff(strikes))
+            return pair_rate_wait(strikes, self._jitter)
         return self._jitter(reply_backoff(reply.attempts + 1, self._retry_backoff))
 
     def _pause(self, exc: SendingPausedError) -> None:

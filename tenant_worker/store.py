@@ -827,6 +827,11 @@ class _MarkSent(_RowUpdate):
     def row_id(self) -> int:
         return self.reply_id
 
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        # Also the provider id: a status for it queued after this op must run after it,
+        # not be grouped ahead with other statuses and find no reply.
+        return [(self.TABLE, self.reply_id), ("provider_id", self.provider_id)]
+
     def params(self, now: float) -> tuple[Any, ...]:
         return (self.reply_id, self.provider_id, now)
 

@@ -18,14 +18,17 @@ from chatq.shared.errors import (
     RetryableTransportError,
     SendingPausedError,
     StoreError,
+    TransientTransportError,
 )
 from chatq.tenant_worker.history import read_history
 from chatq.tenant_worker.messages import Message, Reply
 from chatq.tenant_worker.outbox import (
+    REPLY_BACKOFF_MAX,
     REPLY_MAX_ATTEMPTS,
     Outbox,
     jittered,
     pair_rate_backoff,
+    pair_rate_wait,
     reply_backoff,
 )
 from chatq.tenant_worker.stats import WorkerStats
@@ -259,6 +262,23 @@ async def test_gives_up_after_reply_max_attempts_counting_each_attempt_once(
     waits = [later - earlier for earlier, later in itertools.pairwise(due)]
     assert waits == [reply_backoff(n, 1.0) for n in range(2, REPLY_MAX_ATTEMPTS)]
     assert rig.stats.send_failed == 1
+
+
+async def test_a_failure_known_to_pass_is_retried_past_the_attempt_limit(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Meta overloaded for an hour (130429, 5xx, timeouts): the reply stays pending, then goes."""
+    times = REPLY_MAX_ATTEMPTS * 3
+    rig = make_rig(failing(times, lambda: TransientTransportError("130429: throughput")))
+    rig.outbox.submit([reply("a", "patient")])
+    await rig.done()
+
+    assert rig.transport.sent == [("a", "patient")]
+    kinds = [call[0] for call in rig.store.calls]
+    assert kinds == ["retry"] * times + ["sent"]
+    waits = [call[2] for call in rig.store.calls[:-1]]
+    assert max(b - a for a, b in itertools.pairwise(waits)) <= REPLY_BACKOFF_MAX + 1e-9
+    assert rig.stats.send_failed == 0
 
 
 async def test_a_replayed_reply_keeps_its_attempts_and_due_time(
@@ -514,3 +534,10 @@ def test_jitter_spreads_a_delay_within_a_fifth() -> None:
     assert all(0.8 <= jittered(10.0) / 10.0 <= 1.2 for _ in range(100))
     assert pair_rate_backoff(1) == 4.0 and pair_rate_backoff(3) == 64.0
     assert pair_rate_backoff(20) == 4.0**6
+
+
+def test_a_pair_rate_wait_is_never_shorter_than_4_to_the_n() -> None:
+    waits = [pair_rate_wait(1, jittered) for _ in range(1_000)]
+    assert min(waits) >= 4.0 and max(waits) <= 4.0 * 1.2
+    assert max(waits) - min(waits) > 0.4  # still spread, so chats do not retry in step
+    assert pair_rate_wait(2, lambda delay: delay) == 16.0

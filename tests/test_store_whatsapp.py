@@ -171,3 +171,22 @@ async def test_statuses_queued_with_messages_share_their_commit(store: Store) ->
     await store.add_messages([msg("w2")])
     assert await applying == StatusCounts(applied=1)
     assert store.commits == before + 1
+
+
+async def test_a_status_queued_after_its_mark_sent_in_one_batch_finds_the_reply(
+    store: Store, db_path: Path
+) -> None:
+    """The writer groups ops by kind; a status for a provider id must not overtake the
+    mark_sent that records it (it would be counted unknown and lost)."""
+    await sent_reply(store, "m0", "wamid.o0")
+    await store.add_messages([msg("m1")])
+    await store.begin_attempt("m1")
+    (reply,) = await store.complete("m1", ["re"])
+    first = store.apply_statuses_soon([StatusUpdate("wamid.o0", "delivered")])
+    sent = store.mark_sent_soon(reply.id, "wamid.o1")
+    status = store.apply_statuses_soon(
+        [StatusUpdate("wamid.o1", "failed", "131026: undeliverable")]
+    )
+    await asyncio.gather(first, sent, status)
+    assert await status == StatusCounts(applied=1)
+    assert reply_row(db_path, reply.id) == ("failed", "131026: undeliverable")

@@ -14,6 +14,7 @@ from chatq.shared.errors import (
     PermanentTransportError,
     RetryableTransportError,
     SendingPausedError,
+    TransientTransportError,
     TransportError,
 )
 from chatq.tenant_worker.transports import WhatsAppTransport, make_transport
@@ -73,14 +74,16 @@ async def test_each_send_gets_its_own_wamid(transport: WhatsAppTransport) -> Non
 @pytest.mark.parametrize(
     ("code", "kind"),
     [
-        (130429, RetryableTransportError),
-        (131000, RetryableTransportError),
+        (130429, TransientTransportError),  # Meta's retry codes: no attempt limit
+        (131000, TransientTransportError),
         (131056, PairRateLimitError),
         (131047, PermanentTransportError),
         (100, PermanentTransportError),
         (190, SendingPausedError),
         (131031, SendingPausedError),
-        (777_777, RetryableTransportError),
+        (777_777, RetryableTransportError),  # unknown: retried up to the attempt limit
+        (200, SendingPausedError),
+        (299, SendingPausedError),
     ],
 )
 async def test_errors_are_sorted_by_code(
@@ -98,7 +101,7 @@ async def test_the_code_decides_not_the_status(
     graph.always = error(131047, status=500)  # a code in a 5xx answer: still final
     assert type(await refused(transport)) is PermanentTransportError
     graph.always = error(130429, status=400)
-    assert type(await refused(transport)) is RetryableTransportError
+    assert type(await refused(transport)) is TransientTransportError
 
 
 async def test_failed_reply_text_has_code_and_meta_message(
@@ -114,7 +117,7 @@ async def test_a_5xx_page_without_a_code_is_retried(
 ) -> None:
     graph.always = HTTP_500
     exc = await refused(transport)
-    assert type(exc) is RetryableTransportError
+    assert type(exc) is TransientTransportError
     assert "answered 500" in str(exc) and "Internal Server Error" in str(exc)
 
 
@@ -125,14 +128,14 @@ async def test_a_hang_times_out_and_is_retried(graph: FakeGraph) -> None:
         exc = await refused(transport)
     finally:
         await transport.aclose()
-    assert type(exc) is RetryableTransportError
+    assert type(exc) is TransientTransportError
     assert "no answer within 0.2s" in str(exc)
 
 
 async def test_a_refused_connection_is_retried() -> None:
     transport = WhatsAppTransport(settings(f"http://127.0.0.1:{free_port()}"))
     try:
-        assert type(await refused(transport)) is RetryableTransportError
+        assert type(await refused(transport)) is TransientTransportError
     finally:
         await transport.aclose()
 

@@ -8,9 +8,12 @@ keys on ``error.code`` (its "details" and title only make the text readable):
     Action.FAIL       fail the reply for good (the code in last_error); others go on
     Action.PAUSE      stop the tenant's sending until a restart or reload
 
-An unknown code is retried like RETRY, up to the outbox's attempt limit, then
-the reply fails: a new code is more often a transient condition than a
-verdict, and the limit bounds what a wrong guess costs. A 5xx answer without
+RETRY codes Meta lists as passing (overload, maintenance, 5xx) are retried
+without an attempt limit: the backoff is capped at 5 minutes, and a reply
+past the 24-hour window fails with 131047 anyway. An unknown code is retried
+like RETRY, but only up to the outbox's attempt limit, then the reply fails:
+a new code is more often a transient condition than a verdict, and the limit
+bounds what a wrong guess costs. A 5xx answer without
 a readable error body, a timeout and a connection error are RETRY too (the
 transport decides those; they have no code).
 """
@@ -22,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 
-__all__ = ["Action", "GraphError", "action_for", "parse_error", "title_for"]
+__all__ = ["Action", "GraphError", "action_for", "is_known", "parse_error", "title_for"]
 
 
 class Action(enum.Enum):
@@ -76,6 +79,11 @@ def action_for(code: int) -> Action:
         return Action.PAUSE
     known = _POLICY.get(code)
     return known[0] if known is not None else Action.RETRY
+
+
+def is_known(code: int) -> bool:
+    """Whether `code` is in Meta's table (an unknown one is retried a bounded number of times)."""
+    return code in _PERMISSIONS or code in _POLICY
 
 
 def title_for(code: int) -> str:

@@ -5,7 +5,8 @@ One tenant is one business phone number. `send` POSTs one text message (see
 reply into the parts the outbox sends one by one. An error answer is sorted
 by its ``error.code`` (`chatq.shared.whatsapp.errors`), never by its status:
 
-    retry          RetryableTransportError   (also: no code, timeouts, connection errors)
+    retry          TransientTransportError   (also: 5xx, timeouts, connection errors;
+                                              an unknown code: RetryableTransportError)
     pair rate      PairRateLimitError        (131056: that chat backs off)
     fail           PermanentTransportError   (the code and Meta's text in last_error)
     pause          SendingPausedError        (the tenant sends nothing more until restarted)
@@ -28,16 +29,17 @@ from chatq.shared.errors import (
     PermanentTransportError,
     RetryableTransportError,
     SendingPausedError,
+    TransientTransportError,
     TransportError,
 )
-from chatq.shared.whatsapp.errors import Action, GraphError, parse_error
+from chatq.shared.whatsapp.errors import Action, GraphError, is_known, parse_error
 from chatq.shared.whatsapp.graph import message_id, messages_url, split_text, text_message
 from chatq.tenant_worker.http_client import JsonPoster, snippet
 
 __all__ = ["WhatsAppTransport"]
 
 _ERRORS: dict[Action, type[TransportError]] = {
-    Action.RETRY: RetryableTransportError,
+    Action.RETRY: TransientTransportError,
     Action.PAIR_RATE: PairRateLimitError,
     Action.FAIL: PermanentTransportError,
     Action.PAUSE: SendingPausedError,
@@ -54,9 +56,12 @@ class WhatsAppTransport:
             messages_url(settings.graph_url, settings.graph_version, settings.phone_number_id),
             settings.request_timeout,
             label="graph_url",
-            retryable=RetryableTransportError,
+            retryable=TransientTransportError,
             permanent=PermanentTransportError,
             headers={"Authorization": f"Bearer {self._token}"},
+            # Meta takes as many connections as the tier needs; aiohttp's default of
+            # 100 would queue granted sends and let them out later in a burst.
+            max_connections=0,
         )
 
     def __repr__(self) -> str:
@@ -71,13 +76,18 @@ class WhatsAppTransport:
         try:
             status, body = await self._poster.exchange(text_message(chat_id, text))
         except RetryableTransportError as exc:  # timeout or connection error
-            raise RetryableTransportError(self._scrub(str(exc))) from None
+            raise TransientTransportError(self._scrub(str(exc))) from None
         if 200 <= status < 300:
             return self._wamid(body)
         error = parse_error(body)
-        if error is None:  # a proxy's or a server's own page: retried, then failed
-            detail = f"{self._poster.where} answered {status}{snippet(body)}"
-            raise RetryableTransportError(self._scrub(detail))
+        if error is None:  # a proxy's or a server's own page
+            detail = self._scrub(f"{self._poster.where} answered {status}{snippet(body)}")
+            # 5xx: Meta or its edge is down, it passes; anything else: retried, then failed
+            raise (
+                TransientTransportError(detail)
+                if status >= 500
+                else RetryableTransportError(detail)
+            )
         raise self._error(error)
 
     async def aclose(self) -> None:
@@ -93,7 +103,10 @@ class WhatsAppTransport:
             return f"whatsapp-{uuid.uuid4().hex}"
 
     def _error(self, error: GraphError) -> TransportError:
-        return _ERRORS[error.action](self._scrub(error.describe()))
+        text = self._scrub(error.describe())
+        if error.action is Action.RETRY and not is_known(error.code):
+            return RetryableTransportError(text)  # a guess: bounded by the attempt limit
+        return _ERRORS[error.action](text)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, _REDACTED)
