@@ -168,6 +168,20 @@ async def test_a_two_tenant_batch_is_in_both_stores_before_the_200_and_redeliver
     assert 'chatq_gateway_duplicates_total{tenant="acme"} 2.0' in metrics
 
 
+async def test_one_odd_item_does_not_hold_up_the_rest(gateway: tuple[SupervisorRun, Meta]) -> None:
+    """A message of a shape Meta may add tomorrow: the others are committed, and a 200."""
+    run, meta = gateway
+    body = update(
+        change("111", messages=[text_message("wamid.ok1"), {"id": "wamid.odd"}]),
+        change("222", messages=[text_message("wamid.ok2")]),
+    )
+    code, answer = await meta.post(body)
+    assert (code, answer["messages"]) == (200, 2)
+    assert "wamid.ok1" in stored(run, "acme") and "wamid.ok2" in stored(run, "globex")
+    assert "wamid.odd" not in stored(run, "acme")
+    wait_for("the skip logged", lambda: "of an unexpected shape skipped" in run.log())
+
+
 async def test_an_unknown_number_is_200_and_counted(gateway: tuple[SupervisorRun, Meta]) -> None:
     _, meta = gateway
     body = update(change("999", messages=[text_message("wamid.nobody")]))

@@ -259,3 +259,38 @@ def test_messages_and_statuses_of_one_change_travel_together() -> None:
 def test_a_bad_shape_is_refused_naming_the_place(body: object, named: str) -> None:
     with pytest.raises(BadUpdate, match=named.replace("[", r"\[").replace("]", r"\]")):
         parse_update(body)
+
+
+def test_with_a_skipped_list_odd_items_are_left_out_and_the_rest_routed() -> None:
+    body = update(
+        change(
+            "111",
+            messages=[
+                text_message("w1"),
+                {"id": "w2", "timestamp": "1"},  # no sender
+                {**text_message("w3"), "id": "x" * 300},  # an id no worker takes
+                text_message("w4"),
+            ],
+            statuses=[{"id": "o1", "timestamp": "1"}, status("o2", "read")],
+        ),
+        {"field": "messages", "value": {"metadata": {}}},  # no number: cannot be routed
+        change("222", messages=[text_message("w5")]),
+    )
+    skipped: list[str] = []
+    routed = parse_update(body, skipped)
+    assert [m["id"] for m in routed["111"].messages] == ["w1", "w4"]
+    assert [s.id for s in routed["111"].statuses] == ["o2"]
+    assert [m["id"] for m in routed["222"].messages] == ["w5"]
+    assert len(skipped) == 4
+    assert any("from" in reason for reason in skipped)
+    assert any("at most 256 characters" in reason for reason in skipped)
+
+
+def test_the_gateway_and_the_worker_agree_on_what_an_id_is() -> None:
+    from chatq.shared.whatsapp import webhook
+    from chatq.tenant_worker import ingest
+
+    assert (webhook.MAX_ID_CHARS, webhook.MAX_TYPE_CHARS) == (
+        ingest.MAX_ID_CHARS,
+        ingest.MAX_TYPE_CHARS,
+    )

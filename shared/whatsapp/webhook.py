@@ -18,9 +18,10 @@ the gateway answers 400 and forwards nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -44,6 +45,8 @@ __all__ = [
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 STATUSES = ("sent", "delivered", "read", "failed")
 MAX_TEXT_CHARS = 4096  # a worker's limit; the whole original stays in `payload`
+MAX_ID_CHARS = 256  # a worker's limits on ids and types (tenant_worker/ingest.py)
+MAX_TYPE_CHARS = 64
 _PREFIX = "sha256="
 
 
@@ -101,19 +104,43 @@ class Routed:
         return {"messages": self.messages, "statuses": [s.as_json() for s in self.statuses]}
 
 
-def parse_update(update: object) -> dict[str, Routed]:
-    """Every message and status of a webhook update, by phone_number_id."""
+def parse_update(update: object, skipped: list[str] | None = None) -> dict[str, Routed]:
+    """Every message and status of a webhook update, by phone_number_id.
+
+    BadUpdate for a body that is not an update at all. Inside one, a part of
+    an unexpected shape (an entry, a change, a message, a status) raises too,
+    unless `skipped` is given: then it is left out, its problem appended
+    there, and the rest parsed. The gateway skips: a 400 for one odd item
+    would hold every other tenant's messages of the POST for Meta's 7 days
+    of retries.
+    """
     if not isinstance(update, dict):
         raise BadUpdate(f"body: must be an object, got {type(update).__name__}")
     routed: dict[str, Routed] = {}
     for n, entry in enumerate(_list(update, "entry", "body")):
         where = f"entry[{n}]"
-        for m, change in enumerate(_list(_object(entry, where), "changes", where)):
-            _parse_change(_object(change, f"{where}.changes[{m}]"), f"{where}.changes[{m}]", routed)
+        with _skipping(skipped):
+            for m, change in enumerate(_list(_object(entry, where), "changes", where)):
+                with _skipping(skipped):
+                    here = f"{where}.changes[{m}]"
+                    _parse_change(_object(change, here), here, routed, skipped)
     return routed
 
 
-def _parse_change(change: dict[str, Any], where: str, routed: dict[str, Routed]) -> None:
+@contextlib.contextmanager
+def _skipping(skipped: list[str] | None) -> Iterator[None]:
+    """Note a BadUpdate in `skipped` and go on; let it out when there is no list."""
+    try:
+        yield
+    except BadUpdate as exc:
+        if skipped is None:
+            raise
+        skipped.append(str(exc))
+
+
+def _parse_change(
+    change: dict[str, Any], where: str, routed: dict[str, Routed], skipped: list[str] | None
+) -> None:
     if change.get("field") != "messages":
         return  # template, account or quality updates: not ours
     value = _object(change.get("value"), f"{where}.value")
@@ -122,11 +149,13 @@ def _parse_change(change: dict[str, Any], where: str, routed: dict[str, Routed])
     part = routed.setdefault(number, Routed())
     names = _contact_names(value, f"{where}.value")
     for n, item in enumerate(_list(value, "messages", f"{where}.value", optional=True)):
-        part.messages.append(_message(_object(item, f"{where}.value.messages[{n}]"), names))
+        with _skipping(skipped):
+            part.messages.append(_message(_object(item, f"{where}.value.messages[{n}]"), names))
     for n, item in enumerate(_list(value, "statuses", f"{where}.value", optional=True)):
-        status = _status(_object(item, f"{where}.value.statuses[{n}]"))
-        if status is not None:
-            part.statuses.append(status)
+        with _skipping(skipped):
+            status = _status(_object(item, f"{where}.value.statuses[{n}]"))
+            if status is not None:
+                part.statuses.append(status)
 
 
 def _contact_names(value: dict[str, Any], where: str) -> dict[str, str]:
@@ -144,11 +173,11 @@ def _contact_names(value: dict[str, Any], where: str) -> dict[str, str]:
 
 def _message(item: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
     where = f"message {str(item.get('id'))[:80]!r}"
-    sender = _string(item, "from", where)
+    sender = _id(item, "from", where)
     kind = item.get("type")
-    kind = kind if isinstance(kind, str) and kind else "unknown"
+    kind = kind if isinstance(kind, str) and 0 < len(kind) <= MAX_TYPE_CHARS else "unknown"
     return {
-        "id": _string(item, "id", where),
+        "id": _id(item, "id", where),
         "chat_id": sender,
         "text": storable_text(message_text(item)[:MAX_TEXT_CHARS]),
         "from": storable_text(names[sender]) if sender in names else None,
@@ -188,7 +217,7 @@ def _status(item: dict[str, Any]) -> Status | None:
     error = None
     if status == "failed":
         error = _error_text(item.get("errors"))
-    return Status(_string(item, "id", where), status, _timestamp(item, where), error)
+    return Status(_id(item, "id", where), status, _timestamp(item, where), error)
 
 
 def _error_text(errors: object) -> str:
@@ -222,6 +251,14 @@ def _string(obj: dict[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
         raise BadUpdate(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _id(obj: dict[str, Any], key: str, where: str) -> str:
+    """An id as a worker takes it (its ingest refuses others: keep the two in step)."""
+    value = _string(obj, key, where)
+    if len(value) > MAX_ID_CHARS or "\x00" in value:
+        raise BadUpdate(f"{where}: {key} must be at most {MAX_ID_CHARS} characters, without NUL")
     return value
 
 

@@ -112,12 +112,23 @@ class GatewayApp:
         refused = self._check_signature(request, raw, path)
         if refused is not None:
             return refused
+        skipped: list[str] = []
         try:
-            routed = parse_update(json.loads(raw))
+            routed = parse_update(json.loads(raw), skipped)
         except (ValueError, RecursionError) as exc:  # BadUpdate is a ValueError too
             reason = str(exc) if isinstance(exc, BadUpdate) else "body is not JSON"
             logger.warning("webhook refused (400): {:.300}", reason)
             return 400, {"error": reason[:300]}
+        if skipped and not any(part.messages or part.statuses for part in routed.values()):
+            logger.warning("webhook refused (400): {:.300}", skipped[0])  # nothing usable in it
+            return 400, {"error": skipped[0][:300]}
+        if skipped:
+            self.stats.skipped_items.inc(len(skipped))
+            logger.warning(
+                "webhook: {} item(s) of an unexpected shape skipped, e.g. {:.300}",
+                len(skipped),
+                skipped[0],
+            )
         split = self._routes.split(routed, path)
         self._note_unknown(split)
         return await self._forward_all(split)

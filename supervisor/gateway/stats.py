@@ -6,6 +6,8 @@
     chatq_gateway_duplicates_total{tenant}          messages a worker already had (re-deliveries)
     chatq_gateway_unknown_statuses_total{tenant}    statuses for no known reply
     chatq_gateway_unknown_numbers_total             changes for a phone number no tenant has
+    chatq_gateway_skipped_items_total               entries, changes, messages or statuses of an
+                                                    unexpected shape, left out (and logged)
     chatq_gateway_request_seconds                   webhook received -> answered (histogram)
 
 No label holds a secret, a phone number or anything a sender chose: only
@@ -55,6 +57,9 @@ class GatewayStats:
         )
         self.unknown_numbers = Counter(
             "chatq_gateway_unknown_numbers", "Changes for a number no tenant has", registry=r
+        )
+        self.skipped_items = Counter(
+            "chatq_gateway_skipped_items", "Update items of an unexpected shape", registry=r
         )
         self.latency = Histogram(
             "chatq_gateway_request_seconds", "Webhook -> answer", buckets=_BUCKETS, registry=r
