@@ -433,7 +433,7 @@ class Supervisor:
         tenant = new.tenant(tenant_id)
         handle.use_config(new)
         if tenant == handle.tenant and not force:
-            return "unchanged"
+            return self._resume_if_paused(handle)
         stopped = handle.state is State.STOPPED or handle.stopping_for_good
         stopped_by_operator = stopped and handle.tenant.enabled  # not by the config
         handle.tenant = tenant
@@ -444,6 +444,15 @@ class Supervisor:
         else:  # a fatal tenant gets a fresh chance too: the change may be its fix
             handle.revive()
             handle.stop("config changed", State.STARTING)
+        return "changed"
+
+    @staticmethod
+    def _resume_if_paused(handle: TenantHandle) -> str:
+        """A reload is how an operator says "Meta lifted it": a paused sending restarts."""
+        beat = handle.heartbeat
+        if beat is None or beat.paused is None or handle.process is None:
+            return "unchanged"
+        handle.stop("reload: resume paused sending", State.STARTING)
         return "changed"
 
     def _dispatch(self, request: dict[str, Any]) -> Any:

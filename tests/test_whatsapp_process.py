@@ -245,3 +245,21 @@ def _reply_status(harness: SupervisorHarness) -> str | None:
 
     entries = read_history(harness.data_dir / "acme.sqlite3")
     return entries[0]["replies"][0]["status"] if entries and entries[0]["replies"] else None
+
+
+def test_a_reload_resumes_a_paused_sending(harness: SupervisorHarness) -> None:
+    """Meta lifted the block; the operator reloads (config unchanged): the held reply goes."""
+    with fake_graph_in_thread() as graph:
+        graph.always = error(368, message="Temporarily blocked for policies violations")
+        tenant = {"transport": "whatsapp", "whatsapp": whatsapp(graph.url)}
+        harness.write_config({"acme": tenant, "other": {}})
+        run = harness.start()
+        other_pid = run.pids()["other"]
+        assert run.post("acme", "hello", chat_id="15550001") == 202
+        wait_for("the pause", lambda: run.status("acme")["paused"])
+
+        graph.always = None
+        answer = run.request("reload")
+        assert answer["changed"] == ["acme"] and "other" in answer["unchanged"]
+        wait_for("the reply sent", lambda: _reply_status(harness) == "sent")
+        assert run.pids()["other"] == other_pid  # only the paused tenant restarted
