@@ -196,6 +196,21 @@ async def test_a_tenant_path_takes_its_own_secret_and_only_its_own_number(rig: R
     assert (await rig.post(two_tenants(), path="/whatsapp/globex"))[0] == 403
 
 
+async def test_a_tenant_path_carries_the_numbers_of_its_app() -> None:
+    """Two tenants' numbers in one Meta app, its callback set to one tenant's path:
+    both are routed (the same secret signed them), not dropped as unknown."""
+    config = make_config()
+    tenants = (*config.tenants, TenantConfig(id="initech", whatsapp=whatsapp("333", OWN_SECRET)))
+    async for rig in make_rig(config.model_copy(update={"tenants": tenants})):
+        body = update(
+            change("222", messages=[text_message("wamid.g1")]),
+            change("333", messages=[text_message("wamid.i1")]),
+        )
+        code, answer = await rig.post(body, path="/whatsapp/globex", secret=OWN_SECRET)
+        assert (code, answer["unknown_numbers"]) == (200, 0)
+        assert sorted(rig.forward.parts) == ["globex", "initech"]
+
+
 async def test_a_tenant_without_its_own_app_uses_the_gateway_secret(rig: Rig) -> None:
     body = update(change("111", messages=[text_message("wamid.a7")]))
     assert (await rig.post(body, path="/whatsapp/acme"))[0] == 200

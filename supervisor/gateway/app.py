@@ -165,6 +165,15 @@ class GatewayApp:
         for number in split.unknown:
             self.stats.unknown_numbers.inc()
             logger.warning("webhook for phone_number_id {:.40} which no tenant has", number)
+        for number, tenant in split.foreign.items():
+            self.stats.unknown_numbers.inc()
+            logger.warning(
+                "webhook for phone_number_id {} of tenant {} refused on this path: that"
+                " tenant's app has another secret (its callback is /whatsapp/{})",
+                number,
+                tenant,
+                tenant,
+            )
 
     async def _forward_all(self, split: Split) -> tuple[int, dict[str, Any]]:
         tenants = list(split.parts)
@@ -185,7 +194,7 @@ class GatewayApp:
         return 200, {
             "messages": sum(len(part.messages) for part in split.parts.values()),
             "statuses": sum(len(part.statuses) for part in split.parts.values()),
-            "unknown_numbers": len(split.unknown),
+            "unknown_numbers": len(split.unknown) + len(split.foreign),
         }
 
     def _answer(self, code: int, error: str) -> web.Response:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from chatq.shared.errors import ForwardError
 from chatq.shared.whatsapp.webhook import Routed
 from chatq.supervisor.gateway.stats import GatewayStats
@@ -86,6 +88,9 @@ class TenantLink:
             status, answer = await self._post([part for part, _ in batch])
         except ForwardError as exc:
             outcome = exc
+        except Exception as exc:  # a bug: never leave a webhook (and a drain) waiting for ever
+            logger.opt(exception=exc).error("forwarding to tenant {} failed", self.tenant_id)
+            outcome = ForwardError(f"tenant {self.tenant_id}: forwarding failed ({exc})")
         else:
             if status == 400 and len(batch) > 1:  # one bad part must not sink the others
                 for item in batch:
