@@ -53,7 +53,7 @@ __all__ = ["STATES", "MetricsServer", "Snapshot", "TenantCollector", "start_metr
 
 Snapshot = Callable[[], list[dict[str, Any]]]
 
-STATES = ("starting", "running", "backoff", "stopped", "fatal")
+STATES = ("starting", "running", "hung", "backoff", "stopped", "fatal")
 LISTEN_ADDRESS = "127.0.0.1"  # metrics are for a local agent; put a proxy in front for more
 _STOP_TIMEOUT = 5.0
 

@@ -7,7 +7,7 @@ sentinel, the control socket and a wake-up pipe for signals -- like
 steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
     read frames -> reap exits -> serve control -> act on signals
-    -> kill overdue stops -> stop hung workers -> watchdog -> start due workers
+    -> kill overdue stops -> kill hung workers -> watchdog -> start due workers
 
 Signal handlers only record the signal; the loop acts on it.
 """
@@ -259,8 +259,7 @@ class Supervisor:
             if handle.is_hung():
                 self._catch_up(handle)  # our loop may be the one that was held up
             if handle.is_hung():
-                logger.error("{}: no heartbeat for {}s: worker is hung", handle.id, timeout_s)
-                handle.stop(f"hung: no heartbeat for {timeout_s:g}s", State.STARTING)
+                handle.kill_hung(f"hung: no heartbeat for {timeout_s:g}s")
 
     def _watchdog(self) -> None:
         now = self._clock()

@@ -98,8 +98,11 @@ class Worker:
 
     async def run(self) -> int:
         self._watch_signals()
-        # Beats start with the loop, so a worker hung while booting is seen too.
+        # Beats start with the loop, so a worker hung while booting is seen too;
+        # the first goes out before the handler module is imported, so a
+        # blocking import is a hang after heartbeat_timeout, not BOOT_TIMEOUT.
         beat = asyncio.create_task(self._heartbeats())
+        await asyncio.sleep(0)
         try:
             return await self._run()
         finally:

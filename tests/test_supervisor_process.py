@@ -140,7 +140,7 @@ def test_boot_failure_is_fatal_at_once_with_the_reason(harness: SupervisorHarnes
 def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None:
     harness.write_config(
         {"a": {}, "hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
-        supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 0.5},
+        supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 15},
     )
     run = harness.start()
     before = run.wait_all_running()
@@ -151,17 +151,60 @@ def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None
     took = time.monotonic() - hung_at
 
     # 0.5 s of silence (counted from the last beat, up to 0.1 s before the message),
-    # then SIGTERM (ignored by the blocked loop), then SIGKILL 0.5 s later.
-    assert took >= 0.8
+    # a stack dump, SIGKILL 0.5 s later: not SIGTERM and the 15 s stop_grace.
+    assert 0.8 <= took < 5.0
     status = run.status("hang")
     assert status["last_exit"]["code"] == -signal.SIGKILL
     assert status["last_exit"]["reason"].startswith("hung")
-    killed = f"hang: pid {before['hang']} still running 0.5s after SIGTERM: SIGKILL"
-    assert killed in run.log()
+    log = run.log()
+    assert f"hang: pid {before['hang']} hung: SIGKILL" in log
+    assert "hang: hung at: " in log and 'in hang' in log  # its stack: the handler's frame
+    assert (run.run_dir / "hang.stacks").read_text() == ""  # the new worker's, still empty
     assert run.pids()["a"] == before["a"]
     # The message that hung it is quarantined on replay (max_attempts 1): it stays up.
     time.sleep(0.7)
     assert run.tenants()["hang"]["pid"] == new_pid
+
+
+def test_a_sigstopped_worker_is_killed_fast_and_serves_again(harness: SupervisorHarness) -> None:
+    harness.write_config(
+        {"a": {}}, supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15}
+    )
+    run = harness.start()
+    pid = run.wait_running("a")
+
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    run.wait_running("a", not_pid=pid, timeout=10.0)
+    assert time.monotonic() - stopped_at < 3.0
+    assert run.post("a", "back") == 202
+    assert "a: no stacks dumped" in run.log()
+
+
+BLOCKING_IMPORT = """
+import time
+
+time.sleep(30)  # blocks the worker's loop while it boots
+
+
+async def reply(message, ctx):
+    return message.text
+"""
+
+
+def test_a_handler_import_that_blocks_is_a_hang_after_the_heartbeat_timeout(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_module("slow_import", BLOCKING_IMPORT)
+    harness.write_config(
+        {"slow": {"handler": "slow_import:reply"}},
+        supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15},
+    )
+    run = harness.start(wait_running=False)
+    run.wait_log("slow: hung: no heartbeat for 0.5s", timeout=5.0)  # not the 60 s boot timeout
+    run.wait_log("slow: pid ", timeout=3.0)
+    run.wait_log("hung at: ", timeout=3.0)
+    assert "slow_import.py" in run.log()
 
 
 BLOCK_LOOP = """
@@ -221,10 +264,10 @@ def test_memory_limit_restarts_the_worker(harness: SupervisorHarness) -> None:
 
 
 def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) -> None:
-    """SIGKILL after stop_grace must not turn an asked-for stop into a hung-restart."""
+    """A fast hang-kill must not turn an asked-for stop into a hung-restart."""
     harness.write_config(
         {"hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
-        supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 0.8},
+        supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 15},
     )
     run = harness.start()
     pid = run.wait_running("hang")
@@ -239,7 +282,7 @@ def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) ->
     time.sleep(0.4)
     status = run.status("hang")
     assert (status["state"], status["pid"], status["restarts"]) == ("stopped", None, 0)
-    assert f"hang: pid {pid} still running" in run.log()
+    assert f"hang: pid {pid} hung: SIGKILL" in run.log()
 
 
 @pytest.mark.parametrize("via", ["control", "sighup"])
