@@ -16,6 +16,7 @@ pending messages stay queued in the store for the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -30,7 +31,7 @@ from loguru import logger
 
 from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
-from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
+from chatq.shared.errors import ChatqError, ConfigError, StoreInUse, StoreUnavailable
 from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
@@ -51,6 +52,10 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
+# Backoff of a store that cannot be opened for now (disk full, locked): the
+# worker waits it out, beating, rather than exit into the restart policy.
+OPEN_RETRY_INITIAL = 0.1
+OPEN_RETRY_MAX = 2.0
 
 
 class _StoppedWhileBooting(Exception):
@@ -127,6 +132,9 @@ class Worker:
     async def _run_booted(self, parts: Parts) -> int:
         try:
             service = await self._start(parts)
+        except StoreUnavailable as exc:  # a read failed for now: a restart retries it
+            logger.error("failed to start: {}", exc)
+            return EXIT_FATAL
         except ChatqError as exc:  # unreadable store, socket or port we cannot bind
             return self._boot_failed(exc)
         await self._serve(service)
@@ -161,7 +169,7 @@ class Worker:
         if lock is None:
             raise _StoppedWhileBooting
         try:
-            store = await Store.open(path, self.tenant.id)
+            store = await self._open_store(path)
             try:
                 transport = make_transport(self.tenant)
             except BaseException:
@@ -171,6 +179,21 @@ class Worker:
             lock.release()
             raise
         return Parts(store=store, lock=lock, handler=handler, transport=transport)
+
+    async def _open_store(self, path: Path) -> Store:
+        """Open the store, waiting out a transient failure (disk full, locked, I/O)."""
+        delay = OPEN_RETRY_INITIAL
+        while True:
+            try:
+                return await Store.open(path, self.tenant.id)
+            except StoreUnavailable as exc:
+                if delay == OPEN_RETRY_INITIAL:
+                    logger.warning("cannot open the store for now ({}); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                raise _StoppedWhileBooting
+            delay = min(delay * 2, OPEN_RETRY_MAX)
 
     async def _start(self, parts: Parts) -> Service:
         """Read what the last run left, listen, replay it, then take new input.

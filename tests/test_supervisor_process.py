@@ -158,7 +158,7 @@ def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None
     assert status["last_exit"]["reason"].startswith("hung")
     log = run.log()
     assert f"hang: pid {before['hang']} hung: SIGKILL" in log
-    assert "hang: hung at: " in log and 'in hang' in log  # its stack: the handler's frame
+    assert "hang: hung at: " in log and "in hang" in log  # its stack: the handler's frame
     assert (run.run_dir / "hang.stacks").read_text() == ""  # the new worker's, still empty
     assert run.pids()["a"] == before["a"]
     # The message that hung it is quarantined on replay (max_attempts 1): it stays up.
@@ -167,9 +167,7 @@ def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None
 
 
 def test_a_sigstopped_worker_is_killed_fast_and_serves_again(harness: SupervisorHarness) -> None:
-    harness.write_config(
-        {"a": {}}, supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15}
-    )
+    harness.write_config({"a": {}}, supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15})
     run = harness.start()
     pid = run.wait_running("a")
 
