@@ -35,6 +35,7 @@ from loguru import logger
 
 from chatq.config import ChatqConfig
 from chatq.shared import protocol, stack_dump
+from chatq.supervisor.child_watch import ChildWatch
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
 from chatq.supervisor.watchdog import ProcStats
@@ -97,6 +98,7 @@ class ProgramHandle:
         self.policy = RestartPolicy(*_limits(config), clock=clock)
         self.state = State.STOPPED
         self.process: BaseProcess | None = None
+        self.watch: ChildWatch | None = None  # its pidfd: exits seen without the fork server
         self.conn: Connection | None = None
         self.reader: FrameReader | None = None
         self.started_at = 0.0
@@ -137,6 +139,12 @@ class ProgramHandle:
         return self.process.pid if self.process is not None else None
 
     @property
+    def sentinel(self) -> int:
+        """Readable once its process has exited (the pidfd; else multiprocessing's sentinel)."""
+        assert self.process is not None
+        return self.watch.fd if self.watch is not None else self.process.sentinel
+
+    @property
     def stopping_for_good(self) -> bool:
         """A stop under way that ends in ``stopped`` (not a restart)."""
         return self.process is not None and self.after_exit is State.STOPPED
@@ -165,6 +173,7 @@ class ProgramHandle:
             self._after_failure(None, self.last_exit.reason)
             return
         self.reader = FrameReader(self.conn)
+        self.watch = ChildWatch.open(self.process.pid)
         now = self._clock()
         self.state = State.STARTING
         self.started_at = now
@@ -293,9 +302,9 @@ class ProgramHandle:
     def on_exit(self) -> None:
         """The process ended: record why, and decide what comes next."""
         assert self.process is not None
-        self.process.join(0)
-        code = self.process.exitcode
-        self.process.close()
+        code = self._exit_code(self.process)
+        with contextlib.suppress(ValueError):  # the fork server is gone: it never reported
+            self.process.close()
         if self.conn is not None:
             self.conn.close()
         self.process, self.conn, self.reader = None, None, None
@@ -310,6 +319,16 @@ class ProgramHandle:
             self._after_asked_exit(asked)
         else:
             self._after_failure(code, reason)
+
+    def _exit_code(self, process: BaseProcess) -> int | None:
+        watch, self.watch = self.watch, None
+        if watch is None:
+            process.join(0)
+            return process.exitcode
+        try:
+            return watch.exit_code(process)
+        finally:
+            watch.close()
 
     def _log_stacks(self) -> None:
         """After a hang: where it hung (the file is removed either way)."""

@@ -31,6 +31,7 @@ from chatq.config import ChatqConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
 from chatq.supervisor import spawn
+from chatq.supervisor.child_watch import become_subreaper, reap_orphans
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
@@ -78,6 +79,7 @@ class Supervisor:
         self._shutting_down = False
         self._next_watchdog = 0.0
         self._watch_ticks = 0
+        self._subreaper = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -103,6 +105,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until shut down; returns the process exit code (0)."""
+        self._subreaper = become_subreaper()  # see supervisor/child_watch.py
+        if not self._subreaper:
+            logger.warning("cannot become the child subreaper: a dead fork server orphans workers")
         forkserver.ensure_running()  # before any thread exists; see supervisor/spawn.py
         for folder in (self.config.supervisor.run_dir, self.config.supervisor.data_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
@@ -154,7 +159,7 @@ class Supervisor:
         """One pass: wait for something to happen, then repair."""
         assert self.control is not None
         conns = {h.conn: h for h in self.handles() if h.conn is not None}
-        sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
+        sentinels = {h.sentinel: h for h in self.handles() if h.process is not None}
         waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
         writers = self.control.writables()
         ready = self._waiter.wait(waitables, self._wait_time(), writers)
@@ -270,6 +275,9 @@ class Supervisor:
         # /proc reads per worker, every FULL_SAMPLE_EVERY ticks, on `status`,
         # or every tick while metrics are served.
         self._watch_ticks += 1
+        if self._subreaper:  # orphans come to us: leave no zombie
+            for pid in reap_orphans({h.pid for h in self.handles() if h.pid is not None}):
+                logger.info("reaped orphan pid {}", pid)
         full = self.publishing or self._watch_ticks % FULL_SAMPLE_EVERY == 1
         for handle in self.handles():
             if handle.pid is None:

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 from sandbox import clean_env, wait_for
-from supervisor_fixtures import SupervisorHarness, alive, gone
+from supervisor_fixtures import SupervisorHarness, SupervisorRun, alive, gone
 
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 
@@ -643,3 +643,35 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(harness: SupervisorH
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert psutil.Process(run.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
     assert psutil.Process(run.pids()["a"]).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+
+
+def _fork_server(run: SupervisorRun) -> psutil.Process:
+    children = psutil.Process(run.pid).children()
+    return next(p for p in children if "forkserver" in " ".join(p.cmdline()))
+
+
+def test_a_dead_fork_server_loses_no_worker(harness: SupervisorHarness) -> None:
+    """Killing the fork server must not make live workers look dead (they were all
+    "restarted" beside themselves), nor orphan a hung one to pid 1, unkilled."""
+    harness.write_config(
+        {"a": {}, "hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15},
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+    assert run.post("hang", "hang") == 202  # hung from now on
+    _fork_server(run).kill()
+
+    time.sleep(0.3)
+    a = run.status("a")
+    assert (a["pid"], a["state"], a["restarts"]) == (before["a"], "running", 0)
+    assert run.post("a", "still here", msg_id="m2") == 202
+    assert psutil.Process(before["hang"]).ppid() == run.pid  # ours (subreaper), not init's
+
+    # The hung one is still known by pid: killed, reaped, replaced (by a new fork server).
+    new_pid = run.wait_running("hang", not_pid=before["hang"], timeout=10.0)
+    assert gone(before["hang"])
+    assert run.status("hang")["last_exit"]["code"] == -signal.SIGKILL
+    assert run.pids()["a"] == before["a"]
+    assert alive(psutil.Process(new_pid))
+    assert "worker exited (exit code 255)" not in run.log()
