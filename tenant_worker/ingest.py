@@ -3,7 +3,8 @@
 Served (aiohttp) on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600)
 and, if the tenant has a ``port``, on 127.0.0.1:port. A request is answered
 202 (200 for updates) only after its rows are committed; a refused request
-(400, 413, 503) writes nothing.
+(400, 408, 413, 503) writes nothing. Connections are capped and timed
+(tenant_worker/ingest_guard.py).
 
 ``POST /whatsapp/updates`` is the gateway's way in (supervisor/gateway/):
 ``{"messages": [message, ...], "statuses": [{"id", "status", "error"?}, ...]}``
@@ -14,6 +15,7 @@ store groups them, as it does for writes submitted together).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -27,6 +29,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from chatq.shared.errors import StoreError
+from chatq.tenant_worker.ingest_guard import (
+    BODY_TIMEOUT,
+    IDLE_TIMEOUT,
+    LINGER,
+    MAX_CONNECTIONS,
+    IngestCounters,
+    cap_connections,
+)
 from chatq.tenant_worker.messages import (
     MAX_TEXT_CHARS,
     Message,
@@ -216,6 +226,10 @@ class Ingest:
         self._apply_statuses = apply_statuses
         self._clock = clock
         self._runner: web.AppRunner | None = None
+        self.counters = IngestCounters()
+        self.max_connections = MAX_CONNECTIONS
+        self.idle_timeout = IDLE_TIMEOUT
+        self.body_timeout = BODY_TIMEOUT
         # Each route checks its own limit (`_read`); this is the largest.
         self.app = web.Application(client_max_size=MAX_UPDATES_BYTES)
         self.app.router.add_post("/messages", self.post_messages)
@@ -226,9 +240,16 @@ class Ingest:
         """Listen on the unix socket (0600) and, if given, 127.0.0.1:port."""
         _clear_socket_path(socket_path)
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_GRACE,
+            keepalive_timeout=self.idle_timeout,
+            lingering_time=LINGER,
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        cap_connections(self._runner.server, self.max_connections, self._count_refused)
         try:
             with _umask(0o177):  # born 0600: no window where others may connect
                 await web.UnixSite(self._runner, str(socket_path)).start()
@@ -238,6 +259,9 @@ class Ingest:
             await self.stop()  # e.g. the port is taken: do not keep the socket open
             raise
 
+    def _count_refused(self) -> None:
+        self.counters.refused += 1
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
@@ -246,10 +270,17 @@ class Ingest:
     async def _body(
         self, request: web.Request, limit: int, parse: Callable[[bytes, str, float], T]
     ) -> T | web.Response:
-        """The parsed body, or the answer that refuses it (503, 413, 400)."""
+        """The parsed body, or the answer that refuses it (503, 408, 413, 400)."""
         if self.state is not IngestState.RUNNING:
             return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
-        raw = await _read(request, limit)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await _read(request, limit)
+        except TimeoutError:
+            self.counters.timeouts += 1
+            answer = _error(408, f"body not received within {self.body_timeout:g}s")
+            answer.force_close()  # what is left of the body is not read: close after
+            return answer
         if isinstance(raw, web.Response):
             return raw
         try:

@@ -94,6 +94,7 @@ class Worker:
         self._exit = EXIT_OK
         self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
         self._outbox: Outbox | None = None  # idem
+        self._ingest: Ingest | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -234,7 +235,7 @@ class Worker:
             suspects=[row.message.id for row in unfinished if row.status == "processing"],
         )
         ingest.state = IngestState.RUNNING
-        self._pipeline, self._outbox = pipeline, outbox
+        self._pipeline, self._outbox, self._ingest = pipeline, outbox, ingest
         return Service(pipeline, outbox, ingest)
 
     async def _listen(self, ingest: Ingest) -> None:
@@ -285,6 +286,7 @@ class Worker:
             )
         queue, stats = pipeline.queue, pipeline.stats
         pause = self._outbox.paused if self._outbox is not None else None
+        turned_away = self._ingest.counters if self._ingest is not None else None
         return protocol.Heartbeat(
             seq=seq,
             time=time.time(),
@@ -301,6 +303,8 @@ class Worker:
             replies_retried=stats.retried,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,
+            ingest_refused=turned_away.refused if turned_away else 0,
+            ingest_timeouts=turned_away.timeouts if turned_away else 0,
         )
 
     def _watch_signals(self) -> None:

@@ -628,7 +628,7 @@ def test_the_open_file_limit_is_raised_or_a_fleet_that_cannot_fit_refused(
     refused = run_once(harness, preexec_fn=low_limits)
     assert refused.returncode == 2
     assert refused.stderr == (
-        "chatq: 100 tenants need about 464 open files, but the hard limit is 256"
+        "chatq: 100 tenants need about 564 open files, but the hard limit is 256"
         " (raise it: LimitNOFILE= in the systemd unit, or ulimit -Hn)\n"
     )
 
