@@ -37,6 +37,7 @@ from chatq.tenant_worker.ingest_guard import (
     IngestCounters,
     cap_connections,
 )
+from chatq.tenant_worker.ingest_tcp import tcp_refusal
 from chatq.tenant_worker.messages import (
     MAX_TEXT_CHARS,
     Message,
@@ -62,6 +63,7 @@ Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
 # Queue status updates now (to share the messages' commit); await the outcome later.
 ApplyStatuses = Callable[[Sequence[StatusUpdate]], Awaitable[StatusCounts]]
 Probe = Callable[[], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 
@@ -217,6 +219,7 @@ class Ingest:
         probe: Probe,
         *,
         apply_statuses: ApplyStatuses | None = None,
+        token: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.tenant_id = tenant_id
@@ -225,13 +228,15 @@ class Ingest:
         self._probe = probe
         self._apply_statuses = apply_statuses
         self._clock = clock
+        self._token = token  # asked of TCP requests (ingest_tcp.py); never logged
+        self._port: int | None = None  # the tenant's TCP port, once listening
         self._runner: web.AppRunner | None = None
         self.counters = IngestCounters()
         self.max_connections = MAX_CONNECTIONS
         self.idle_timeout = IDLE_TIMEOUT
         self.body_timeout = BODY_TIMEOUT
         # Each route checks its own limit (`_read`); this is the largest.
-        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES)
+        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES, middlewares=[self._check_tcp])
         self.app.router.add_post("/messages", self.post_messages)
         self.app.router.add_post("/whatsapp/updates", self.post_updates)
         self.app.router.add_get("/health", self.health)
@@ -254,10 +259,20 @@ class Ingest:
             with _umask(0o177):  # born 0600: no window where others may connect
                 await web.UnixSite(self._runner, str(socket_path)).start()
             if port is not None:
+                self._port = port
                 await web.TCPSite(self._runner, "127.0.0.1", port).start()
         except BaseException:
             await self.stop()  # e.g. the port is taken: do not keep the socket open
             raise
+
+    @web.middleware
+    async def _check_tcp(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests on the tenant's TCP port must pass `tcp_refusal`; the unix socket is trusted."""
+        here = request.transport.get_extra_info("sockname") if request.transport else None
+        over_tcp = self._port is not None and isinstance(here, tuple) and here[1] == self._port
+        if over_tcp and (refusal := tcp_refusal(request.method, request.headers, self._token)):
+            return _error(*refusal)
+        return await handler(request)
 
     def _count_refused(self) -> None:
         self.counters.refused += 1

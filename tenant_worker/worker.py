@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from pydantic import SecretStr
 
 from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
@@ -227,6 +228,7 @@ class Worker:
             pipeline.accept,
             lambda: _probe(pipeline, outbox),
             apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
+            token=_secret(tenant.ingest_token),
         )
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
@@ -320,6 +322,10 @@ def _number_rate(tenant: TenantConfig) -> int | None:
     if tenant.transport == "whatsapp" and tenant.whatsapp is not None:
         return tenant.whatsapp.messages_per_second
     return None
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def _probe(pipeline: Pipeline, outbox: Outbox) -> dict[str, Any]:
