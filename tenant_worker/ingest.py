@@ -230,6 +230,7 @@ class Ingest:
         self._clock = clock
         self._token = token  # asked of TCP requests (ingest_tcp.py); never logged
         self._port: int | None = None  # the tenant's TCP port, once listening
+        self._unix: tuple[web.UnixSite, Path, int | None] | None = None  # site, path, inode
         self._runner: web.AppRunner | None = None
         self.counters = IngestCounters()
         self.max_connections = MAX_CONNECTIONS
@@ -256,14 +257,36 @@ class Ingest:
         assert self._runner.server is not None
         cap_connections(self._runner.server, self.max_connections, self._count_refused)
         try:
-            with _umask(0o177):  # born 0600: no window where others may connect
-                await web.UnixSite(self._runner, str(socket_path)).start()
+            await self._bind(socket_path)
             if port is not None:
                 self._port = port
                 await web.TCPSite(self._runner, "127.0.0.1", port).start()
         except BaseException:
             await self.stop()  # e.g. the port is taken: do not keep the socket open
             raise
+
+    async def _bind(self, path: Path) -> None:
+        assert self._runner is not None
+        site = web.UnixSite(self._runner, str(path))
+        with _umask(0o177):  # born 0600: no window where others may connect
+            await site.start()
+        self._unix = (site, path, _inode(path))
+
+    async def keep_socket(self) -> bool:
+        """Bind the unix socket again if its file was deleted or replaced; True if it was.
+
+        A listening socket whose file is gone takes no new connection: the
+        tenant would be unreachable while shown running.
+        """
+        if self._unix is None:
+            return False
+        site, path, inode = self._unix
+        if _inode(path) == inode:
+            return False
+        await site.stop()
+        _clear_socket_path(path)
+        await self._bind(path)
+        return True
 
     @web.middleware
     async def _check_tcp(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -370,6 +393,14 @@ async def _read(request: web.Request, limit: int) -> bytes | web.Response:
     except web.HTTPRequestEntityTooLarge:
         return too_big
     return too_big if len(raw) > limit else raw
+
+
+def _inode(path: Path) -> int | None:
+    """The inode of the file at `path` (None if there is none): a cheap stat."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _clear_socket_path(path: Path) -> None:

@@ -53,6 +53,7 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
+SOCKET_CHECK_S = 1.0  # how often a worker checks its socket file is still there
 # Backoff of a store that cannot be opened for now (disk full, locked): the
 # worker waits it out, beating, rather than exit into the restart policy.
 OPEN_RETRY_INITIAL = 0.1
@@ -258,7 +259,9 @@ class Worker:
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(self.tenant.id))
+        keeper = asyncio.create_task(self._keep_socket(service.ingest))
         await self._stop.wait()
+        keeper.cancel()
         logger.info("draining ({})", self._stop_reason)
         service.ingest.state = IngestState.DRAINING
         try:
@@ -267,6 +270,16 @@ class Worker:
             await service.outbox.aclose()
         finally:
             await service.ingest.stop()
+
+    async def _keep_socket(self, ingest: Ingest) -> None:
+        """Notice a deleted (or replaced) socket file and bind it again."""
+        while True:
+            await asyncio.sleep(SOCKET_CHECK_S)
+            try:
+                if await ingest.keep_socket():
+                    logger.warning("socket file was deleted or replaced: listening again")
+            except OSError as exc:  # e.g. run_dir itself is gone: try again next time
+                logger.error("cannot listen again on the socket: {}", exc)
 
     async def _heartbeats(self) -> None:
         if self.link is not None:
