@@ -45,9 +45,10 @@ LOG_TAIL = 20
 # as failures for the restart policy (backoff, fatal), unlike asked-for stops.
 FAILURE_REASONS = ("hung", "memory", "protocol error")
 BOOT_TIMEOUT = 60.0  # a worker that has not beaten once by then is hung in boot
-# A hung program cannot drain (its loop is blocked): after the stack dump,
-# this long to write it, then SIGKILL instead of SIGTERM and stop_grace.
-HANG_KILL_AFTER = 0.5
+# A hung program cannot drain (its loop is blocked): after the stack dump
+# (written at once by faulthandler's C handler), this long, then SIGKILL
+# instead of SIGTERM and stop_grace.
+HANG_KILL_AFTER = 0.2
 
 
 class State(Enum):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from http_fakes import free_port
-from test_tenant_handle import (  # noqa: F401 - fixtures
+from test_tenant_handle import (
     SupervisorUnderTest,
     make_config,
     make_supervisor,
@@ -79,7 +79,7 @@ def test_a_run_dir_change_is_refused_and_changes_nothing(
     t: SupervisorUnderTest = make_supervisor(*tenants("a"))
     config = t.sup.config
     t.reload_to.append(with_dirs(config, config.supervisor.data_dir, run_dir=tmp_path))
-    with pytest.raises(ConfigError, match="run_dir changes .* supervisor restart"):
+    with pytest.raises(ConfigError, match=r"run_dir changes .* supervisor restart"):
         t.sup.reload()
     assert t.sup.config is config and t.spawner.signals == []
 

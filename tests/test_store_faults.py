@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import WorkerFactory, message, post, statuses, wait_until
+from sandbox import fill_file_system
 
 from chatq.shared.errors import StoreError, StoreUnavailable
 from chatq.tenant_worker.messages import Message
@@ -129,20 +130,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
 
 
-def fill(folder: Path) -> Path:
-    """Fill the file system of `folder` to its last byte."""
-    filler = folder / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (65536, 512, 1):
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\0" * size):
-                    pass
-    finally:
-        os.close(fd)
-    return filler
-
-
 async def test_a_full_disk_gets_503_then_serves_again_by_itself_losing_nothing(
     worker_factory: WorkerFactory, small_disk: Path
 ) -> None:
@@ -153,7 +140,7 @@ async def test_a_full_disk_gets_503_then_serves_again_by_itself_losing_nothing(
     async with worker.client() as session:
         assert (await post(session, message("before", "c1")))[0] == 202
         acknowledged.append("before")
-        filler = fill(small_disk)
+        filler = fill_file_system(small_disk)
 
         answers: list[int] = []
         for n in range(40):  # the WAL may hold a few more pages: write until refused
@@ -195,7 +182,7 @@ async def test_a_full_disk_gets_503_then_serves_again_by_itself_losing_nothing(
 async def test_a_worker_started_on_a_full_disk_waits_then_serves(
     worker_factory: WorkerFactory, small_disk: Path
 ) -> None:
-    filler = fill(small_disk)
+    filler = fill_file_system(small_disk)
     worker = worker_factory()
     worker.start()
     await wait_until(
