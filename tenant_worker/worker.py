@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,8 +39,9 @@ from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
+from chatq.tenant_worker.messages import Message
 from chatq.tenant_worker.outbox import Outbox
-from chatq.tenant_worker.pipeline import Pipeline
+from chatq.tenant_worker.pipeline import Accepted, Pipeline
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.store_lock import StoreLock
@@ -184,19 +186,37 @@ class Worker:
         return Parts(store=store, lock=lock, handler=handler, transport=transport)
 
     async def _open_store(self, path: Path) -> Store:
-        """Open the store, waiting out a transient failure (disk full, locked, I/O)."""
-        delay = OPEN_RETRY_INITIAL
-        while True:
-            try:
-                return await Store.open(path, self.tenant.id)
-            except StoreUnavailable as exc:
-                if delay == OPEN_RETRY_INITIAL:
-                    logger.warning("cannot open the store for now ({}); retrying", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
-            if self._stop.is_set():
-                raise _StoppedWhileBooting
-            delay = min(delay * 2, OPEN_RETRY_MAX)
+        """Open the store, waiting out a transient failure (disk full, locked, I/O).
+
+        Meanwhile the socket answers 503, so senders retry rather than see
+        "connection refused".
+        """
+        delay, waiting = OPEN_RETRY_INITIAL, None
+        try:
+            while True:
+                try:
+                    return await Store.open(path, self.tenant.id)
+                except StoreUnavailable as exc:
+                    if waiting is None:
+                        logger.warning("cannot open the store for now ({}); retrying", exc)
+                        waiting = await self._answer_503()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise _StoppedWhileBooting
+                delay = min(delay * 2, OPEN_RETRY_MAX)
+        finally:
+            if waiting is not None:
+                await waiting.stop()
+
+    async def _answer_503(self) -> Ingest | None:
+        """An ingest that stays `starting` (503) on the socket; None if it cannot listen."""
+        ingest = Ingest(self.tenant.id, _refuse, dict)
+        try:
+            await ingest.start(self.config.socket_path(self.tenant.id))
+        except OSError:
+            return None
+        return ingest
 
     async def _start(self, parts: Parts) -> Service:
         """Read what the last run left, listen, replay it, then take new input.
@@ -335,6 +355,10 @@ def _number_rate(tenant: TenantConfig) -> int | None:
     if tenant.transport == "whatsapp" and tenant.whatsapp is not None:
         return tenant.whatsapp.messages_per_second
     return None
+
+
+async def _refuse(_messages: Sequence[Message]) -> Accepted:
+    raise StoreUnavailable("the store is not open yet")  # never called: it stays `starting`
 
 
 def _secret(value: SecretStr | None) -> str | None:

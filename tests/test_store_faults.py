@@ -194,6 +194,8 @@ async def test_a_worker_started_on_a_full_disk_waits_then_serves(
     )
     # Not a boot failure, and no exit into the restart policy.
     assert worker.returncode() is None, worker.stderr()
+    async with worker.client() as session:  # 503 meanwhile, not "connection refused"
+        assert (await post(session, message("m0", "c1")))[0] == 503
 
     filler.unlink()
     await worker.ready(within=5.0)
