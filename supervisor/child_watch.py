@@ -13,7 +13,10 @@ holding its store lock. So:
 - its exit status comes from ``waitid`` on the pidfd once it is our child
   (reparented), else from the fork server as before;
 - `reap_orphans` collects other orphans that end here (a handler's
-  daemonised grandchild), so no zombie piles up.
+  daemonised grandchild), so no zombie piles up;
+- where no pidfd could be had, an exit reported by the fork server is
+  checked: a worker still running is SIGKILLed (`kill_if_ours`) before its
+  replacement starts, so two never share a store.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from multiprocessing.process import BaseProcess
 
 import psutil
 
-__all__ = ["ChildWatch", "become_subreaper", "reap_orphans"]
+__all__ = ["ChildWatch", "become_subreaper", "kill_if_ours", "reap_orphans"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 FORKSERVER_REPORT_S = 1.0  # how long the fork server may take to report an exit
@@ -95,6 +98,20 @@ def _forkserver_alive() -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def kill_if_ours(pid: int) -> bool:
+    """SIGKILL `pid` if it still runs as one of ours (our child or the fork server's)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if proc.ppid() not in {os.getpid(), _forkserver_pid()}:
+            return False  # not ours (or the pid was reused): leave it be
+        proc.kill()  # psutil checks the pid was not reused since it looked
+    except psutil.Error:
+        return False
+    return True
 
 
 def reap_orphans(watched: set[int]) -> list[int]:

@@ -35,7 +35,7 @@ from loguru import logger
 
 from chatq.config import ChatqConfig
 from chatq.shared import protocol, stack_dump
-from chatq.supervisor.child_watch import ChildWatch
+from chatq.supervisor.child_watch import ChildWatch, kill_if_ours
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
 from chatq.supervisor.watchdog import ProcStats
@@ -323,8 +323,12 @@ class ProgramHandle:
 
     def _exit_code(self, process: BaseProcess) -> int | None:
         watch, self.watch = self.watch, None
-        if watch is None:
+        if watch is None:  # only the fork server's word for it, which a dead one gets wrong
             process.join(0)
+            if process.pid is not None and kill_if_ours(process.pid):
+                logger.error(
+                    "{}: pid {} was reported gone but ran on: SIGKILL", self.id, process.pid
+                )
             return process.exitcode
         try:
             return watch.exit_code(process)

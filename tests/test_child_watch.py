@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -11,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from chatq.supervisor.child_watch import ChildWatch, reap_orphans
+from chatq.supervisor.child_watch import ChildWatch, kill_if_ours, reap_orphans
 
 
 def fork_child(code: int | None) -> int:
@@ -70,3 +71,15 @@ def test_orphans_are_reaped_but_watched_children_are_left() -> None:
             os.waitpid(orphan, os.WNOHANG)
     finally:
         os.waitpid(watched, 0)
+
+
+def test_a_worker_reported_gone_but_running_is_killed_if_ours() -> None:
+    pid = fork_child(None)  # runs until killed
+    try:
+        assert not kill_if_ours(1)  # init: not ours
+        assert kill_if_ours(pid)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    finally:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
