@@ -29,6 +29,7 @@ from chatq.config.settings import GatewaySettings, GatewayWhatsApp, WhatsAppSett
 from chatq.shared import protocol
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 from chatq.supervisor import program as program_module
+from chatq.supervisor import supervisor as supervisor_module
 from chatq.supervisor import tenant as tenant_module
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.gateway import handle as gateway_handle_module
@@ -450,9 +451,11 @@ class SupervisorUnderTest:
 
 @pytest.fixture
 def make_supervisor(
-    spawner: FakeSpawner, clock: FakeClock
+    spawner: FakeSpawner, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., SupervisorUnderTest]]:
     made: list[Supervisor] = []
+    # A reload that changes log_level must not reconfigure this test process's logging.
+    monkeypatch.setattr(supervisor_module, "setup_logging", lambda *_args, **_kwargs: None)
 
     def make(*tenants: TenantConfig, **settings: Any) -> SupervisorUnderTest:
         config = make_config(*tenants, **settings)
