@@ -49,6 +49,9 @@ BOOT_TIMEOUT = 60.0  # a worker that has not beaten once by then is hung in boot
 # (written at once by faulthandler's C handler), this long, then SIGKILL
 # instead of SIGTERM and stop_grace.
 HANG_KILL_AFTER = 0.2
+# `chatq list` shows a program `hung` once it has missed this many beats, while
+# the heartbeat timeout (5 beats by default) runs out, not `running`.
+LATE_BEATS = 3
 
 
 class State(Enum):
@@ -394,7 +397,7 @@ class ProgramHandle:
         return {
             "tenant": self.id,
             "kind": self.kind,
-            "state": "hung" if self.hung else self.state.value,
+            "state": self._shown_state(now),
             "pid": self.pid,
             "uptime_s": round(now - self.started_at, 3) if running else None,
             "restarts": self.restarts,
@@ -409,6 +412,14 @@ class ProgramHandle:
             "rate_limited": beat.rate_limited if beat else 0,
             "rss_bytes": stats.rss_bytes if stats else None,
         }
+
+    def _shown_state(self, now: float) -> str:
+        """Its state, or ``hung`` once it has missed LATE_BEATS beats (before the kill)."""
+        late = now - self.heartbeat_at > LATE_BEATS * self.config.supervisor.heartbeat_interval_s
+        silent = self.heartbeat is not None and self.process is not None and late
+        if self.hung or (silent and self.state in (State.STARTING, State.RUNNING)):
+            return "hung"
+        return self.state.value
 
     def details(self) -> dict[str, Any]:
         """The ``chatq status --json`` object: the summary and more."""

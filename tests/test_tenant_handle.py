@@ -346,6 +346,20 @@ def test_a_hung_worker_gets_a_stack_dump_then_sigkill_within_a_second(
     assert handle.summary()["state"] == "backoff"
 
 
+def test_list_shows_hung_once_beats_are_missed_before_the_kill(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    handle.on_frame(heartbeat())
+    clock.advance(program_module.LATE_BEATS * 0.1)  # heartbeat_interval_ms=100
+    assert handle.summary()["state"] == "running"
+    clock.advance(0.01)
+    assert handle.summary()["state"] == "hung"
+    assert not handle.is_hung()  # shown, not yet killed: the timeout decides that
+    handle.on_frame(heartbeat(seq=2))
+    assert handle.summary()["state"] == "running"
+
+
 def test_a_stop_that_hangs_is_killed_fast_and_still_ends_stopped(
     spawner: FakeSpawner, clock: FakeClock
 ) -> None:
