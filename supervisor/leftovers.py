@@ -17,7 +17,7 @@ from chatq.config import ChatqConfig
 from chatq.shared.errors import StoreError
 from chatq.tenant_worker.history import unfinished_counts
 
-__all__ = ["describe", "unfinished"]
+__all__ = ["describe", "stored_tenants", "unfinished"]
 
 Counts = dict[str, dict[str, int]]
 
@@ -34,6 +34,11 @@ def unfinished(config: ChatqConfig, tenant_ids: Iterable[str]) -> Counts:
         if any(counts.values()):
             found[tenant_id] = counts
     return found
+
+
+def stored_tenants(config: ChatqConfig) -> list[str]:
+    """Every tenant with a store in `config`'s data_dir, configured now or not."""
+    return sorted(path.stem for path in config.supervisor.data_dir.glob("*.sqlite3"))
 
 
 def describe(counts: Counts) -> str:

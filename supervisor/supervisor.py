@@ -392,7 +392,9 @@ class Supervisor:
         if gateway is not None:
             changes[gateway].append(GATEWAY_ID)
         moved = new.supervisor.data_dir != old.supervisor.data_dir
-        left = leftovers.unfinished(old, old_ids if moved else changes["removed"])
+        left = leftovers.unfinished(
+            old, leftovers.stored_tenants(old) if moved else changes["removed"]
+        )
         self._apply_own_settings(new)
         self.config = new
         logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
@@ -414,8 +416,7 @@ class Supervisor:
                 " supervisor restart (the control and tenant sockets live there)"
             )
         if new.supervisor.data_dir != old.data_dir and not force:
-            ids = [h.id for h in self.handles() if isinstance(h, TenantHandle)]
-            left = leftovers.unfinished(self.config, ids)
+            left = leftovers.unfinished(self.config, leftovers.stored_tenants(self.config))
             if left:
                 raise ControlError(
                     f"data_dir changes from {old.data_dir} to {new.supervisor.data_dir} while"

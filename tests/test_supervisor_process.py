@@ -10,6 +10,7 @@ happens.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import resource
 import signal
@@ -675,3 +676,38 @@ def test_a_dead_fork_server_loses_no_worker(harness: SupervisorHarness) -> None:
     assert run.pids()["a"] == before["a"]
     assert alive(psutil.Process(new_pid))
     assert "worker exited (exit code 255)" not in run.log()
+
+
+def chatq(harness: SupervisorHarness, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `chatq` command on the harness's config."""
+    command = [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=30, env=clean_env(), check=False
+    )
+
+
+def test_reload_names_what_a_removed_tenant_leaves_behind_and_guards_data_dir(
+    harness: SupervisorHarness,
+) -> None:
+    sleepy = {"handler": "chatq.tenant_worker.handlers.demo:sleepy"}
+    harness.write_config({"a": {}, "b": sleepy})
+    run = harness.start()
+    assert run.post("b", "30", msg_id="slow") == 202  # in a handler for 30 s
+    assert run.post("b", "0", msg_id="behind") == 202  # queued behind it, same chat
+
+    harness.write_config({"a": {}})
+    answer = chatq(harness, "reload")
+    assert answer.returncode == 0, answer.stderr
+    assert "left behind" in answer.stdout and "b: 2 messages, 0 replies" in answer.stdout
+    run.wait_log("reload: unfinished rows stay in")
+    history = chatq(harness, "history", "b", "--json")  # removed, still readable
+    assert {e["id"] for e in json.loads(history.stdout)} == {"slow", "behind"}
+
+    harness.write_config({"a": {}, "b": sleepy}, supervisor={"data_dir": harness.tmp_path / "new"})
+    refused = chatq(harness, "reload")
+    assert refused.returncode == 1
+    assert "data_dir changes" in refused.stderr and "--force" in refused.stderr
+    assert run.request("status", tenant="a")["state"] == "running"  # nothing changed
+    forced = chatq(harness, "reload", "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["left_behind"] == {"b": {"messages": 2, "replies": 0}}
