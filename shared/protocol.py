@@ -95,6 +95,7 @@ class Heartbeat:
     paused_since: float | None = None
     ingest_refused: int = 0  # connections past ingest's cap (answered 503)
     ingest_timeouts: int = 0  # request bodies too slow to arrive (answered 408)
+    store_unavailable: str | None = None  # why store writes fail for now (disk full, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
             "paused": _optional_text,
             "paused_since": _optional_number,
             **dict.fromkeys(_INGEST_COUNTERS, _count),
+            "store_unavailable": _optional_text,
         },
     ),
     BootFailed.kind: (BootFailed, {"reason": _text}),
@@ -212,7 +214,9 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
 _KEYS = {kind: frozenset(checks) | {"kind"} for kind, (_, checks) in _SCHEMAS.items()}
 # Fields a frame may lack (added later; the dataclass default stands in).
 _OPTIONAL: dict[str, frozenset[str]] = {
-    Heartbeat.kind: frozenset({*_REPLY_COUNTERS, "paused", "paused_since", *_INGEST_COUNTERS}),
+    Heartbeat.kind: frozenset(
+        {*_REPLY_COUNTERS, "paused", "paused_since", *_INGEST_COUNTERS, "store_unavailable"}
+    ),
 }
 
 

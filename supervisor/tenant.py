@@ -59,6 +59,7 @@ class TenantHandle(ProgramHandle):
             "paused": beat.paused if beat else None,
             "ingest_refused": beat.ingest_refused if beat else 0,
             "ingest_timeouts": beat.ingest_timeouts if beat else 0,
+            "store_unavailable": beat.store_unavailable if beat else None,
         }
 
     def details(self) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class Worker:
         self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
         self._outbox: Outbox | None = None  # idem
         self._ingest: Ingest | None = None  # idem
+        self._store: Store | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -259,6 +260,7 @@ class Worker:
         )
         ingest.state = IngestState.RUNNING
         self._pipeline, self._outbox, self._ingest = pipeline, outbox, ingest
+        self._store = store
         return Service(pipeline, outbox, ingest)
 
     async def _listen(self, ingest: Ingest) -> None:
@@ -340,6 +342,7 @@ class Worker:
             paused_since=pause.since if pause else None,
             ingest_refused=turned_away.refused if turned_away else 0,
             ingest_timeouts=turned_away.timeouts if turned_away else 0,
+            store_unavailable=self._store.unavailable if self._store is not None else None,
         )
 
     def _watch_signals(self) -> None:

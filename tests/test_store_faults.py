@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import WorkerFactory, message, post, statuses, wait_until
 from sandbox import fill_file_system
+from sandbox import wait_for as sandbox_wait
+from supervisor_fixtures import SupervisorHarness
 
 from chatq.shared.errors import StoreError, StoreUnavailable
 from chatq.tenant_worker.messages import Message
@@ -202,3 +204,24 @@ async def test_a_worker_started_on_a_full_disk_waits_then_serves(
     async with worker.client() as session:
         assert (await post(session, message("m1", "c1")))[0] == 202
     assert await worker.stop() == 0
+
+
+def test_a_full_disk_shows_in_status_keeps_the_worker_and_clears(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    with SupervisorHarness(tmp_path) as harness:
+        harness.write_config({"a": {}})
+        run = harness.start()
+        pid = run.wait_running("a")
+        filler = fill_file_system(small_disk)
+        ids = (f"m{n}" for n in range(1000))
+        sandbox_wait("a 503", lambda: run.post("a", "x" * 2000, msg_id=next(ids)) == 503)
+
+        status = sandbox_wait("the reason in status", lambda: run.status("a")["store_unavailable"])
+        assert "full" in status
+        assert (run.status("a")["state"], run.status("a")["pid"]) == ("running", pid)
+
+        filler.unlink()
+        sandbox_wait("serving", lambda: run.post("a", "back", msg_id=next(ids)) == 202)
+        sandbox_wait("cleared", lambda: run.status("a")["store_unavailable"] is None)
+        assert run.status("a")["pid"] == pid and run.status("a")["restarts"] == 0
