@@ -36,6 +36,7 @@ from pydantic_core import ErrorDetails
 from chatq.config.settings import (
     SECRET_KEYS,
     TENANT_ID_PATTERN,
+    TENANT_SECRET_KEYS,
     ChatqConfig,
     GatewaySettings,
     SupervisorSettings,
@@ -119,6 +120,7 @@ def load_config(
     )
     supervisor = _anchor_paths(supervisor, file.parent)
     defaults = resolver.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
+    defaults = resolver.resolve_keys(defaults, TENANT_SECRET_KEYS, f"{shown}: defaults")
     _check_defaults(defaults, shown)
     tenants = _build_tenants(entries, defaults | env_tenant, shown, resolver)
     gateway = _build_gateway(document, shown, resolver)
@@ -174,6 +176,13 @@ class _Secrets:
             for name, value in sub.items()
         }
         return {**table, key: resolved}
+
+    def resolve_keys(
+        self, table: dict[str, Any], keys: tuple[str, ...], where: str
+    ) -> dict[str, Any]:
+        """`table` with its own secret `keys` resolved (a new dict)."""
+        found = [key for key in keys if key in table]
+        return {**table, **{key: self.resolve(table[key], f"{where}: {key}") for key in found}}
 
     def resolve(self, value: Any, where: str) -> Any:
         """The secret a literal, ``env:NAME`` or ``file:PATH`` stands for."""
@@ -325,6 +334,7 @@ def _build_tenants(
     for index, entry in enumerate(entries):
         where = f"{shown}: {_tenant_label(index, entry)}"
         resolved = secrets.resolve_table(entry, "whatsapp", where)
+        resolved = secrets.resolve_keys(resolved, TENANT_SECRET_KEYS, where)
         tenant = _validate(TenantConfig, _layered(inherited, resolved), where)
         if tenant.id in first_seen:
             raise _config_error(f"{where}: id: duplicate tenant id (also {first_seen[tenant.id]})")

@@ -28,7 +28,8 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # Names of the other rows of `chatq list` and of the control socket's file.
 RESERVED_IDS = ("gateway", "supervisor")
 # Keys whose values are secrets: a literal, "env:NAME" or "file:PATH" (loader).
-SECRET_KEYS = ("access_token", "app_secret", "verify_token")
+TENANT_SECRET_KEYS = ("ingest_token",)  # secrets that are a tenant's own keys
+SECRET_KEYS = ("access_token", "app_secret", "verify_token", *TENANT_SECRET_KEYS)
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 BUILTIN_HANDLERS = ("echo", "http")
 # module.path:function, e.g. "mybot.handlers:reply"; importability is checked by the worker.
@@ -160,10 +161,13 @@ class TenantConfig(BaseModel):
     webhook_url: str | None = None
     whatsapp: WhatsAppSettings | None = None
     port: Port | None = None
+    ingest_token: SecretStr | None = None  # bearer token asked of requests on `port`
     drain_timeout: Annotated[float, Field(ge=0)] = 10.0
     memory_limit_mb: Annotated[int, Field(ge=1)] | None = None
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
+
+    _token_not_empty = field_validator("ingest_token")(_secret_not_empty)
 
     @field_validator("id")
     @classmethod
@@ -294,6 +298,7 @@ __all__ = [
     "RESERVED_IDS",
     "SECRET_KEYS",
     "TENANT_ID_PATTERN",
+    "TENANT_SECRET_KEYS",
     "ChatqConfig",
     "GatewaySettings",
     "GatewayWhatsApp",

@@ -5,7 +5,9 @@
     ├── QueueError                  per-chat queue refused or dropped a message
     │   ├── QueueFullError          the chat already has max_queue_size pending
     │   └── QueueClearedError       clear_all() dropped a pending message
-    ├── StoreError                  the tenant's SQLite store failed
+    ├── StoreError                  the tenant's SQLite store failed (for good: not a database, ...)
+    │   ├── StoreInUse              another worker holds it (it may yet exit)
+    │   └── StoreUnavailable        for now (disk full, locked, I/O error): retried, 503 meanwhile
     ├── HandlerError                a tenant handler failed
     │   ├── HandlerTimeoutError     ... by running past handler_timeout
     │   └── PermanentHandlerError   ... in a way retrying will not fix
@@ -67,6 +69,10 @@ class StoreError(ChatqError):
 
 class StoreInUse(StoreError):
     """Another worker holds the tenant's store (it may yet exit: worth a retry)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store failed for now (disk full, locked, I/O error): wait and retry, answer 503."""
 
 
 class HandlerError(ChatqError):
@@ -146,6 +152,8 @@ __all__ = [
     "RetryableTransportError",
     "SendingPausedError",
     "StoreError",
+    "StoreInUse",
+    "StoreUnavailable",
     "SupervisorNotRunning",
     "SupervisorRunning",
     "TransientTransportError",

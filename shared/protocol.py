@@ -93,6 +93,9 @@ class Heartbeat:
     replies_retried: int = 0
     paused: str | None = None
     paused_since: float | None = None
+    ingest_refused: int = 0  # connections past ingest's cap (answered 503)
+    ingest_timeouts: int = 0  # request bodies too slow to arrive (answered 408)
+    store_unavailable: str | None = None  # why store writes fail for now (disk full, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,7 @@ def _busiest(kind: str, name: str, value: object) -> list[tuple[str, int]]:
 
 _COUNTERS = ("queued", "in_flight", "processed", "failed", "rejected", "duplicates", "rate_limited")
 _REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried")
+_INGEST_COUNTERS = ("ingest_refused", "ingest_timeouts")
 
 _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
     Ready.kind: (Ready, {"pid": _count}),
@@ -197,6 +201,8 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
             **dict.fromkeys(_REPLY_COUNTERS, _count),
             "paused": _optional_text,
             "paused_since": _optional_number,
+            **dict.fromkeys(_INGEST_COUNTERS, _count),
+            "store_unavailable": _optional_text,
         },
     ),
     BootFailed.kind: (BootFailed, {"reason": _text}),
@@ -208,7 +214,9 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
 _KEYS = {kind: frozenset(checks) | {"kind"} for kind, (_, checks) in _SCHEMAS.items()}
 # Fields a frame may lack (added later; the dataclass default stands in).
 _OPTIONAL: dict[str, frozenset[str]] = {
-    Heartbeat.kind: frozenset({*_REPLY_COUNTERS, "paused", "paused_since"}),
+    Heartbeat.kind: frozenset(
+        {*_REPLY_COUNTERS, "paused", "paused_since", *_INGEST_COUNTERS, "store_unavailable"}
+    ),
 }
 
 

@@ -9,7 +9,7 @@ socket, and keeping it dependency-free keeps ``chatq list`` fast to start
     chatq status TENANT [--json]               one tenant in detail, with its log tail
     chatq restart TENANT | --all               graceful restart (revives a fatal tenant)
     chatq stop TENANT | chatq start TENANT
-    chatq reload [--json]                      re-read the config file (also: SIGHUP)
+    chatq reload [--force] [--json]            re-read the config file (also: SIGHUP)
     chatq send TENANT CHAT_ID TEXT [--id ID] [--json]
     chatq history TENANT [--chat CHAT_ID] [--limit N] [--json]
 
@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant
+from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant, SupervisorNotRunning
 from chatq.supervisor import render
 from chatq.supervisor.control_client import request
 
@@ -233,14 +233,22 @@ def cmd_reload(args: argparse.Namespace) -> int:
     shell may lack the service's variables.
     """
     from chatq.config import load_config
+    from chatq.supervisor.leftovers import describe
 
     config = load_config(args.config, secrets=False)
-    result = request(config.control_socket, "reload")
+    try:
+        result = request(config.control_socket, "reload", force=args.force or None)
+    except SupervisorNotRunning as exc:  # the file may name a new run_dir
+        raise SupervisorNotRunning(f"{exc} (a run_dir change needs a supervisor restart)") from None
     if args.json:
         _print_json(result)
         return EXIT_OK
     for kind in ("added", "removed", "changed", "unchanged"):
         print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
+    if result.get("left_behind"):
+        print(
+            f"left behind (unfinished, read with chatq history): {describe(result['left_behind'])}"
+        )
     return EXIT_OK
 
 
@@ -460,7 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="restart every tenant")
     add("stop", cmd_stop, "stop a tenant's worker (drains first)").add_argument("tenant")
     add("start", cmd_start, "start a stopped or fatal tenant").add_argument("tenant")
-    add("reload", cmd_reload, "re-read the config file and apply changes", as_json)
+    reload = add("reload", cmd_reload, "re-read the config file and apply changes", as_json)
+    reload.add_argument(
+        "--force",
+        action="store_true",
+        help="move data_dir even though its stores hold unfinished rows",
+    )
     send = add("send", cmd_send, "send a message to a tenant (as a chat would)", as_json)
     send.add_argument("tenant")
     send.add_argument("chat_id")

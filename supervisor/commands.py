@@ -56,9 +56,9 @@ def cmd_start(sup: Supervisor, request: dict[str, Any]) -> Any:
     return {"starting": request["tenant"]}
 
 
-def cmd_reload(sup: Supervisor, _request: dict[str, Any]) -> Any:
-    """``reload`` -- ``chatq reload`` or SIGHUP: re-read the tenant list and apply it."""
-    return sup.reload()
+def cmd_reload(sup: Supervisor, request: dict[str, Any]) -> Any:
+    """``reload`` {force?} -- ``chatq reload [--force]`` or SIGHUP: re-read the config, apply it."""
+    return sup.reload(force=request.get("force") is True)
 
 
 def cmd_shutdown(sup: Supervisor, _request: dict[str, Any]) -> Any:

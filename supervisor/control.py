@@ -78,7 +78,7 @@ _TARGETS = {
     "shutdown": "none",
 }
 COMMANDS = frozenset(_TARGETS)
-_FIELDS = frozenset({"cmd", "tenant", "all"})
+_FIELDS = frozenset({"cmd", "tenant", "all", "force"})
 
 Dispatch = Callable[[dict[str, Any]], Any]
 """Serves a valid request; returns the JSON-able result or raises a ChatqError."""
@@ -116,8 +116,9 @@ def _check_fields(request: dict[str, Any]) -> None:
         )
     if len(request.get("tenant", "")) > MAX_TENANT_CHARS:  # answers echo it: keep them small
         raise BadRequest(f"field 'tenant': over {MAX_TENANT_CHARS} characters, no tenant id is")
-    if "all" in request and not isinstance(request["all"], bool):
-        raise BadRequest(f"field 'all' must be true or false, got {request['all']!r:.80}")
+    for flag in ("all", "force"):
+        if flag in request and not isinstance(request[flag], bool):
+            raise BadRequest(f"field {flag!r} must be true or false, got {request[flag]!r:.80}")
 
 
 def _check_target(request: dict[str, Any]) -> None:

@@ -65,6 +65,7 @@ class LogStream:
         self._busy = False  # the writer holds lines it took
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._switch: tuple[Path | None] | None = None  # a new file, applied by the writer
 
     def write_line(self, line: str) -> None:
         """Queue one whole line (a trailing newline is added); never blocks."""
@@ -77,6 +78,13 @@ class LogStream:
                 self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
                 self._writer.start()
             self._wake.notify()
+
+    def use_file(self, file: Path | None) -> None:
+        """Write to `file` (or to no file) from the next line on (a reloaded log_file)."""
+        if file is not None:
+            file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._wake:
+            self._switch = (file,)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s for every queued line to be written; True if it was."""
@@ -116,6 +124,11 @@ class LogStream:
 
     def _write(self, lines: list[str]) -> None:
         self._write_stream("".join(lines))
+        with self._wake:
+            switch, self._switch = self._switch, None
+        if switch is not None:  # on this thread: it owns the file
+            self._close_file()
+            self._path, self._failing = switch[0], False
         if self._path is None:
             return
         try:

@@ -26,6 +26,8 @@ Per tenant (label ``tenant``):
     chatq_replies_sent_total      replies handed to the provider (idem)
     chatq_replies_failed_total    replies given up on (idem)
     chatq_replies_retried_total   reply attempts that failed and were rescheduled (idem)
+    chatq_ingest_refused_total    ingest connections past the cap, answered 503 (idem)
+    chatq_ingest_timeouts_total   ingest bodies too slow to arrive, answered 408 (idem)
     chatq_sending_paused          1 while the provider refuses the tenant's sending, else 0
     chatq_rss_bytes               the worker's resident memory
     chatq_cpu_percent             the worker's CPU use (100 = one core)
@@ -53,7 +55,7 @@ __all__ = ["STATES", "MetricsServer", "Snapshot", "TenantCollector", "start_metr
 
 Snapshot = Callable[[], list[dict[str, Any]]]
 
-STATES = ("starting", "running", "backoff", "stopped", "fatal")
+STATES = ("starting", "running", "hung", "backoff", "stopped", "fatal")
 LISTEN_ADDRESS = "127.0.0.1"  # metrics are for a local agent; put a proxy in front for more
 _STOP_TIMEOUT = 5.0
 
@@ -70,6 +72,8 @@ _WORKER_FIGURES: tuple[tuple[str, str, str, bool], ...] = (
     ("replies_sent", "chatq_replies_sent", "Replies sent since the worker started", True),
     ("replies_failed", "chatq_replies_failed", "Replies given up on since the start", True),
     ("replies_retried", "chatq_replies_retried", "Failed reply attempts rescheduled", True),
+    ("ingest_refused", "chatq_ingest_refused", "Ingest connections past the cap (503)", True),
+    ("ingest_timeouts", "chatq_ingest_timeouts", "Ingest bodies too slow to arrive (408)", True),
 )
 _PAUSED = ("chatq_sending_paused", "1 while the provider refuses the tenant's sending, else 0")
 _PROCESS_FIGURES: tuple[tuple[str, str, str], ...] = (

@@ -3,6 +3,8 @@
     starting --Ready--> running --exit--> backoff --delay--> starting
         |                  |                  \\--too many--> fatal
         \\--BootFailed----> fatal             stop --> stopped
+                           |
+                           \\--silent--> hung (stacks dumped, SIGKILL) --exit--> backoff
 
 A program is a tenant's worker (supervisor/tenant.py) or the gateway
 (supervisor/gateway/handle.py): both speak the same pipe protocol, beat from
@@ -26,12 +28,14 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, ClassVar
 
 from loguru import logger
 
 from chatq.config import ChatqConfig
-from chatq.shared import protocol
+from chatq.shared import protocol, stack_dump
+from chatq.supervisor.child_watch import ChildWatch, kill_if_ours
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
 from chatq.supervisor.watchdog import ProcStats
@@ -40,7 +44,14 @@ LOG_TAIL = 20
 # Stops the supervisor makes because the worker misbehaved: their exits count
 # as failures for the restart policy (backoff, fatal), unlike asked-for stops.
 FAILURE_REASONS = ("hung", "memory", "protocol error")
-BOOT_TIMEOUT = 60.0  # a worker not Ready by then is hung in boot
+BOOT_TIMEOUT = 60.0  # a worker that has not beaten once by then is hung in boot
+# A hung program cannot drain (its loop is blocked): after the stack dump
+# (written at once by faulthandler's C handler), this long, then SIGKILL
+# instead of SIGTERM and stop_grace.
+HANG_KILL_AFTER = 0.2
+# `chatq list` shows a program `hung` once it has missed this many beats, while
+# the heartbeat timeout (5 beats by default) runs out, not `running`.
+LATE_BEATS = 3
 
 
 class State(Enum):
@@ -91,6 +102,7 @@ class ProgramHandle:
         self.policy = RestartPolicy(*_limits(config), clock=clock)
         self.state = State.STOPPED
         self.process: BaseProcess | None = None
+        self.watch: ChildWatch | None = None  # its pidfd: exits seen without the fork server
         self.conn: Connection | None = None
         self.reader: FrameReader | None = None
         self.started_at = 0.0
@@ -103,6 +115,7 @@ class ProgramHandle:
         self.kill_at: float | None = None  # when a stopping worker gets SIGKILL
         self.stopping_reason: str | None = None
         self.after_exit: State | None = None  # what an asked-for exit leads to
+        self.hung = False  # being killed for a hang: stacks dumped, SIGKILL due
         self.proc_stats: ProcStats | None = None
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL)
 
@@ -128,6 +141,12 @@ class ProgramHandle:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once its process has exited (the pidfd; else multiprocessing's sentinel)."""
+        assert self.process is not None
+        return self.watch.fd if self.watch is not None else self.process.sentinel
 
     @property
     def stopping_for_good(self) -> bool:
@@ -158,6 +177,7 @@ class ProgramHandle:
             self._after_failure(None, self.last_exit.reason)
             return
         self.reader = FrameReader(self.conn)
+        self.watch = ChildWatch.open(self.process.pid)
         now = self._clock()
         self.state = State.STARTING
         self.started_at = now
@@ -165,6 +185,7 @@ class ProgramHandle:
         self.heartbeat_at = now
         self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
         self.boot_error = None
+        self.hung = False
         self.policy.on_start()
         logger.info("{}: started {} pid {}", self.id, self.noun, self.pid)
 
@@ -231,38 +252,68 @@ class ProgramHandle:
             self.process.join(5.0)
 
     def kill_if_overdue(self) -> None:
-        if self.process is not None and self.kill_at is not None and self._clock() >= self.kill_at:
+        if self.process is None or self.kill_at is None or self._clock() < self.kill_at:
+            return
+        if self.hung:
+            logger.warning("{}: pid {} hung: SIGKILL", self.id, self.pid)
+        else:
             logger.warning(
                 "{}: pid {} still running {}s after SIGTERM: SIGKILL",
                 self.id,
                 self.pid,
                 self.config.supervisor.stop_grace,
             )
-            _signal(self.process, signal.SIGKILL)
-            self.kill_at = None  # once is enough; the sentinel reports the exit
+        _signal(self.process, signal.SIGKILL)
+        self.kill_at = None  # once is enough; the sentinel reports the exit
 
     def is_hung(self) -> bool:
         """Silent for heartbeat_timeout since its last beat (or no beat at all in time).
 
-        Workers beat from the start of their loop, through boot and replay.
+        Workers beat from the start of their loop, before they import the
+        handler, through boot and replay; a draining one beats too, so a
+        stop does not hide a hang.
         """
-        if self.process is None or self.stopping_reason is not None:
-            return False  # already being stopped (maybe SIGKILLed): its exit decides
+        if self.process is None or self.hung:
+            return False
+        if self.stopping_reason is not None and self.kill_at is None:
+            return False  # already SIGKILLed: its exit decides
         silent = self._clock() - self.heartbeat_at
         if self.heartbeat is not None:
             return silent > self.config.supervisor.heartbeat_timeout_s
         return silent > BOOT_TIMEOUT
 
+    def kill_hung(self, reason: str) -> None:
+        """Dump a hung program's stacks, then SIGKILL it HANG_KILL_AFTER s later.
+
+        A blocked loop cannot drain, so SIGTERM and stop_grace would only
+        keep the tenant down longer. An asked-for stop under way keeps its
+        reason (and ends in its state); otherwise it restarts, as a failure.
+        """
+        if self.process is None or self.hung:
+            return
+        if self.stopping_reason is None:
+            self.stopping_reason, self.after_exit = reason, State.STARTING
+        self.hung = True
+        self.kill_at = self._clock() + HANG_KILL_AFTER
+        logger.error("{}: {}: dumping its stacks, then SIGKILL", self.id, reason)
+        _signal(self.process, stack_dump.DUMP_SIGNAL)
+
+    @property
+    def stacks_path(self) -> Path:
+        """Where its process dumps its stacks when told it is hung."""
+        return stack_dump.stacks_path(self.config.supervisor.run_dir, self.id)
+
     def on_exit(self) -> None:
         """The process ended: record why, and decide what comes next."""
         assert self.process is not None
-        self.process.join(0)
-        code = self.process.exitcode
-        self.process.close()
+        code = self._exit_code(self.process)
+        with contextlib.suppress(ValueError):  # the fork server is gone: it never reported
+            self.process.close()
         if self.conn is not None:
             self.conn.close()
         self.process, self.conn, self.reader = None, None, None
         self.proc_stats = None
+        self._log_stacks()
         reason = self.stopping_reason or describe_exit(code)
         self.last_exit = ExitInfo(code=code, reason=reason, at=self._wall())
         asked = self.after_exit
@@ -272,6 +323,31 @@ class ProgramHandle:
             self._after_asked_exit(asked)
         else:
             self._after_failure(code, reason)
+
+    def _exit_code(self, process: BaseProcess) -> int | None:
+        watch, self.watch = self.watch, None
+        if watch is None:  # only the fork server's word for it, which a dead one gets wrong
+            process.join(0)
+            if process.pid is not None and kill_if_ours(process.pid):
+                logger.error(
+                    "{}: pid {} was reported gone but ran on: SIGKILL", self.id, process.pid
+                )
+            return process.exitcode
+        try:
+            return watch.exit_code(process)
+        finally:
+            watch.close()
+
+    def _log_stacks(self) -> None:
+        """After a hang: where it hung (the file is removed either way)."""
+        lines = stack_dump.collect(self.stacks_path)
+        if not self.hung:
+            return
+        self.hung = False
+        if not lines:
+            logger.error("{}: no stacks dumped (a stopped process, or one in C code)", self.id)
+        for line in lines:
+            logger.error("{}: hung at: {}", self.id, line)
 
     def _after_asked_exit(self, then: State) -> None:
         logger.info(
@@ -321,7 +397,7 @@ class ProgramHandle:
         return {
             "tenant": self.id,
             "kind": self.kind,
-            "state": self.state.value,
+            "state": self._shown_state(now),
             "pid": self.pid,
             "uptime_s": round(now - self.started_at, 3) if running else None,
             "restarts": self.restarts,
@@ -336,6 +412,14 @@ class ProgramHandle:
             "rate_limited": beat.rate_limited if beat else 0,
             "rss_bytes": stats.rss_bytes if stats else None,
         }
+
+    def _shown_state(self, now: float) -> str:
+        """Its state, or ``hung`` once it has missed LATE_BEATS beats (before the kill)."""
+        late = now - self.heartbeat_at > LATE_BEATS * self.config.supervisor.heartbeat_interval_s
+        silent = self.heartbeat is not None and self.process is not None and late
+        if self.hung or (silent and self.state in (State.STARTING, State.RUNNING)):
+            return "hung"
+        return self.state.value
 
     def details(self) -> dict[str, Any]:
         """The ``chatq status --json`` object: the summary and more."""

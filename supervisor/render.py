@@ -35,7 +35,8 @@ _STATE_COLOURS = {
     "running": "\033[32m",  # green
     "starting": "\033[33m",  # yellow
     "backoff": "\033[33m",
-    "fatal": "\033[31m",  # red
+    "hung": "\033[31m",  # red (stacks dumped, SIGKILL on its way)
+    "fatal": "\033[31m",
     "stopped": "\033[2m",  # dim
 }
 

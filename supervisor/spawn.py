@@ -22,6 +22,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from chatq.config import ChatqConfig
+from chatq.shared import stack_dump
 
 # Imported by the fork server only (never by the supervisor itself), in this
 # order: signal set-up, what workers and the gateway run, then freeze the lot
@@ -42,8 +43,8 @@ def context() -> ForkServerContext:
     return ctx
 
 
-def _own_group() -> None:
-    """In a child: its own process group, default signal handling.
+def _own_group(config: ChatqConfig, name: str) -> None:
+    """In a child: its own process group, default signal handling, stacks on a signal.
 
     A Ctrl-C in the supervisor's terminal then reaches only the supervisor,
     which drains its children itself, in order; the fork server ignores the
@@ -52,11 +53,12 @@ def _own_group() -> None:
     os.setpgrp()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    stack_dump.arm(stack_dump.stacks_path(config.supervisor.run_dir, name))
 
 
 def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
     """The function a worker process runs (in the child)."""
-    _own_group()
+    _own_group(config, tenant_id)
     from chatq.tenant_worker.worker import run_worker
 
     code = run_worker(config, tenant_id, conn)
@@ -66,7 +68,7 @@ def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
 
 def gateway_main(config: ChatqConfig, conn: Connection) -> None:
     """The function the gateway process runs (in the child)."""
-    _own_group()
+    _own_group(config, "gateway")
     from chatq.supervisor.gateway.main import run_gateway
 
     code = run_gateway(config, conn)

@@ -7,7 +7,7 @@ sentinel, the control socket and a wake-up pipe for signals -- like
 steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
     read frames -> reap exits -> serve control -> act on signals
-    -> kill overdue stops -> stop hung workers -> watchdog -> start due workers
+    -> kill overdue stops -> kill hung workers -> watchdog -> start due workers
 
 Signal handlers only record the signal; the loop acts on it.
 """
@@ -30,12 +30,14 @@ from loguru import logger
 from chatq.config import ChatqConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
-from chatq.supervisor import spawn
+from chatq.shared.log import setup_logging
+from chatq.supervisor import leftovers, spawn
+from chatq.supervisor.child_watch import become_subreaper, reap_orphans
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
 from chatq.supervisor.logstream import LogStream
-from chatq.supervisor.metrics import start_metrics_server
+from chatq.supervisor.metrics import MetricsServer, start_metrics_server
 from chatq.supervisor.program import ProgramHandle
 from chatq.supervisor.tenant import State, TenantHandle
 from chatq.supervisor.waiter import Waiter
@@ -78,6 +80,7 @@ class Supervisor:
         self._shutting_down = False
         self._next_watchdog = 0.0
         self._watch_ticks = 0
+        self._subreaper = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -86,6 +89,7 @@ class Supervisor:
         # What other threads (the metrics server) may read: replaced, never mutated.
         self.published: list[dict[str, Any]] = []
         self.publishing = config.supervisor.metrics_port is not None
+        self._metrics: MetricsServer | None = None
         self._next_publish = 0.0
 
     # -- lookups used by commands ------------------------------------------
@@ -103,16 +107,18 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until shut down; returns the process exit code (0)."""
+        self._subreaper = become_subreaper()  # see supervisor/child_watch.py
+        if not self._subreaper:
+            logger.warning("cannot become the child subreaper: a dead fork server orphans workers")
         forkserver.ensure_running()  # before any thread exists; see supervisor/spawn.py
         for folder in (self.config.supervisor.run_dir, self.config.supervisor.data_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
         self.control = ControlServer(self.config.control_socket, self._dispatch)
         previous = self._install_signals()
-        metrics = None
         try:
             port = self.config.supervisor.metrics_port
             if port is not None:
-                metrics = start_metrics_server(port, lambda: self.published)
+                self._metrics = start_metrics_server(port, lambda: self.published)
                 logger.info("metrics on http://127.0.0.1:{}/metrics", port)
             logger.info(
                 "supervisor pid {} up; control socket {}", os.getpid(), self.config.control_socket
@@ -128,8 +134,8 @@ class Supervisor:
             self._abandon_workers()
             raise
         finally:
-            if metrics is not None:
-                metrics.stop()
+            if self._metrics is not None:
+                self._metrics.stop()
             self._restore_signals(previous)
             self.control.close()
             os.close(self._wake_r)
@@ -154,7 +160,7 @@ class Supervisor:
         """One pass: wait for something to happen, then repair."""
         assert self.control is not None
         conns = {h.conn: h for h in self.handles() if h.conn is not None}
-        sentinels = {h.process.sentinel: h for h in self.handles() if h.process is not None}
+        sentinels = {h.sentinel: h for h in self.handles() if h.process is not None}
         waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
         writers = self.control.writables()
         ready = self._waiter.wait(waitables, self._wait_time(), writers)
@@ -259,8 +265,7 @@ class Supervisor:
             if handle.is_hung():
                 self._catch_up(handle)  # our loop may be the one that was held up
             if handle.is_hung():
-                logger.error("{}: no heartbeat for {}s: worker is hung", handle.id, timeout_s)
-                handle.stop(f"hung: no heartbeat for {timeout_s:g}s", State.STARTING)
+                handle.kill_hung(f"hung: no heartbeat for {timeout_s:g}s")
 
     def _watchdog(self) -> None:
         now = self._clock()
@@ -271,6 +276,9 @@ class Supervisor:
         # /proc reads per worker, every FULL_SAMPLE_EVERY ticks, on `status`,
         # or every tick while metrics are served.
         self._watch_ticks += 1
+        if self._subreaper:  # orphans come to us: leave no zombie
+            for pid in reap_orphans({h.pid for h in self.handles() if h.pid is not None}):
+                logger.info("reaped orphan pid {}", pid)
         full = self.publishing or self._watch_ticks % FULL_SAMPLE_EVERY == 1
         for handle in self.handles():
             if handle.pid is None:
@@ -355,20 +363,25 @@ class Supervisor:
         for handle in self.handles():
             handle.stop(reason, State.STOPPED)
 
-    def reload(self) -> dict[str, list[str]]:
-        """Re-read the config and apply the difference; unchanged tenants keep their PID."""
+    def reload(self, force: bool = False) -> dict[str, Any]:
+        """Re-read the config and apply the difference; unchanged tenants keep their PID.
+
+        Every key is applied or the whole reload refused (nothing changed).
+        The answer names the rows left behind (tenants removed, or every
+        store when data_dir moves, with ``force``).
+        """
         try:
             new = self._load()
-        except ConfigError as exc:
+            self._check_reload(new, force)
+        except ChatqError as exc:
             logger.error("reload refused, keeping the running config: {}", exc)
             raise
-        if new.control_socket != self.config.control_socket:
-            logger.warning("reload: run_dir changes apply after a supervisor restart")
-        everything_changed = _worker_view(new) != _worker_view(self.config)
+        old = self.config
+        everything_changed = _worker_view(new) != _worker_view(old)
         tenants = [h for h in self.handles() if isinstance(h, TenantHandle)]
         old_ids = {h.id for h in tenants if h.id not in self._removed}
         new_ids = [t.id for t in new.tenants]
-        changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unchanged": []}
+        changes: dict[str, Any] = {"added": [], "removed": [], "changed": [], "unchanged": []}
         for tenant_id in old_ids - set(new_ids):
             self._remove(tenant_id)
             changes["removed"].append(tenant_id)
@@ -378,9 +391,67 @@ class Supervisor:
         gateway = self._apply_gateway(new, everything_changed)
         if gateway is not None:
             changes[gateway].append(GATEWAY_ID)
+        moved = new.supervisor.data_dir != old.supervisor.data_dir
+        left = leftovers.unfinished(
+            old, leftovers.stored_tenants(old) if moved else changes["removed"]
+        )
+        self._apply_own_settings(new)
         self.config = new
         logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
+        if left:
+            changes["left_behind"] = left
+            logger.warning(
+                "reload: unfinished rows stay in {} ({}); chatq history TENANT reads them",
+                old.supervisor.data_dir,
+                leftovers.describe(left),
+            )
         return changes
+
+    def _check_reload(self, new: ChatqConfig, force: bool) -> None:
+        """Refuse (ChatqError) a reload that cannot be applied, before changing anything."""
+        old = self.config.supervisor
+        if new.supervisor.run_dir != old.run_dir:
+            raise ConfigError(
+                f"run_dir changes from {old.run_dir} to {new.supervisor.run_dir}: that needs a"
+                " supervisor restart (the control and tenant sockets live there)"
+            )
+        if new.supervisor.data_dir != old.data_dir and not force:
+            left = leftovers.unfinished(self.config, leftovers.stored_tenants(self.config))
+            if left:
+                raise ControlError(
+                    f"data_dir changes from {old.data_dir} to {new.supervisor.data_dir} while"
+                    f" stores there hold unfinished rows ({leftovers.describe(left)}); let them"
+                    " finish, or reload --force to leave them behind"
+                )
+
+    def _apply_own_settings(self, new: ChatqConfig) -> None:
+        """The supervisor's own keys: metrics_port, log_file, log_level, log_format."""
+        old, settings = self.config.supervisor, new.supervisor
+        if (settings.log_level, settings.log_format) != (old.log_level, old.log_format):
+            setup_logging(
+                settings.log_level,
+                settings.log_format,
+                tenant_id="supervisor",
+                sink=self._stream.write_line,
+            )
+        if settings.log_file != old.log_file:
+            self._stream.use_file(settings.log_file)
+            logger.info("reload: log file now {}", settings.log_file or "(none)")
+        if settings.metrics_port != old.metrics_port:
+            self._serve_metrics(settings.metrics_port)
+
+    def _serve_metrics(self, port: int | None) -> None:
+        if self._metrics is not None:
+            self._metrics.stop()
+            self._metrics = None
+        if port is not None:
+            try:
+                self._metrics = start_metrics_server(port, lambda: self.published)
+            except ConfigError as exc:  # e.g. the port is taken: say so, serve none
+                logger.error("reload: no metrics: {}", exc)
+            else:
+                logger.info("reload: metrics now on http://127.0.0.1:{}/metrics", port)
+        self.publishing = self._metrics is not None
 
     def _remove(self, name: str) -> None:
         """Stop a program the config no longer has; forget it once it has exited."""

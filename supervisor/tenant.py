@@ -57,6 +57,9 @@ class TenantHandle(ProgramHandle):
             "replies_failed": beat.replies_failed if beat else 0,
             "replies_retried": beat.replies_retried if beat else 0,
             "paused": beat.paused if beat else None,
+            "ingest_refused": beat.ingest_refused if beat else 0,
+            "ingest_timeouts": beat.ingest_timeouts if beat else 0,
+            "store_unavailable": beat.store_unavailable if beat else None,
         }
 
     def details(self) -> dict[str, Any]:

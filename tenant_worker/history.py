@@ -19,7 +19,7 @@ from chatq.shared.errors import StoreError
 from chatq.shared.escape import printable
 from chatq.tenant_worker.store import read_only_uri
 
-__all__ = ["format_transcript", "read_history"]
+__all__ = ["format_transcript", "read_history", "unfinished_counts"]
 
 
 def read_history(
@@ -37,6 +37,26 @@ def read_history(
     except sqlite3.Error as exc:
         raise StoreError(f"store {path}: {' '.join(str(exc).split())}") from exc
     return entries
+
+
+def unfinished_counts(path: Path) -> dict[str, int]:
+    """Rows a worker still owes work on: messages queued or processing, replies pending.
+
+    Zeros for a store that does not exist; StoreError if it cannot be read.
+    """
+    if not path.is_file():
+        return {"messages": 0, "replies": 0}
+    try:
+        with closing(sqlite3.connect(read_only_uri(path), uri=True, timeout=5.0)) as conn:
+            (messages,) = conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE status IN ('queued', 'processing')"
+            ).fetchone()
+            (replies,) = conn.execute(
+                "SELECT COUNT(*) FROM replies WHERE status = 'pending'"
+            ).fetchone()
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: {' '.join(str(exc).split())}") from exc
+    return {"messages": messages, "replies": replies}
 
 
 def _last_messages(

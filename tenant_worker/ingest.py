@@ -3,7 +3,8 @@
 Served (aiohttp) on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600)
 and, if the tenant has a ``port``, on 127.0.0.1:port. A request is answered
 202 (200 for updates) only after its rows are committed; a refused request
-(400, 413, 503) writes nothing.
+(400, 408, 413, 503) writes nothing. Connections are capped and timed
+(tenant_worker/ingest_guard.py).
 
 ``POST /whatsapp/updates`` is the gateway's way in (supervisor/gateway/):
 ``{"messages": [message, ...], "statuses": [{"id", "status", "error"?}, ...]}``
@@ -14,6 +15,7 @@ store groups them, as it does for writes submitted together).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -27,6 +29,15 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from chatq.shared.errors import StoreError
+from chatq.tenant_worker.ingest_guard import (
+    BODY_TIMEOUT,
+    IDLE_TIMEOUT,
+    LINGER,
+    MAX_CONNECTIONS,
+    IngestCounters,
+    cap_connections,
+)
+from chatq.tenant_worker.ingest_tcp import tcp_refusal
 from chatq.tenant_worker.messages import (
     MAX_TEXT_CHARS,
     Message,
@@ -52,6 +63,7 @@ Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
 # Queue status updates now (to share the messages' commit); await the outcome later.
 ApplyStatuses = Callable[[Sequence[StatusUpdate]], Awaitable[StatusCounts]]
 Probe = Callable[[], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 
@@ -207,6 +219,7 @@ class Ingest:
         probe: Probe,
         *,
         apply_statuses: ApplyStatuses | None = None,
+        token: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.tenant_id = tenant_id
@@ -215,9 +228,16 @@ class Ingest:
         self._probe = probe
         self._apply_statuses = apply_statuses
         self._clock = clock
+        self._token = token  # asked of TCP requests (ingest_tcp.py); never logged
+        self._port: int | None = None  # the tenant's TCP port, once listening
+        self._unix: tuple[web.UnixSite, Path, int | None] | None = None  # site, path, inode
         self._runner: web.AppRunner | None = None
+        self.counters = IngestCounters()
+        self.max_connections = MAX_CONNECTIONS
+        self.idle_timeout = IDLE_TIMEOUT
+        self.body_timeout = BODY_TIMEOUT
         # Each route checks its own limit (`_read`); this is the largest.
-        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES)
+        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES, middlewares=[self._check_tcp])
         self.app.router.add_post("/messages", self.post_messages)
         self.app.router.add_post("/whatsapp/updates", self.post_updates)
         self.app.router.add_get("/health", self.health)
@@ -226,17 +246,59 @@ class Ingest:
         """Listen on the unix socket (0600) and, if given, 127.0.0.1:port."""
         _clear_socket_path(socket_path)
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_GRACE
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_GRACE,
+            keepalive_timeout=self.idle_timeout,
+            lingering_time=LINGER,
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        cap_connections(self._runner.server, self.max_connections, self._count_refused)
         try:
-            with _umask(0o177):  # born 0600: no window where others may connect
-                await web.UnixSite(self._runner, str(socket_path)).start()
+            await self._bind(socket_path)
             if port is not None:
+                self._port = port
                 await web.TCPSite(self._runner, "127.0.0.1", port).start()
         except BaseException:
             await self.stop()  # e.g. the port is taken: do not keep the socket open
             raise
+
+    async def _bind(self, path: Path) -> None:
+        assert self._runner is not None
+        site = web.UnixSite(self._runner, str(path))
+        with _umask(0o177):  # born 0600: no window where others may connect
+            await site.start()
+        self._unix = (site, path, _inode(path))
+
+    async def keep_socket(self) -> bool:
+        """Bind the unix socket again if its file was deleted or replaced; True if it was.
+
+        A listening socket whose file is gone takes no new connection: the
+        tenant would be unreachable while shown running.
+        """
+        if self._unix is None:
+            return False
+        site, path, inode = self._unix
+        if _inode(path) == inode:
+            return False
+        await site.stop()
+        _clear_socket_path(path)
+        await self._bind(path)
+        return True
+
+    @web.middleware
+    async def _check_tcp(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests on the tenant's TCP port must pass `tcp_refusal`; the unix socket is trusted."""
+        here = request.transport.get_extra_info("sockname") if request.transport else None
+        over_tcp = self._port is not None and isinstance(here, tuple) and here[1] == self._port
+        if over_tcp and (refusal := tcp_refusal(request.method, request.headers, self._token)):
+            return _error(*refusal)
+        return await handler(request)
+
+    def _count_refused(self) -> None:
+        self.counters.refused += 1
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -246,10 +308,17 @@ class Ingest:
     async def _body(
         self, request: web.Request, limit: int, parse: Callable[[bytes, str, float], T]
     ) -> T | web.Response:
-        """The parsed body, or the answer that refuses it (503, 413, 400)."""
+        """The parsed body, or the answer that refuses it (503, 408, 413, 400)."""
         if self.state is not IngestState.RUNNING:
             return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
-        raw = await _read(request, limit)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await _read(request, limit)
+        except TimeoutError:
+            self.counters.timeouts += 1
+            answer = _error(408, f"body not received within {self.body_timeout:g}s")
+            answer.force_close()  # what is left of the body is not read: close after
+            return answer
         if isinstance(raw, web.Response):
             return raw
         try:
@@ -324,6 +393,14 @@ async def _read(request: web.Request, limit: int) -> bytes | web.Response:
     except web.HTTPRequestEntityTooLarge:
         return too_big
     return too_big if len(raw) > limit else raw
+
+
+def _inode(path: Path) -> int | None:
+    """The inode of the file at `path` (None if there is none): a cheap stat."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _clear_socket_path(path: Path) -> None:

@@ -24,6 +24,12 @@ it keeps their submission order.
 
 Reads use a second, read-only connection: they never wait behind the writer
 and see exactly what is committed.
+
+A transient failure (disk full, locked, I/O error; tenant_worker/store_errors.py)
+fails no caller that can be answered "later": new messages and delivery
+statuses get `StoreUnavailable` (ingest answers 503, the sender retries),
+while the writes the worker owes (attempts, completions, sends) wait and are
+retried with backoff until they commit. A permanent failure fails its caller.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import aiosqlite
+from loguru import logger
 
-from chatq.shared.errors import StoreError
+from chatq.shared.errors import StoreError, StoreUnavailable
 from chatq.tenant_worker.delivery import advance
 from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
+from chatq.tenant_worker.store_errors import is_transient, one_line, store_error
 
 __all__ = [
     "MESSAGE_STATUSES",
@@ -136,6 +144,11 @@ _MESSAGE_COLUMNS = (
 )
 
 T = TypeVar("T")
+# Backoff of the writes waiting out a transient failure. New messages try the
+# store on every request anyway, so the first one after the fault commits.
+RETRY_INITIAL = 0.05
+RETRY_MAX = 1.0
+BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +190,9 @@ class Store:
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
+        self.unavailable: str | None = None  # why writes fail for now, while they do
+        self._unavailable_since = 0.0
+        self._retry_delay = RETRY_INITIAL
 
     @classmethod
     async def open(
@@ -187,13 +203,17 @@ class Store:
         clock: Callable[[], float] = time.time,
         linger: float = 0.002,
         max_batch: int = 1000,
+        busy_timeout: float = BUSY_TIMEOUT,
     ) -> Store:
-        """Open (creating and migrating if needed) the store file at `path`."""
+        """Open (creating and migrating if needed) the store file at `path`.
+
+        StoreUnavailable if it cannot be opened for now (retry), StoreError for good.
+        """
         if not linger >= 0:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
-        writer, reader = await _open_connections(path, tenant_id)
+        writer, reader = await _open_connections(path, tenant_id, busy_timeout)
         store = cls(
             path, tenant_id, writer, reader, clock=clock, linger=linger, max_batch=max_batch
         )
@@ -313,7 +333,7 @@ class Store:
         try:
             return [tuple(row) for row in await self._reader.execute_fetchall(sql)]
         except sqlite3.Error as exc:
-            raise StoreError(f"store {self.path}: {_one_line(exc)}") from exc
+            raise store_error(self.path, exc) from exc
 
     def _stored_message(self, row: tuple[Any, ...]) -> StoredMessage:
         seq, mid, chat_id, sender, text, ts, received_at, status, attempts, last_error = row[:10]
@@ -366,15 +386,49 @@ class Store:
         try:
             await self._transaction(batch)
         except Exception as exc:
-            if len(batch) > 1:
+            if is_transient(exc):
+                await self._wait_out(batch, exc)
+            elif len(batch) > 1:
                 for op in batch:
                     await self._commit([op])
             else:
                 batch[0].reject(self._error(batch[0], exc))
             return
+        self._available_again()
         self.commits += 1
         for op in batch:
             op.settle(f"store {self.path}")
+
+    async def _wait_out(self, batch: list[_Op[Any]], exc: Exception) -> None:
+        """A transient failure: refuse what can be sent again, retry the rest later.
+
+        Nothing of the batch was written (its transaction rolled back). While
+        closing, nothing waits: an owed write not made is redone after the
+        next start (a message still `processing` is replayed).
+        """
+        reason = one_line(exc)
+        if self.unavailable is None:
+            self._unavailable_since = time.monotonic()
+            logger.warning("store unavailable ({}): new messages get 503; retrying", reason)
+        self.unavailable = reason
+        error = StoreUnavailable(f"store {self.path}: {reason}")
+        owed: list[_Op[Any]] = []
+        for op in batch:
+            if op.REFUSABLE or self._closing:
+                op.reject(error)
+            else:
+                owed.append(op)
+        if owed:
+            self._pending.extendleft(reversed(owed))  # first again, in their order
+            await asyncio.sleep(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _available_again(self) -> None:
+        self._retry_delay = RETRY_INITIAL
+        if self.unavailable is not None:
+            took = time.monotonic() - self._unavailable_since
+            logger.info("store available again after {:.1f}s", took)
+            self.unavailable = None
 
     async def _transaction(self, batch: list[_Op[Any]]) -> None:
         await self._db.run(_transaction, batch, self._clock())
@@ -382,9 +436,7 @@ class Store:
     def _error(self, op: _Op[Any], exc: Exception) -> StoreError:
         if isinstance(exc, StoreError):
             return exc
-        error = StoreError(f"store {self.path}: {op.NAME}: {_one_line(exc)}")
-        error.__cause__ = exc
-        return error
+        return store_error(self.path, exc, op.NAME)
 
 
 # -- opening ------------------------------------------------------------------
@@ -397,8 +449,8 @@ class _Writer:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"store-writer:{tenant_id}")
         self._conn: sqlite3.Connection | None = None
 
-    async def connect(self, path: Path) -> None:
-        self._conn = await self._call(_connect_writer, path)
+    async def connect(self, path: Path, busy_timeout: float) -> None:
+        self._conn = await self._call(_connect_writer, path, busy_timeout)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(connection, *args)`` on the writer's thread."""
@@ -417,9 +469,9 @@ class _Writer:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
 
-def _connect_writer(path: Path) -> sqlite3.Connection:
-    _prepare_file(path)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+def _connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    _prepare_file(path, busy_timeout)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
     try:
         # FULL: a commit is on disk before we acknowledge it, even across power loss.
         conn.execute("PRAGMA synchronous = FULL")
@@ -443,34 +495,36 @@ def _transaction(db: sqlite3.Connection, batch: list[_Op[Any]], now: float) -> N
         raise
 
 
-async def _open_connections(path: Path, tenant_id: str) -> tuple[_Writer, aiosqlite.Connection]:
+async def _open_connections(
+    path: Path, tenant_id: str, busy_timeout: float
+) -> tuple[_Writer, aiosqlite.Connection]:
     """Writer and reader connections, schema migrated; any failure is one StoreError line."""
     writer = _Writer(tenant_id)
     reader: aiosqlite.Connection | None = None
     try:
         # The writer first, with sync sqlite3: it reports a bad file cleanly,
         # whereas a failed aiosqlite connect leaves its thread calling back.
-        await writer.connect(path)
-        reader = await aiosqlite.connect(read_only_uri(path), uri=True, timeout=5.0)
+        await writer.connect(path, busy_timeout)
+        reader = await aiosqlite.connect(read_only_uri(path), uri=True, timeout=busy_timeout)
         await reader.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     except BaseException as exc:
         await writer.close()
         await _close_quietly(reader)
         if isinstance(exc, OSError | sqlite3.Error):
-            raise StoreError(f"store {path}: {_one_line(exc)}") from exc
+            raise store_error(path, exc) from exc
         raise
     return writer, reader
 
 
-def _prepare_file(path: Path) -> None:
+def _prepare_file(path: Path, busy_timeout: float) -> None:
     """Create the file if missing, switch it to WAL (a lasting setting), migrate it."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # chat content: ours only
     except OSError as exc:
-        raise StoreError(
-            f"store {path}: cannot create folder {path.parent}: {exc.strerror}"
-        ) from exc
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=5.0)) as conn:
+        kind = StoreUnavailable if is_transient(exc) else StoreError
+        raise kind(f"store {path}: cannot create folder {path.parent}: {exc.strerror}") from exc
+    connect = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+    with contextlib.closing(connect) as conn:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
@@ -522,10 +576,6 @@ def read_only_uri(path: Path) -> str:
 def _check_status(status: str, allowed: Sequence[str]) -> None:
     if status not in allowed:
         raise ValueError(f"status must be one of {', '.join(allowed)}; got {status!r}")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # -- operations ---------------------------------------------------------------
@@ -597,6 +647,9 @@ class _Op(Generic[T]):
     """
 
     NAME: ClassVar[str]
+    # Refused (not retried) while the store is unavailable: its caller can be
+    # answered "later" (503) and sends it again.
+    REFUSABLE: ClassVar[bool] = False
     TABLE: ClassVar[str] = "messages"
     future: asyncio.Future[T] = field(init=False, repr=False)
     outcome: T | StoreError = field(init=False, repr=False)
@@ -632,6 +685,7 @@ class _Op(Generic[T]):
 @dataclass(eq=False)
 class _AddMessages(_Op[list[bool]]):
     NAME = "add_messages"
+    REFUSABLE = True
     messages: list[Message]
     status: str
 
@@ -872,6 +926,7 @@ class _ApplyStatuses(_Op[StatusCounts]):
     """Delivery statuses for replies found by provider_id (see tenant_worker/delivery.py)."""
 
     NAME = "apply_statuses"
+    REFUSABLE = True
     TABLE = "replies"
     updates: list[StatusUpdate]
 

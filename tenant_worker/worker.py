@@ -16,28 +16,32 @@ pending messages stay queued in the store for the next start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from pydantic import SecretStr
 
 from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
-from chatq.shared.errors import ChatqError, ConfigError, StoreInUse
+from chatq.shared.errors import ChatqError, ConfigError, StoreInUse, StoreUnavailable
 from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
+from chatq.tenant_worker.messages import Message
 from chatq.tenant_worker.outbox import Outbox
-from chatq.tenant_worker.pipeline import Pipeline
+from chatq.tenant_worker.pipeline import Accepted, Pipeline
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.store_lock import StoreLock
@@ -51,6 +55,11 @@ EXIT_BOOT_FAILED = 3  # bad handler, unopenable store: restarting will not help
 # stop_grace should cover drain_timeout + this; a new worker waits as long
 # for the last one to let go of the store.
 EXIT_MARGIN = 2.0
+SOCKET_CHECK_S = 1.0  # how often a worker checks its socket file is still there
+# Backoff of a store that cannot be opened for now (disk full, locked): the
+# worker waits it out, beating, rather than exit into the restart policy.
+OPEN_RETRY_INITIAL = 0.1
+OPEN_RETRY_MAX = 2.0
 
 
 class _StoppedWhileBooting(Exception):
@@ -89,6 +98,8 @@ class Worker:
         self._exit = EXIT_OK
         self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
         self._outbox: Outbox | None = None  # idem
+        self._ingest: Ingest | None = None  # idem
+        self._store: Store | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -98,8 +109,11 @@ class Worker:
 
     async def run(self) -> int:
         self._watch_signals()
-        # Beats start with the loop, so a worker hung while booting is seen too.
+        # Beats start with the loop, so a worker hung while booting is seen too;
+        # the first goes out before the handler module is imported, so a
+        # blocking import is a hang after heartbeat_timeout, not BOOT_TIMEOUT.
         beat = asyncio.create_task(self._heartbeats())
+        await asyncio.sleep(0)
         try:
             return await self._run()
         finally:
@@ -124,6 +138,9 @@ class Worker:
     async def _run_booted(self, parts: Parts) -> int:
         try:
             service = await self._start(parts)
+        except StoreUnavailable as exc:  # a read failed for now: a restart retries it
+            logger.error("failed to start: {}", exc)
+            return EXIT_FATAL
         except ChatqError as exc:  # unreadable store, socket or port we cannot bind
             return self._boot_failed(exc)
         await self._serve(service)
@@ -158,7 +175,7 @@ class Worker:
         if lock is None:
             raise _StoppedWhileBooting
         try:
-            store = await Store.open(path, self.tenant.id)
+            store = await self._open_store(path)
             try:
                 transport = make_transport(self.tenant)
             except BaseException:
@@ -168,6 +185,39 @@ class Worker:
             lock.release()
             raise
         return Parts(store=store, lock=lock, handler=handler, transport=transport)
+
+    async def _open_store(self, path: Path) -> Store:
+        """Open the store, waiting out a transient failure (disk full, locked, I/O).
+
+        Meanwhile the socket answers 503, so senders retry rather than see
+        "connection refused".
+        """
+        delay, waiting = OPEN_RETRY_INITIAL, None
+        try:
+            while True:
+                try:
+                    return await Store.open(path, self.tenant.id)
+                except StoreUnavailable as exc:
+                    if waiting is None:
+                        logger.warning("cannot open the store for now ({}); retrying", exc)
+                        waiting = await self._answer_503()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    raise _StoppedWhileBooting
+                delay = min(delay * 2, OPEN_RETRY_MAX)
+        finally:
+            if waiting is not None:
+                await waiting.stop()
+
+    async def _answer_503(self) -> Ingest | None:
+        """An ingest that stays `starting` (503) on the socket; None if it cannot listen."""
+        ingest = Ingest(self.tenant.id, _refuse, dict)
+        try:
+            await ingest.start(self.config.socket_path(self.tenant.id))
+        except OSError:
+            return None
+        return ingest
 
     async def _start(self, parts: Parts) -> Service:
         """Read what the last run left, listen, replay it, then take new input.
@@ -200,6 +250,7 @@ class Worker:
             pipeline.accept,
             lambda: _probe(pipeline, outbox),
             apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
+            token=_secret(tenant.ingest_token),
         )
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
@@ -208,7 +259,8 @@ class Worker:
             suspects=[row.message.id for row in unfinished if row.status == "processing"],
         )
         ingest.state = IngestState.RUNNING
-        self._pipeline, self._outbox = pipeline, outbox
+        self._pipeline, self._outbox, self._ingest = pipeline, outbox, ingest
+        self._store = store
         return Service(pipeline, outbox, ingest)
 
     async def _listen(self, ingest: Ingest) -> None:
@@ -229,7 +281,9 @@ class Worker:
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(self.tenant.id))
+        keeper = asyncio.create_task(self._keep_socket(service.ingest))
         await self._stop.wait()
+        keeper.cancel()
         logger.info("draining ({})", self._stop_reason)
         service.ingest.state = IngestState.DRAINING
         try:
@@ -238,6 +292,16 @@ class Worker:
             await service.outbox.aclose()
         finally:
             await service.ingest.stop()
+
+    async def _keep_socket(self, ingest: Ingest) -> None:
+        """Notice a deleted (or replaced) socket file and bind it again."""
+        while True:
+            await asyncio.sleep(SOCKET_CHECK_S)
+            try:
+                if await ingest.keep_socket():
+                    logger.warning("socket file was deleted or replaced: listening again")
+            except OSError as exc:  # e.g. run_dir itself is gone: try again next time
+                logger.error("cannot listen again on the socket: {}", exc)
 
     async def _heartbeats(self) -> None:
         if self.link is not None:
@@ -259,6 +323,7 @@ class Worker:
             )
         queue, stats = pipeline.queue, pipeline.stats
         pause = self._outbox.paused if self._outbox is not None else None
+        turned_away = self._ingest.counters if self._ingest is not None else None
         return protocol.Heartbeat(
             seq=seq,
             time=time.time(),
@@ -275,6 +340,9 @@ class Worker:
             replies_retried=stats.retried,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,
+            ingest_refused=turned_away.refused if turned_away else 0,
+            ingest_timeouts=turned_away.timeouts if turned_away else 0,
+            store_unavailable=self._store.unavailable if self._store is not None else None,
         )
 
     def _watch_signals(self) -> None:
@@ -290,6 +358,14 @@ def _number_rate(tenant: TenantConfig) -> int | None:
     if tenant.transport == "whatsapp" and tenant.whatsapp is not None:
         return tenant.whatsapp.messages_per_second
     return None
+
+
+async def _refuse(_messages: Sequence[Message]) -> Accepted:
+    raise StoreUnavailable("the store is not open yet")  # never called: it stays `starting`
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def _probe(pipeline: Pipeline, outbox: Outbox) -> dict[str, Any]:

@@ -5,12 +5,19 @@
 - `short_run_dir()`: a fresh directory under /tmp for unix sockets.
 - `toml_value(value)`: a Python scalar as a TOML value, for writing configs.
 - `wait_for(what, probe)`: poll (blocking) with a deadline instead of a fixed sleep.
+- `UnixHTTPConnection`: http.client over a unix socket (tenants' ingest sockets).
+- `fill_file_system(folder)`: fill the file system of `folder` (disk-full tests).
+
+bench/ scripts use these too (mypy's path has tests/).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +26,16 @@ from typing import TypeVar
 
 from chatq.config.loader import ENV_VARIABLES
 
-__all__ = ["CHATQ_ENV", "POLL_S", "clean_env", "short_run_dir", "toml_value", "wait_for"]
+__all__ = [
+    "CHATQ_ENV",
+    "POLL_S",
+    "UnixHTTPConnection",
+    "clean_env",
+    "fill_file_system",
+    "short_run_dir",
+    "toml_value",
+    "wait_for",
+]
 
 T = TypeVar("T")
 CHATQ_ENV = ENV_VARIABLES  # a developer's shell must not change the tests
@@ -65,3 +81,31 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 10.0) ->
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(POLL_S)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a unix socket (the tenants' ingest sockets)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+def fill_file_system(folder: Path) -> Path:
+    """Fill the file system of `folder` to its last byte; the filler file (delete it to free)."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return filler

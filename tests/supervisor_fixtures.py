@@ -20,12 +20,10 @@ sleep, so the tests run as fast as the processes let them.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -34,7 +32,7 @@ from types import TracebackType
 from typing import Any
 
 import psutil
-from sandbox import clean_env, short_run_dir, toml_value, wait_for
+from sandbox import UnixHTTPConnection, clean_env, short_run_dir, toml_value, wait_for
 
 from chatq.shared.errors import ControlError
 from chatq.supervisor.control_client import request
@@ -119,20 +117,6 @@ def toml_text(
 # -- a running supervisor -----------------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over a unix socket (the tenants' ingest sockets)."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
-
-
 class SupervisorRun:
     """One supervisor subprocess and the ways a test talks to it."""
 
@@ -207,7 +191,7 @@ class SupervisorRun:
     def post(self, tenant: str, text: str, *, chat_id: str = "c1", msg_id: str = "m1") -> int:
         """POST one message to the tenant's ingest socket; the HTTP status."""
         body = json.dumps({"id": msg_id, "chat_id": chat_id, "text": text})
-        conn = _UnixHTTPConnection(self.run_dir / f"{tenant}.sock", timeout=5.0)
+        conn = UnixHTTPConnection(self.run_dir / f"{tenant}.sock", timeout=5.0)
         try:
             conn.request("POST", "/messages", body, {"Content-Type": "application/json"})
             response = conn.getresponse()

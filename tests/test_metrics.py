@@ -43,6 +43,8 @@ WORKER_METRICS = {
     "chatq_replies_sent",
     "chatq_replies_failed",
     "chatq_replies_retried",
+    "chatq_ingest_refused",
+    "chatq_ingest_timeouts",
     "chatq_sending_paused",
 }
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -75,6 +77,8 @@ def snapshot(tmp_path: Path) -> list[dict[str, Any]]:
             replies_retried=7,
             paused="190: Error validating access token",
             paused_since=50.0,
+            ingest_refused=11,
+            ingest_timeouts=12,
         )
     )
     acme.proc_stats = ProcStats(pid=4242, rss_bytes=41 * 2**20, cpu_percent=12.5, num_fds=9)
@@ -119,6 +123,8 @@ def test_every_metric_with_its_type(snapshot: list[dict[str, Any]]) -> None:
         "chatq_replies_sent": "counter",
         "chatq_replies_failed": "counter",
         "chatq_replies_retried": "counter",
+        "chatq_ingest_refused": "counter",
+        "chatq_ingest_timeouts": "counter",
         "chatq_sending_paused": "gauge",
         "chatq_rss_bytes": "gauge",
         "chatq_cpu_percent": "gauge",
@@ -142,6 +148,8 @@ def test_values_of_a_running_tenant(snapshot: list[dict[str, Any]]) -> None:
         "chatq_replies_sent_total": 38,
         "chatq_replies_failed_total": 2,
         "chatq_replies_retried_total": 7,
+        "chatq_ingest_refused_total": 11,
+        "chatq_ingest_timeouts_total": 12,
         "chatq_sending_paused": 1,
         "chatq_rss_bytes": 41 * 2**20,
         "chatq_cpu_percent": 12.5,

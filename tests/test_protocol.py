@@ -44,6 +44,8 @@ FRAMES: list[Frame] = [
     HEARTBEAT,
     Heartbeat(0, 0.0, 0, 0, 0, 0, 0, 0, 0, []),
     Heartbeat(1, 1.0, 0, 0, 0, 0, 0, 0, 0, [], 5, 1, 2, "190: access token expired", 1.5),
+    Heartbeat(2, 2.0, 0, 0, 0, 0, 0, 0, 0, [], ingest_refused=3, ingest_timeouts=1),
+    Heartbeat(3, 3.0, 0, 0, 0, 0, 0, 0, 0, [], store_unavailable="database or disk is full"),
     BootFailed(reason="cannot import mybot.handlers:reply"),
     LogRecord(line="2026-01-01 00:00:00.000 INFO  [acme pid=1] hé {braces}", level="INFO"),
     Stop(reason="reload"),

@@ -10,6 +10,7 @@ happens.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import resource
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 from sandbox import clean_env, wait_for
-from supervisor_fixtures import SupervisorHarness, alive, gone
+from supervisor_fixtures import SupervisorHarness, SupervisorRun, alive, gone
 
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 
@@ -140,7 +141,7 @@ def test_boot_failure_is_fatal_at_once_with_the_reason(harness: SupervisorHarnes
 def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None:
     harness.write_config(
         {"a": {}, "hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
-        supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 0.5},
+        supervisor={"heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500, "stop_grace": 15},
     )
     run = harness.start()
     before = run.wait_all_running()
@@ -151,17 +152,58 @@ def test_hung_worker_is_killed_and_restarted(harness: SupervisorHarness) -> None
     took = time.monotonic() - hung_at
 
     # 0.5 s of silence (counted from the last beat, up to 0.1 s before the message),
-    # then SIGTERM (ignored by the blocked loop), then SIGKILL 0.5 s later.
-    assert took >= 0.8
+    # a stack dump, SIGKILL 0.2 s later: not SIGTERM and the 15 s stop_grace.
+    assert 0.5 <= took < 5.0
     status = run.status("hang")
     assert status["last_exit"]["code"] == -signal.SIGKILL
     assert status["last_exit"]["reason"].startswith("hung")
-    killed = f"hang: pid {before['hang']} still running 0.5s after SIGTERM: SIGKILL"
-    assert killed in run.log()
+    log = run.log()
+    assert f"hang: pid {before['hang']} hung: SIGKILL" in log
+    assert "hang: hung at: " in log and "in hang" in log  # its stack: the handler's frame
+    assert (run.run_dir / "hang.stacks").read_text() == ""  # the new worker's, still empty
     assert run.pids()["a"] == before["a"]
     # The message that hung it is quarantined on replay (max_attempts 1): it stays up.
     time.sleep(0.7)
     assert run.tenants()["hang"]["pid"] == new_pid
+
+
+def test_a_sigstopped_worker_is_killed_fast_and_serves_again(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}}, supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15})
+    run = harness.start()
+    pid = run.wait_running("a")
+
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    run.wait_running("a", not_pid=pid, timeout=10.0)
+    assert time.monotonic() - stopped_at < 3.0
+    assert run.post("a", "back") == 202
+    assert "a: no stacks dumped" in run.log()
+
+
+BLOCKING_IMPORT = """
+import time
+
+time.sleep(30)  # blocks the worker's loop while it boots
+
+
+async def reply(message, ctx):
+    return message.text
+"""
+
+
+def test_a_handler_import_that_blocks_is_a_hang_after_the_heartbeat_timeout(
+    harness: SupervisorHarness,
+) -> None:
+    harness.write_module("slow_import", BLOCKING_IMPORT)
+    harness.write_config(
+        {"slow": {"handler": "slow_import:reply"}},
+        supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15},
+    )
+    run = harness.start(wait_running=False)
+    run.wait_log("slow: hung: no heartbeat for 0.5s", timeout=5.0)  # not the 60 s boot timeout
+    run.wait_log("slow: pid ", timeout=3.0)
+    run.wait_log("hung at: ", timeout=3.0)
+    assert "slow_import.py" in run.log()
 
 
 BLOCK_LOOP = """
@@ -221,10 +263,10 @@ def test_memory_limit_restarts_the_worker(harness: SupervisorHarness) -> None:
 
 
 def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) -> None:
-    """SIGKILL after stop_grace must not turn an asked-for stop into a hung-restart."""
+    """A fast hang-kill must not turn an asked-for stop into a hung-restart."""
     harness.write_config(
         {"hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
-        supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 0.8},
+        supervisor={"heartbeat_timeout_ms": 300, "stop_grace": 15},
     )
     run = harness.start()
     pid = run.wait_running("hang")
@@ -239,7 +281,7 @@ def test_stopping_a_hung_worker_leaves_it_stopped(harness: SupervisorHarness) ->
     time.sleep(0.4)
     status = run.status("hang")
     assert (status["state"], status["pid"], status["restarts"]) == ("stopped", None, 0)
-    assert f"hang: pid {pid} still running" in run.log()
+    assert f"hang: pid {pid} hung: SIGKILL" in run.log()
 
 
 @pytest.mark.parametrize("via", ["control", "sighup"])
@@ -587,7 +629,7 @@ def test_the_open_file_limit_is_raised_or_a_fleet_that_cannot_fit_refused(
     refused = run_once(harness, preexec_fn=low_limits)
     assert refused.returncode == 2
     assert refused.stderr == (
-        "chatq: 100 tenants need about 464 open files, but the hard limit is 256"
+        "chatq: 100 tenants need about 564 open files, but the hard limit is 256"
         " (raise it: LimitNOFILE= in the systemd unit, or ulimit -Hn)\n"
     )
 
@@ -602,3 +644,70 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(harness: SupervisorH
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert psutil.Process(run.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
     assert psutil.Process(run.pids()["a"]).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+
+
+def _fork_server(run: SupervisorRun) -> psutil.Process:
+    children = psutil.Process(run.pid).children()
+    return next(p for p in children if "forkserver" in " ".join(p.cmdline()))
+
+
+def test_a_dead_fork_server_loses_no_worker(harness: SupervisorHarness) -> None:
+    """Killing the fork server must not make live workers look dead (they were all
+    "restarted" beside themselves), nor orphan a hung one to pid 1, unkilled."""
+    harness.write_config(
+        {"a": {}, "hang": {"handler": "chatq.tenant_worker.handlers.demo:hang", "max_attempts": 1}},
+        supervisor={"heartbeat_timeout_ms": 500, "stop_grace": 15},
+    )
+    run = harness.start()
+    before = run.wait_all_running()
+    assert run.post("hang", "hang") == 202  # hung from now on
+    _fork_server(run).kill()
+
+    time.sleep(0.3)
+    a = run.status("a")
+    assert (a["pid"], a["state"], a["restarts"]) == (before["a"], "running", 0)
+    assert run.post("a", "still here", msg_id="m2") == 202
+    assert psutil.Process(before["hang"]).ppid() == run.pid  # ours (subreaper), not init's
+
+    # The hung one is still known by pid: killed, reaped, replaced (by a new fork server).
+    new_pid = run.wait_running("hang", not_pid=before["hang"], timeout=10.0)
+    assert gone(before["hang"])
+    assert run.status("hang")["last_exit"]["code"] == -signal.SIGKILL
+    assert run.pids()["a"] == before["a"]
+    assert alive(psutil.Process(new_pid))
+    assert "worker exited (exit code 255)" not in run.log()
+
+
+def chatq(harness: SupervisorHarness, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `chatq` command on the harness's config."""
+    command = [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path)]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=30, env=clean_env(), check=False
+    )
+
+
+def test_reload_names_what_a_removed_tenant_leaves_behind_and_guards_data_dir(
+    harness: SupervisorHarness,
+) -> None:
+    sleepy = {"handler": "chatq.tenant_worker.handlers.demo:sleepy"}
+    harness.write_config({"a": {}, "b": sleepy})
+    run = harness.start()
+    assert run.post("b", "30", msg_id="slow") == 202  # in a handler for 30 s
+    assert run.post("b", "0", msg_id="behind") == 202  # queued behind it, same chat
+
+    harness.write_config({"a": {}})
+    answer = chatq(harness, "reload")
+    assert answer.returncode == 0, answer.stderr
+    assert "left behind" in answer.stdout and "b: 2 messages, 0 replies" in answer.stdout
+    run.wait_log("reload: unfinished rows stay in")
+    history = chatq(harness, "history", "b", "--json")  # removed, still readable
+    assert {e["id"] for e in json.loads(history.stdout)} == {"slow", "behind"}
+
+    harness.write_config({"a": {}, "b": sleepy}, supervisor={"data_dir": harness.tmp_path / "new"})
+    refused = chatq(harness, "reload")
+    assert refused.returncode == 1
+    assert "data_dir changes" in refused.stderr and "--force" in refused.stderr
+    assert run.request("status", tenant="a")["state"] == "running"  # nothing changed
+    forced = chatq(harness, "reload", "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["left_behind"] == {"b": {"messages": 2, "replies": 0}}

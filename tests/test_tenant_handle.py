@@ -29,6 +29,7 @@ from chatq.config.settings import GatewaySettings, GatewayWhatsApp, WhatsAppSett
 from chatq.shared import protocol
 from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 from chatq.supervisor import program as program_module
+from chatq.supervisor import supervisor as supervisor_module
 from chatq.supervisor import tenant as tenant_module
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.gateway import handle as gateway_handle_module
@@ -316,23 +317,66 @@ def test_silence_past_the_timeout_is_hung_and_counts_as_a_failure(
     clock.advance(0.01)
     assert handle.is_hung()
 
-    handle.stop("hung: no heartbeat for 0.5s", State.STARTING)
-    assert not handle.is_hung()  # being stopped
+    handle.kill_hung("hung: no heartbeat for 0.5s")
+    assert not handle.is_hung()  # being killed
     exit_with(handle, -signal.SIGKILL)
     assert handle.state is State.BACKOFF
     assert handle.policy.failures == 1  # a hang is a failure, unlike an asked restart
     assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
 
 
-@pytest.mark.parametrize("reason", ["memory: rss 99 MB over 30", "protocol error: bad frame"])
-def test_watchdog_and_protocol_stops_count_as_failures(
-    spawner: FakeSpawner, clock: FakeClock, reason: str
+def test_a_hung_worker_gets_a_stack_dump_then_sigkill_within_a_second(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    """A blocked loop cannot drain: no SIGTERM and stop_grace, a dump then SIGKILL."""
+    handle = running_handle(clock)
+    pid = handle.pid
+    handle.on_frame(heartbeat())
+    clock.advance(HB_TIMEOUT + 0.01)
+
+    handle.kill_hung("hung: no heartbeat for 0.5s")
+    handle.kill_hung("hung: no heartbeat for 0.5s")
+    assert spawner.sent(pid) == [signal.SIGUSR1]
+    assert handle.summary()["state"] == "hung"
+    clock.advance(program_module.HANG_KILL_AFTER)
+    handle.kill_if_overdue()
+    assert spawner.sent(pid) == [signal.SIGUSR1, signal.SIGKILL]
+    assert program_module.HANG_KILL_AFTER < 1.0 < GRACE
+    exit_with(handle, -signal.SIGKILL)
+    assert handle.summary()["state"] == "backoff"
+
+
+def test_list_shows_hung_once_beats_are_missed_before_the_kill(
+    spawner: FakeSpawner, clock: FakeClock
 ) -> None:
     handle = running_handle(clock)
-    handle.stop(reason, State.STARTING)
-    exit_with(handle, 0)
-    assert handle.state is State.BACKOFF
-    assert handle.policy.failures == 1
+    handle.on_frame(heartbeat())
+    clock.advance(program_module.LATE_BEATS * 0.1)  # heartbeat_interval_ms=100
+    assert handle.summary()["state"] == "running"
+    clock.advance(0.01)
+    assert handle.summary()["state"] == "hung"
+    assert not handle.is_hung()  # shown, not yet killed: the timeout decides that
+    handle.on_frame(heartbeat(seq=2))
+    assert handle.summary()["state"] == "running"
+
+
+def test_a_stop_that_hangs_is_killed_fast_and_still_ends_stopped(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    pid = handle.pid
+    handle.on_frame(heartbeat())
+    handle.stop("stop requested", State.STOPPED)
+    clock.advance(HB_TIMEOUT + 0.01)
+    assert handle.is_hung()  # a draining worker beats; this one does not
+
+    handle.kill_hung("hung: no heartbeat for 0.5s")
+    clock.advance(program_module.HANG_KILL_AFTER)
+    handle.kill_if_overdue()
+    assert spawner.sent(pid) == [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL]
+    exit_with(handle, -signal.SIGKILL)
+    assert handle.state is State.STOPPED
+    assert handle.last_exit is not None and handle.last_exit.reason == "stop requested"
 
 
 def test_asked_restart_starts_again_at_once_without_a_failure(
@@ -421,9 +465,11 @@ class SupervisorUnderTest:
 
 @pytest.fixture
 def make_supervisor(
-    spawner: FakeSpawner, clock: FakeClock
+    spawner: FakeSpawner, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., SupervisorUnderTest]]:
     made: list[Supervisor] = []
+    # A reload that changes log_level must not reconfigure this test process's logging.
+    monkeypatch.setattr(supervisor_module, "setup_logging", lambda *_args, **_kwargs: None)
 
     def make(*tenants: TenantConfig, **settings: Any) -> SupervisorUnderTest:
         config = make_config(*tenants, **settings)
@@ -471,7 +517,7 @@ def test_start_due_waits_for_the_backoff(make_supervisor: Callable[..., Any]) ->
     assert t.pid("b") == b_pid
 
 
-def test_hung_worker_is_stopped_then_killed_and_restarted(
+def test_hung_worker_is_dumped_then_killed_and_restarted(
     make_supervisor: Callable[..., Any],
 ) -> None:
     t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
@@ -483,13 +529,13 @@ def test_hung_worker_is_stopped_then_killed_and_restarted(
 
     a_pid, b_pid = t.pid("a"), t.pid("b")
     t.sup._stop_hung()
-    assert t.spawner.sent(a_pid) == [signal.SIGTERM]
+    assert t.spawner.sent(a_pid) == [signal.SIGUSR1]
     assert t.spawner.sent(b_pid) == []
 
-    t.clock.advance(GRACE)
+    t.clock.advance(program_module.HANG_KILL_AFTER)
     t.sup._kill_overdue()
     t.sup._stop_hung()  # regression: must not stop it again under another reason
-    assert t.spawner.sent(a_pid) == [signal.SIGTERM, signal.SIGKILL]
+    assert t.spawner.sent(a_pid) == [signal.SIGUSR1, signal.SIGKILL]
     t.exit("a", -signal.SIGKILL)
     handle = t.sup.handle("a")
     assert handle.state is State.BACKOFF
@@ -532,7 +578,7 @@ def test_the_hung_check_works_on_pipes_numbered_past_1023(
 
         try:
             t.sup._stop_hung()
-            assert t.spawner.sent(handle.pid) == [signal.SIGTERM]
+            assert t.spawner.sent(handle.pid) == [signal.SIGUSR1]
         finally:
             high.close()
     finally:

@@ -368,3 +368,19 @@ async def test_a_stop_while_waiting_for_the_store_ends_the_wait(
     assert time.monotonic() - began < 5
     assert "stopped while booting (SIGTERM)" in second.stderr()
     assert first.returncode() is None  # the first one serves on
+
+
+async def test_a_deleted_socket_file_is_noticed_and_bound_again(
+    worker_factory: WorkerFactory,
+) -> None:
+    worker = worker_factory()
+    await worker.started()
+    worker.socket.unlink()
+
+    await wait_until(worker.socket.exists, within=5, what="the socket file back")
+    async with worker.client() as session:
+        code, _ = await post(session, message("m1", "c1"))
+    assert code == 202
+    assert oct(worker.socket.stat().st_mode & 0o777) == "0o600"
+    assert "listening again" in worker.stderr()
+    assert await worker.stop() == 0
