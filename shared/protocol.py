@@ -72,7 +72,8 @@ class Heartbeat:
     """Worker -> supervisor, from the worker's event loop: alive, with counters.
 
     `busiest` lists up to MAX_BUSIEST ``(chat_id, depth)`` pairs, deepest first.
-    `replies_*` count since the worker started; `paused` is why the provider
+    `replies_*` count since the worker started, except `replies_pending`: the
+    replies waiting to be sent now (rate limiter, retry, pause); `paused` is why the provider
     refuses the tenant's sending (None while sending), `paused_since` when
     that began (epoch seconds).
     """
@@ -93,6 +94,7 @@ class Heartbeat:
     replies_retried: int = 0
     paused: str | None = None
     paused_since: float | None = None
+    replies_pending: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +185,7 @@ def _busiest(kind: str, name: str, value: object) -> list[tuple[str, int]]:
 
 
 _COUNTERS = ("queued", "in_flight", "processed", "failed", "rejected", "duplicates", "rate_limited")
-_REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried")
+_REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried", "replies_pending")
 
 _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
     Ready.kind: (Ready, {"pid": _count}),

@@ -7,14 +7,20 @@ socket, and keeping it dependency-free keeps ``chatq list`` fast to start
     chatq run [--config PATH]                  the supervisor, in the foreground
     chatq list [--json]                        one line per tenant
     chatq status TENANT [--json]               one tenant in detail, with its log tail
-    chatq restart TENANT | --all               graceful restart (revives a fatal tenant)
-    chatq stop TENANT | chatq start TENANT
-    chatq reload [--json]                      re-read the config file (also: SIGHUP)
+    chatq restart TENANT | --all [WAIT]        graceful restart (revives a fatal tenant)
+    chatq stop TENANT | --all [WAIT]           drain and stop (a stopped one: a note, exit 0)
+    chatq start TENANT | --all [WAIT]          start stopped or fatal tenants
+    chatq reload [--json] [WAIT]               re-read the config file (also: SIGHUP)
     chatq send TENANT CHAT_ID TEXT [--id ID] [--json]
     chatq history TENANT [--chat CHAT_ID] [--limit N] [--json]
 
+WAIT is ``--wait`` (the default: until every tenant touched reaches its
+state), ``--no-wait`` (return once the supervisor is told) and ``--timeout
+SECONDS`` (60). ``restart --all`` leaves tenants an operator stopped alone.
+
 Exit codes: 0 done; 1 the operation failed (supervisor not running, no such
-tenant); 2 usage or configuration error. Errors are one line on stderr.
+tenant, a tenant did not reach its state in time); 2 usage or configuration
+error. Errors are one line on stderr.
 
 Speed: the control commands need only the control socket's path, so they read
 just ``[supervisor] run_dir`` from the TOML file with tomllib (`run_dir`)
@@ -37,7 +43,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant
-from chatq.supervisor import render
+from chatq.supervisor import render, settle
 from chatq.supervisor.control_client import request
 
 EXIT_OK = 0
@@ -50,6 +56,7 @@ DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CONTROL_SOCKET_NAME = "supervisor.sock"
 SEND_TIMEOUT = 30.0  # seconds; the worker answers once the row is committed
+WAIT_TIMEOUT = 60.0  # seconds restart/stop/start/reload wait by default
 MAX_SHOWN = 10  # tenant ids listed in a "no such tenant" error
 
 Runner = Callable[[argparse.Namespace], int]
@@ -190,7 +197,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(render.tenant_table(rows, render.use_colour(sys.stdout)))
+        import shutil
+
+        width = shutil.get_terminal_size().columns  # $COLUMNS, the terminal, else 80
+        print(render.tenant_table(rows, render.use_colour(sys.stdout), width))
     return EXIT_OK
 
 
@@ -205,37 +215,82 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    """``chatq restart TENANT|--all``: drain and start again; returns at once."""
-    result = _ask(args, "restart", tenant=args.tenant, all=True if args.all else None)
-    print(f"restarting {', '.join(result['restarting']) or '(no tenants)'}")
-    return EXIT_OK
+    """``chatq restart TENANT|--all``: drain and start again; waits until running."""
+    result = _ask(args, "restart", tenant=args.tenant, all=_all(args))
+    names = result["restarting"]
+    print(f"restarting {', '.join(names) or '(no tenants)'}")
+    for name in result.get("skipped") or []:
+        print(f"note: {name} is stopped, not restarted (`chatq start {name}` starts it)")
+    return _wait(args, "restart", dict.fromkeys(names, settle.RUNNING), lambda: _ask(args, "list"))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """``chatq stop TENANT``: drain and stop; it stays stopped until started."""
-    result = _ask(args, "stop", tenant=args.tenant)
-    print(f"stopping {result['stopping']}")
-    return EXIT_OK
+    """``chatq stop TENANT|--all``: drain and stop; it stays stopped until started."""
+    result = _ask(args, "stop", tenant=args.tenant, all=_all(args))
+    names = result["stopping"]
+    if names:
+        print(f"stopping {', '.join(names)}")
+    for name in result["already_stopped"]:
+        print(f"note: {name} is already stopped")
+    return _wait(args, "stop", dict.fromkeys(names, settle.STOPPED), lambda: _ask(args, "list"))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """``chatq start TENANT``: start a stopped or fatal tenant."""
-    result = _ask(args, "start", tenant=args.tenant)
-    print(f"starting {result['starting']}")
-    return EXIT_OK
+    """``chatq start TENANT|--all``: start stopped or fatal tenants; waits until running."""
+    result = _ask(args, "start", tenant=args.tenant, all=_all(args))
+    names = result["starting"]
+    if names:
+        print(f"starting {', '.join(names)}")
+    for name in result["already_running"]:
+        print(f"note: {name} is already running")
+    return _wait(args, "start", dict.fromkeys(names, settle.RUNNING), lambda: _ask(args, "list"))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it."""
+    """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it.
+
+    Then waits until every added or changed tenant is running or stopped (as
+    its config and operator want) and every removed one has exited.
+    """
     from chatq.config import load_config
 
     config = load_config(args.config)
     result = request(config.control_socket, "reload")
     if args.json:
         _print_json(result)
+    else:
+        for kind in ("added", "removed", "changed", "unchanged"):
+            print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
+    goals = {name: settle.SETTLED for kind in ("added", "changed") for name in result.get(kind, [])}
+    goals.update(dict.fromkeys(result.get("removed", []), settle.GONE))
+    return _wait(
+        args, "reload", goals, lambda: request(config.control_socket, "list"), quiet=args.json
+    )
+
+
+def _all(args: argparse.Namespace) -> bool | None:
+    return True if args.all else None
+
+
+def _wait(
+    args: argparse.Namespace,
+    verb: str,
+    goals: dict[str, str],
+    rows: settle.Rows,
+    *,
+    quiet: bool = False,
+) -> int:
+    """Unless --no-wait: wait until `goals` are met (exit 0) or --timeout passes (exit 1)."""
+    if args.no_wait or not goals:
         return EXIT_OK
-    for kind in ("added", "removed", "changed", "unchanged"):
-        print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
+    late = settle.wait_for_states(goals, rows, args.timeout)
+    if late:
+        raise CommandFailed(
+            f"{verb}: not every tenant got there within {args.timeout:g}s:"
+            f" {settle.describe_late(goals, late)}"
+        )
+    if not quiet:
+        print(f"done: {', '.join(f'{name} {goal}' for name, goal in goals.items())}")
     return EXIT_OK
 
 
@@ -358,6 +413,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def _non_empty(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
@@ -375,6 +440,33 @@ def _json_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--json", action="store_true", help="print JSON (shapes: README)")
     return parent
+
+
+def _wait_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    which = parent.add_mutually_exclusive_group()
+    which.add_argument(
+        "--wait",
+        dest="no_wait",
+        action="store_false",
+        help="wait until the tenants reach their state (the default)",
+    )
+    which.add_argument("--no-wait", action="store_true", help="return once the supervisor is told")
+    parent.set_defaults(no_wait=False)  # store_false's own default would be True
+    parent.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=WAIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait before exit 1 (default {WAIT_TIMEOUT:g})",
+    )
+    return parent
+
+
+def _one_or_all(sub: argparse.ArgumentParser, meaning: str) -> None:
+    which = sub.add_mutually_exclusive_group(required=True)
+    which.add_argument("tenant", nargs="?", default=None)
+    which.add_argument("--all", action="store_true", help=meaning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -449,13 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the supervisor in the foreground")
     add("list", cmd_list, "list tenants with state and counters", as_json)
     add("status", cmd_status, "show one tenant in detail", as_json).add_argument("tenant")
-    restart = add("restart", cmd_restart, "restart a tenant's worker (drains first)")
-    which = restart.add_mutually_exclusive_group(required=True)
-    which.add_argument("tenant", nargs="?", default=None)
-    which.add_argument("--all", action="store_true", help="restart every tenant")
-    add("stop", cmd_stop, "stop a tenant's worker (drains first)").add_argument("tenant")
-    add("start", cmd_start, "start a stopped or fatal tenant").add_argument("tenant")
-    add("reload", cmd_reload, "re-read the config file and apply changes", as_json)
+    waits = _wait_options()
+    restart = add("restart", cmd_restart, "restart tenants (drains first), then wait", waits)
+    _one_or_all(restart, "every enabled tenant not stopped by an operator")
+    stop = add("stop", cmd_stop, "stop tenants (drains first), then wait", waits)
+    _one_or_all(stop, "every tenant")
+    start = add("start", cmd_start, "start stopped or fatal tenants, then wait", waits)
+    _one_or_all(start, "every enabled tenant")
+    add("reload", cmd_reload, "re-read the config file, apply it, then wait", as_json, waits)
     send = add("send", cmd_send, "send a message to a tenant (as a chat would)", as_json)
     send.add_argument("tenant")
     send.add_argument("chat_id")

@@ -9,7 +9,7 @@ answers one line and closes.
     answer    {"ok": true, "result": ...}
               {"ok": false, "error": "one line", "kind": "NoSuchTenant"|"BadRequest"|...}
 
-`status`, `stop` and `start` need `tenant`; `restart` needs `tenant` or
+`status` needs `tenant`; `restart`, `stop` and `start` need `tenant` or
 ``"all": true`` (not both); the others take neither. A request that breaks
 these rules never reaches the dispatcher: it is answered with kind
 ``BadRequest`` naming the field. An error the dispatcher raises as a
@@ -72,8 +72,8 @@ _TARGETS = {
     "list": "none",
     "status": "one",
     "restart": "one_or_all",
-    "stop": "one",
-    "start": "one",
+    "stop": "one_or_all",
+    "start": "one_or_all",
     "reload": "none",
     "shutdown": "none",
 }

@@ -29,6 +29,7 @@ __all__ = [
 
 TABLE_WIDTH = 80
 _MIN_TENANT_WIDTH = 8
+_KEEP_TENANT_WIDTH = 24  # columns go before ids are cut shorter than this
 
 _RESET = "\033[0m"
 _STATE_COLOURS = {
@@ -48,10 +49,13 @@ _COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("RESTARTS", "restarts", "int", True),
     ("BEAT", "last_heartbeat_age_s", "age", True),
     ("QUEUED", "queued", "int", True),
+    ("PENDING", "replies_pending", "int", True),
     ("PROCESSED", "processed", "int", True),
     ("FAILED", "failed", "int", True),
     ("RSS", "rss_bytes", "bytes", True),
 )
+# Columns a narrow terminal loses first (TENANT, STATE, BEAT and the backlog stay).
+_DROP_ORDER = ("rss_bytes", "uptime_s", "failed", "processed", "pid", "restarts")
 
 
 # -- units ---------------------------------------------------------------------
@@ -135,40 +139,57 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def tenant_table(rows: Sequence[Mapping[str, Any]], colour: bool = False) -> str:
-    """The ``chatq list`` table: aligned columns within TABLE_WIDTH characters.
+def tenant_table(
+    rows: Sequence[Mapping[str, Any]], colour: bool = False, width: int = TABLE_WIDTH
+) -> str:
+    """The ``chatq list`` table: aligned columns within `width` characters (the terminal's).
 
-    Columns are two spaces apart, one when two would not fit; tenant ids too
-    long for what is left are shortened with '…' (``--json`` has them whole).
+    The TENANT column is as wide as the longest id. Columns are two spaces
+    apart, one when two would not fit; when even that is too wide, the least
+    telling columns go (RSS first, see `_DROP_ORDER`) before ids are cut below
+    _KEEP_TENANT_WIDTH, then ids are shortened with '…' (``--json`` has all).
     """
-    cells = [[_cell(row.get(key), kind) for _, key, kind, _ in _COLUMNS] for row in rows]
-    widths = [
-        max([len(header), *(len(line[n]) for line in cells)])
-        for n, (header, *_) in enumerate(_COLUMNS)
-    ]
-    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= TABLE_WIDTH else 1
-    spare = TABLE_WIDTH - sum(widths) - gap * (len(widths) - 1)
+    columns = list(_COLUMNS)
+    cells = {key: [_cell(row.get(key), kind) for row in rows] for _, key, kind, _ in columns}
+    widths = {
+        key: max([len(header), *(len(text) for text in cells[key])]) for header, key, *_ in columns
+    }
+    for key in _DROP_ORDER:
+        if _least_width(columns, widths) <= width:
+            break
+        columns = [column for column in columns if column[1] != key]
+    shown = [widths[key] for _, key, *_ in columns]
+    gap = 2 if sum(shown) + 2 * (len(shown) - 1) <= width else 1
+    spare = width - sum(shown) - gap * (len(shown) - 1)
     if spare < 0:
-        widths[0] = max(_MIN_TENANT_WIDTH, widths[0] + spare)
-    lines = [_table_line([header for header, *_ in _COLUMNS], widths, gap)]
-    for row, line in zip(rows, cells, strict=True):
+        shown[0] = max(_MIN_TENANT_WIDTH, shown[0] + spare)
+    lines = [_table_line([header for header, *_ in columns], columns, shown, gap)]
+    for n, row in enumerate(rows):
         paint = partial(colour_state, state=str(row.get("state")), colour=colour)
-        lines.append(_table_line(line, widths, gap, paint))
+        values = [cells[key][n] for _, key, *_ in columns]
+        lines.append(_table_line(values, columns, shown, gap, paint))
     return "\n".join(lines)
+
+
+def _least_width(columns: Sequence[tuple[str, str, str, bool]], widths: Mapping[str, int]) -> int:
+    """Their width one space apart, tenant ids cut to _KEEP_TENANT_WIDTH at most."""
+    total = sum(widths[key] for _, key, *_ in columns) + len(columns) - 1
+    return total - max(0, widths["tenant"] - _KEEP_TENANT_WIDTH)
 
 
 def _table_line(
     values: Sequence[str],
+    columns: Sequence[tuple[str, str, str, bool]],
     widths: Sequence[int],
     gap: int,
     paint_state: Callable[[str], str] = str,
 ) -> str:
     """One aligned line; `paint_state` colours the padded STATE cell (codes take no columns)."""
     parts = []
-    for n, (value, width, (*_, right)) in enumerate(zip(values, widths, _COLUMNS, strict=True)):
+    for value, width, (_, key, _, right) in zip(values, widths, columns, strict=True):
         cell = _fit(value, width)
         cell = cell.rjust(width) if right else cell.ljust(width)
-        parts.append(paint_state(cell) if n == 1 else cell)
+        parts.append(paint_state(cell) if key == "state" else cell)
     return (" " * gap).join(parts).rstrip()
 
 
@@ -200,6 +221,11 @@ def _last_exit(details: Mapping[str, Any]) -> str:
     return f"{last_exit['reason']} (code {code_text}) at {_clock_time(last_exit['at'])}"
 
 
+def _restarts(details: Mapping[str, Any]) -> str:
+    failures, asked = details.get("restarts", 0), details.get("manual_restarts", 0)
+    return f"{failures} after failures, {asked} asked for"
+
+
 def _counts(details: Mapping[str, Any], names: Sequence[str]) -> str:
     return ", ".join(f"{name.replace('_', ' ')} {details.get(name, 0)}" for name in names)
 
@@ -214,6 +240,7 @@ def _resources(details: Mapping[str, Any]) -> str:
 
 def _replies(details: Mapping[str, Any]) -> str:
     counts = {
+        "pending": details.get("replies_pending", 0),
         "sent": details.get("replies_sent", 0),
         "failed": details.get("replies_failed", 0),
         "retried": details.get("replies_retried", 0),
@@ -244,7 +271,7 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
         ("State", _state_line(details, state, colour, now)),
         ("PID", _cell(details.get("pid"), "int")),
         ("Enabled", "yes" if details.get("enabled", True) else "no (in the config)"),
-        ("Restarts", str(details.get("restarts", 0))),
+        ("Restarts", _restarts(details)),
         ("Last exit", _last_exit(details)),
         ("Backoff", "-" if backoff is None else f"{backoff:.1f}s left"),
         ("Heartbeat", _heartbeat(details.get("last_heartbeat_age_s"))),

@@ -56,6 +56,7 @@ class TenantHandle(ProgramHandle):
             "replies_sent": beat.replies_sent if beat else 0,
             "replies_failed": beat.replies_failed if beat else 0,
             "replies_retried": beat.replies_retried if beat else 0,
+            "replies_pending": beat.replies_pending if beat else 0,
             "paused": beat.paused if beat else None,
         }
 

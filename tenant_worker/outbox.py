@@ -129,16 +129,26 @@ class Outbox:
         self._halted = False  # a store write failed: send nothing more (see _deliver)
         self.paused: Pause | None = None  # the provider refused all sending (see _pause)
         self._pair_strikes: dict[str, int] = {}  # chat -> consecutive pair-rate refusals
+        self._unsent = 0  # submitted, neither sent nor failed for good (paused ones too)
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
         for reply in replies:
+            self._unsent += 1
             done = self._lines.enqueue(reply.chat_id, partial(self._deliver, reply), force=True)
             done.add_done_callback(self._check)
 
     def pending(self) -> int:
         """Replies not yet delivered or given up on."""
         return self._lines.get_total_queued() + self._lines.in_flight()
+
+    def unsent(self) -> int:
+        """Replies submitted in this run and not yet sent or failed for good.
+
+        Unlike `pending`, those held by a pause or a halt still count: they
+        are pending in the store (the operator's "reply backlog").
+        """
+        return self._unsent
 
     async def wait_empty(self, grace: float) -> bool:
         """Wait up to ``grace`` s for every queued reply to be handled."""
@@ -207,6 +217,7 @@ class Outbox:
             self._pair_strikes.pop(reply.chat_id, None)
             self._store.mark_sent_soon(reply.id, sent[-1]).add_done_callback(self._check)
             self._stats.sent += 1
+            self._unsent -= 1
             return
 
     async def _send_parts(self, chat_id: str, parts: list[str], sent: list[str]) -> None:
@@ -263,6 +274,7 @@ class Outbox:
         await self._store.fail_reply(reply.id, error)
         self._pair_strikes.pop(reply.chat_id, None)
         self._stats.send_failed += 1
+        self._unsent -= 1
 
 
 def _part_error(exc: BaseException, done: int, parts: int) -> str:

@@ -258,7 +258,8 @@ class Worker:
                 rate_limited=0,
             )
         queue, stats = pipeline.queue, pipeline.stats
-        pause = self._outbox.paused if self._outbox is not None else None
+        outbox = self._outbox
+        pause = outbox.paused if outbox is not None else None
         return protocol.Heartbeat(
             seq=seq,
             time=time.time(),
@@ -273,6 +274,7 @@ class Worker:
             replies_sent=stats.sent,
             replies_failed=stats.send_failed,
             replies_retried=stats.retried,
+            replies_pending=outbox.unsent() if outbox is not None else 0,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,
         )

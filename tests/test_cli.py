@@ -180,11 +180,14 @@ SUMMARY_KEYS = {
     "replies_sent",
     "replies_failed",
     "replies_retried",
+    "replies_pending",
     "paused",
     "rss_bytes",
+    "manual_restarts",
+    "stopping",
 }
 HEADERS = ["TENANT", "STATE", "PID", "UPTIME", "RESTARTS"]
-HEADERS += ["BEAT", "QUEUED", "PROCESSED", "FAILED", "RSS"]
+HEADERS += ["BEAT", "QUEUED", "PENDING", "PROCESSED", "FAILED", "RSS"]
 DETAIL_KEYS = SUMMARY_KEYS | {
     "enabled",
     "cpu_percent",
@@ -453,36 +456,74 @@ def test_restart_changes_only_that_tenants_pid(
 ) -> None:
     before = sup.settle()
     code, out, err = run_cli(capsys, "--config", str(sup.config), "restart", "acme")
-    assert (code, out, err) == (0, "restarting acme\n", "")
-    after = wait_for(
-        "acme running again",
-        lambda: (
-            (rows := sup.all_running()) and rows["acme"]["pid"] != before["acme"]["pid"] and rows
-        ),
-    )
+    assert (code, out, err) == (0, "restarting acme\ndone: acme running\n", "")
+    after = sup.rows()  # waited by default: the new worker is up when the command returns
+    assert after["acme"]["state"] == "running" and after["acme"]["stopping"] is False
+    assert after["acme"]["pid"] != before["acme"]["pid"]
     assert after["globex"]["pid"] == before["globex"]["pid"]
-    assert after["acme"]["restarts"] == before["acme"]["restarts"] + 1
+    assert after["acme"]["restarts"] == before["acme"]["restarts"]  # failures only
+    assert after["acme"]["manual_restarts"] == before["acme"]["manual_restarts"] + 1
 
 
 def test_restart_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
     before = sup.settle()
     code, out, _ = run_cli(capsys, "--config", str(sup.config), "restart", "--all")
-    assert (code, out) == (0, "restarting acme, globex\n")
+    assert (code, out) == (0, "restarting acme, globex\ndone: acme running, globex running\n")
+    rows = sup.all_running()
+    assert rows and all(rows[t]["pid"] != before[t]["pid"] for t in rows)
 
-    def all_new() -> Any:
-        rows = sup.all_running()
-        return rows and all(rows[t]["pid"] != before[t]["pid"] for t in rows) and rows
 
-    wait_for("both restarted", all_new)
+def test_restart_all_leaves_a_stopped_tenant_stopped(
+    sup: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(sup.config)
+    assert run_cli(capsys, "--config", config, "stop", "globex")[0] == 0
+    code, out, _ = run_cli(capsys, "--config", config, "restart", "--all")
+    assert (code, out) == (
+        0,
+        "restarting acme\n"
+        "note: globex is stopped, not restarted (`chatq start globex` starts it)\n"
+        "done: acme running\n",
+    )
+    assert sup.rows()["globex"]["state"] == "stopped"
+
+
+def test_stop_all_and_start_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(sup.config)
+    code, out, _ = run_cli(capsys, "--config", config, "stop", "--all")
+    assert (code, out) == (0, "stopping acme, globex\ndone: acme stopped, globex stopped\n")
+    assert {row["state"] for row in sup.rows().values()} == {"stopped"}
+    code, out, _ = run_cli(capsys, "--config", config, "start", "--all")
+    assert (code, out) == (0, "starting acme, globex\ndone: acme running, globex running\n")
+    assert sup.all_running()
+
+
+def test_no_wait_returns_at_once_and_timeout_names_the_late(
+    sup: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(sup.config)
+    before = sup.rows()["acme"]
+    code, out, err = run_cli(capsys, "--config", config, "restart", "acme", "--no-wait")
+    assert (code, out, err) == (0, "restarting acme\n", "")
+    assert sup.rows()["acme"]["stopping"] or sup.rows()["acme"]["pid"] != before["pid"]
+    sup.settle()
+    code, out, err = run_cli(capsys, "--config", config, "restart", "acme", "--timeout", "0.001")
+    assert (code, out) == (1, "restarting acme\n")
+    assert re.fullmatch(
+        r"chatq: restart: not every tenant got there within 0.001s: acme \(\w+, wanted running\)\n",
+        err,
+    )
+    code, _, err = run_cli(capsys, "--config", config, "stop", "acme", "--timeout", "0")
+    assert code == 2 and "--timeout: must be > 0 seconds, got 0" in err
+    assert sup.rows()["acme"]["state"] != "stopped"  # a usage error changes nothing
 
 
 def test_stop_and_start(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(sup.config)
     code, out, _ = run_cli(capsys, "--config", config, "stop", "globex")
-    assert (code, out) == (0, "stopping globex\n")
-    stopped = wait_for("globex stopped", lambda: sup.rows()["globex"]["state"] == "stopped")
-    assert stopped
+    assert (code, out) == (0, "stopping globex\ndone: globex stopped\n")
     rows = sup.rows()
+    assert rows["globex"]["last_heartbeat_age_s"] is None  # stopped on purpose: no age to alert on
     assert rows["globex"]["pid"] is None and rows["acme"]["state"] == "running"
 
     code, out, err = run_cli(capsys, "--config", config, "send", "globex", "c1", "hi")
@@ -492,11 +533,14 @@ def test_stop_and_start(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run_cli(capsys, "--config", config, "status", "globex")
     assert "State: stopped" in out and "stop requested" in out
 
+    code, out, _ = run_cli(capsys, "--config", config, "stop", "globex")
+    assert (code, out) == (0, "note: globex is already stopped\n")
+
     code, out, _ = run_cli(capsys, "--config", config, "start", "globex")
-    assert (code, out) == (0, "starting globex\n")
-    sup.settle()
+    assert (code, out) == (0, "starting globex\ndone: globex running\n")
+    assert sup.rows()["globex"]["state"] == "running"
     code, out, err = run_cli(capsys, "--config", config, "start", "globex")
-    assert (code, out, err) == (1, "", "chatq: tenant globex is already running\n")
+    assert (code, out, err) == (0, "note: globex is already running\n", "")
 
 
 def test_killed_worker_comes_back_with_a_restart_counted(
@@ -698,7 +742,25 @@ def test_table_colours_states_and_fits_80_columns(tmp_path: Path) -> None:
     assert "\033[32mrunning" in coloured and "\033[31mfatal" in coloured
     assert "\033[33mbackoff" in coloured and "\033[2mstopped" in coloured
     line = plain.splitlines()[1]
-    assert "12d00h" in line and "41M" in line and "12345678" in line
+    assert "4000000" in line and "12345678" in line
+    assert plain.splitlines()[0].split() == [
+        h for h in HEADERS if h not in ("UPTIME", "FAILED", "RSS")
+    ]
+
+    wide = render.tenant_table(rows, width=200)  # a wide terminal: ids whole, every column
+    assert wide.splitlines()[0].split() == HEADERS
+    assert wide.splitlines()[1].split()[0] == rows[0]["tenant"] and "41M" in wide
+    narrow = render.tenant_table(rows, width=60)
+    assert all(len(line) <= 60 for line in narrow.splitlines())
+    assert {"TENANT", "STATE", "BEAT", "QUEUED", "PENDING"} <= set(narrow.split("\n")[0].split())
+
+
+def test_table_sizes_the_tenant_column_to_the_longest_id(tmp_path: Path) -> None:
+    rows = [handle(tmp_path).summary() for _ in range(2)]
+    rows[1]["tenant"] = "globex-international"
+    header, first, second = render.tenant_table(rows).splitlines()
+    assert second.startswith("globex-international ")  # whole: RSS and UPTIME made room
+    assert first.index("stopped") == second.index("stopped") == header.index("STATE") > 20
 
 
 def test_table_of_a_never_started_tenant(tmp_path: Path) -> None:
@@ -710,6 +772,7 @@ def test_table_of_a_never_started_tenant(tmp_path: Path) -> None:
         "-",
         "0",
         "-",
+        "0",
         "0",
         "0",
         "0",
@@ -755,10 +818,10 @@ def test_status_block_of_a_running_tenant(tmp_path: Path) -> None:
 def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     details = handle(tmp_path).details()
     details.update(state="running", pid=4242, uptime_s=60.0, replies_sent=12)
-    details.update(replies_failed=1, replies_retried=3, rate_limited=2)
+    details.update(replies_failed=1, replies_retried=3, rate_limited=2, replies_pending=5)
     assert "Sending:" not in render.status_block(details, now=NOW)
     details.update(paused="190: Error validating access token", paused_since=NOW - 30)
     block = render.status_block(details, now=NOW)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
     assert f"Sending: paused: 190: Error validating access token (since {when});" in block
-    assert "Replies: sent 12, failed 1, retried 3, rate limited 2" in block
+    assert "Replies: pending 5, sent 12, failed 1, retried 3, rate limited 2" in block

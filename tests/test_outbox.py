@@ -167,14 +167,14 @@ async def test_replies_go_out_in_order_per_chat_while_chats_interleave(
 
     for n in range(10):
         rig.outbox.submit([reply(chat, f"{chat}{n}") for chat in chats])
-    assert rig.outbox.pending() == 40
+    assert rig.outbox.pending() == rig.outbox.unsent() == 40
     await rig.done()
 
     for chat in chats:
         assert [t for c, t in rig.transport.sent if c == chat] == [f"{chat}{n}" for n in range(10)]
     assert [c for c, _t in rig.transport.sent[:8]] != ["a"] * 8  # not one chat after another
     assert rig.stats.sent == 40
-    assert rig.outbox.pending() == 0
+    assert rig.outbox.pending() == rig.outbox.unsent() == 0
 
 
 async def test_per_chat_rate_limit_makes_the_third_reply_wait_a_minute(
@@ -486,6 +486,7 @@ async def test_a_pause_sends_nothing_more_and_keeps_replies_pending() -> None:
     assert transport.sent == []  # "slow" woke up paused; "after" and "new" never went
     assert [call[0] for call in store.calls] == ["retry"]  # nothing failed, nothing sent
     assert (stats.sent, stats.send_failed, outbox.pending()) == (0, 0, 0)
+    assert outbox.unsent() == 4  # held by the pause: the backlog `chatq list` shows
 
 
 async def test_replies_keep_their_order_through_retries_and_pair_rate(
