@@ -26,7 +26,7 @@ import pytest
 from sandbox import clean_env, wait_for
 from supervisor_fixtures import SupervisorHarness, alive, gone
 
-from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.shared.errors import ConfigError, NoSuchTenant
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_crash_loop_backs_off_then_turns_fatal_and_restart_revives(
     time.sleep(0.3)  # longer than backoff_max: fatal means no more restarts
     assert run.status("a")["state"] == "fatal"
 
-    assert run.request("restart", tenant="a") == {"restarting": ["a"]}
+    assert run.request("restart", tenant="a") == {"restarting": ["a"], "skipped": []}
     revived = run.wait_running("a")
     assert alive(psutil.Process(revived))
     assert run.pids() == {**before, "a": revived}
@@ -376,7 +376,7 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
 
     assert stat.S_IMODE(run.socket.stat().st_mode) == 0o600
 
-    assert run.request("stop", tenant="a") == {"stopping": "a"}
+    assert run.request("stop", tenant="a") == {"stopping": ["a"], "already_stopped": []}
     stopped = run.wait_state("a", "stopped")
     assert stopped["pid"] is None
     assert stopped["last_exit"]["reason"] == "stop requested"
@@ -384,13 +384,12 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
     time.sleep(0.2)
     assert run.status("a")["state"] == "stopped"
 
-    assert run.request("start", tenant="a") == {"starting": "a"}
+    assert run.request("start", tenant="a") == {"starting": ["a"], "already_running": []}
     a_pid = run.wait_running("a", not_pid=before["a"])
-    with pytest.raises(ControlError, match="already running"):
-        run.request("start", tenant="a")
+    assert run.request("start", tenant="a") == {"starting": [], "already_running": ["a"]}
     assert run.pids()["b"] == before["b"]
 
-    assert run.request("restart", all=True) == {"restarting": ["a", "b"]}
+    assert run.request("restart", all=True) == {"restarting": ["a", "b"], "skipped": []}
     new_a = run.wait_running("a", not_pid=a_pid)
     new_b = run.wait_running("b", not_pid=before["b"])
     assert run.pids() == {"a": new_a, "b": new_b}
