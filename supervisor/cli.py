@@ -7,6 +7,7 @@ socket, and keeping it dependency-free keeps ``chatq list`` fast to start
     chatq run [--config PATH]                  the supervisor, in the foreground
     chatq list [--json]                        one line per tenant
     chatq status TENANT [--json]               one tenant in detail, with its log tail
+    chatq logs [TENANT] [-n N] [-f] [--json]   recent log lines (all, or one source); -f follows
     chatq restart TENANT | --all [WAIT]        graceful restart (revives a fatal tenant)
     chatq stop TENANT | --all [WAIT]           drain and stop (a stopped one: a note, exit 0)
     chatq start TENANT | --all [WAIT]          start stopped or fatal tenants
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -57,6 +59,9 @@ TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CONTROL_SOCKET_NAME = "supervisor.sock"
 SEND_TIMEOUT = 30.0  # seconds; the worker answers once the row is committed
 WAIT_TIMEOUT = 60.0  # seconds restart/stop/start/reload wait by default
+FOLLOW_POLL = 0.2  # seconds between two asks of `chatq logs -f`
+MAX_LOG_LINES = 10_000  # control.MAX_LOG_LINES: the most one `logs` answer holds
+LOG_LINES = 20  # `chatq logs` without -n
 MAX_SHOWN = 10  # tenant ids listed in a "no such tenant" error
 
 Runner = Callable[[argparse.Namespace], int]
@@ -294,6 +299,27 @@ def _wait(
     return EXIT_OK
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``chatq logs [TENANT] [-n N] [-f]``: the last lines the supervisor holds; -f follows.
+
+    ``-f`` asks the supervisor every FOLLOW_POLL s for what came after the
+    last line shown, until Ctrl-C (exit 0) or the supervisor goes away (exit 1).
+    """
+    show = print if args.json else lambda line: print(render.log_line(line))
+    page = _ask(args, "logs", tenant=args.tenant, limit=args.lines)
+    while True:
+        for line in page["lines"]:
+            show(line)
+        if not args.follow:
+            return EXIT_OK
+        sys.stdout.flush()
+        try:
+            time.sleep(FOLLOW_POLL)
+            page = _ask(args, "logs", tenant=args.tenant, after=page["next"], limit=MAX_LOG_LINES)
+        except KeyboardInterrupt:  # the way out of -f: not a failure
+            return EXIT_OK
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """``chatq send``: POST one message to the tenant's ingest socket; print the answer."""
     message_id = args.id or _new_id()
@@ -413,6 +439,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= MAX_LOG_LINES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_LOG_LINES}, got {value}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -516,7 +552,18 @@ class _Version(argparse.Action):
         parser.exit(EXIT_OK)
 
 
-COMMANDS = ("run", "list", "status", "restart", "stop", "start", "reload", "send", "history")
+COMMANDS = (
+    "run",
+    "list",
+    "status",
+    "logs",
+    "restart",
+    "stop",
+    "start",
+    "reload",
+    "send",
+    "history",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     start = add("start", cmd_start, "start stopped or fatal tenants, then wait", waits)
     _one_or_all(start, "every enabled tenant")
     add("reload", cmd_reload, "re-read the config file, apply it, then wait", as_json, waits)
+    logs = add("logs", cmd_logs, "show recent log lines; -f follows them", as_json)
+    logs.add_argument("tenant", nargs="?", default=None, help="a tenant, gateway or supervisor")
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        default=LOG_LINES,
+        metavar="N",
+        help=f"the last N lines (default {LOG_LINES}; 0 with -f: only new ones)",
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="then follow, until Ctrl-C")
     send = add("send", cmd_send, "send a message to a tenant (as a chat would)", as_json)
     send.add_argument("tenant")
     send.add_argument("chat_id")

@@ -96,6 +96,21 @@ def _stopped(handle: ProgramHandle) -> bool:
     return handle.state is State.STOPPED or handle.stopping_for_good
 
 
+def cmd_logs(sup: Supervisor, request: dict[str, Any]) -> Any:
+    """``logs`` {tenant?, after?, limit?} -- ``chatq logs [T] [-n N] [-f]``: recent log lines.
+
+    Answers ``{"lines": [str], "next": int}``: the lines of `tenant` (a tenant
+    id, "gateway" or "supervisor"; every source without it) numbered above
+    `after` (0: all those kept), the last `limit` of them, oldest first.
+    ``-f`` asks again with ``after`` = the `next` of the previous answer.
+    """
+    source = request.get("tenant")
+    if source is not None and source != "supervisor":
+        sup.handle(source)  # NoSuchTenant for a typo
+    page = sup.log_book.read(source, request.get("after", 0), request.get("limit"))
+    return {"lines": page.lines, "next": page.next}
+
+
 def cmd_reload(sup: Supervisor, _request: dict[str, Any]) -> Any:
     """``reload`` -- ``chatq reload`` or SIGHUP: re-read the tenant list and apply it."""
     return sup.reload()
@@ -114,5 +129,6 @@ COMMANDS: dict[str, Command] = {
     "stop": cmd_stop,
     "start": cmd_start,
     "reload": cmd_reload,
+    "logs": cmd_logs,
     "shutdown": cmd_shutdown,
 }

@@ -4,13 +4,15 @@ Wire protocol, one exchange per connection: the client sends one JSON object
 on one newline-terminated line (at most `MAX_REQUEST_BYTES`), the server
 answers one line and closes.
 
-    request   {"cmd": "list"|"status"|"restart"|"stop"|"start"|"reload"|"shutdown",
-               "tenant"?: str, "all"?: bool}
+    request   {"cmd": "list"|"status"|"restart"|"stop"|"start"|"reload"|"logs"|"shutdown",
+               "tenant"?: str, "all"?: bool, "after"?: int, "limit"?: int}
     answer    {"ok": true, "result": ...}
               {"ok": false, "error": "one line", "kind": "NoSuchTenant"|"BadRequest"|...}
 
 `status` needs `tenant`; `restart`, `stop` and `start` need `tenant` or
-``"all": true`` (not both); the others take neither. A request that breaks
+``"all": true`` (not both); `logs` takes an optional `tenant` and the
+non-negative integers `after` and `limit` (at most `MAX_LOG_LINES`); the
+others take none of these. A request that breaks
 these rules never reaches the dispatcher: it is answered with kind
 ``BadRequest`` naming the field. An error the dispatcher raises as a
 `ChatqError` is answered with its message and class name (a `NoSuchTenant`
@@ -75,10 +77,13 @@ _TARGETS = {
     "stop": "one_or_all",
     "start": "one_or_all",
     "reload": "none",
+    "logs": "zero_or_one",
     "shutdown": "none",
 }
 COMMANDS = frozenset(_TARGETS)
-_FIELDS = frozenset({"cmd", "tenant", "all"})
+_FIELDS = frozenset({"cmd", "tenant", "all", "after", "limit"})
+_LOG_FIELDS = ("after", "limit")  # only `logs` takes them
+MAX_LOG_LINES = 10_000
 
 Dispatch = Callable[[dict[str, Any]], Any]
 """Serves a valid request; returns the JSON-able result or raises a ChatqError."""
@@ -118,6 +123,19 @@ def _check_fields(request: dict[str, Any]) -> None:
         raise BadRequest(f"field 'tenant': over {MAX_TENANT_CHARS} characters, no tenant id is")
     if "all" in request and not isinstance(request["all"], bool):
         raise BadRequest(f"field 'all' must be true or false, got {request['all']!r:.80}")
+    for name in _LOG_FIELDS:
+        if name in request:
+            _check_count(request, name)
+
+
+def _check_count(request: dict[str, Any], name: str) -> None:
+    value = request[name]
+    if request["cmd"] != "logs":
+        raise BadRequest(f"field {name!r}: only logs takes it")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"field {name!r} must be a non-negative integer, got {value!r:.80}")
+    if name == "limit" and value > MAX_LOG_LINES:
+        raise BadRequest(f"field 'limit': at most {MAX_LOG_LINES}, got {value}")
 
 
 def _check_target(request: dict[str, Any]) -> None:
@@ -127,6 +145,8 @@ def _check_target(request: dict[str, Any]) -> None:
     if target == "none" and (has_tenant or "all" in request):
         field_name = "tenant" if has_tenant else "all"
         raise BadRequest(f"field {field_name!r}: {cmd} takes no tenant")
+    if target == "zero_or_one" and "all" in request:
+        raise BadRequest(f"field 'all': {cmd} takes one tenant or none")
     if target == "one" and "all" in request:
         raise BadRequest(f"field 'all': {cmd} takes one tenant")
     if target == "one" and not has_tenant:

@@ -10,11 +10,15 @@ Kept free of heavy imports: it is on the path of every ``chatq list``.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, TextIO
+
+from chatq.shared.escape import printable, printable_lines
 
 __all__ = [
     "TABLE_WIDTH",
@@ -22,6 +26,7 @@ __all__ = [
     "human_age",
     "human_bytes",
     "human_duration",
+    "log_line",
     "status_block",
     "tenant_table",
     "use_colour",
@@ -193,6 +198,48 @@ def _table_line(
     return (" " * gap).join(parts).rstrip()
 
 
+# -- log lines -------------------------------------------------------------------
+
+_JSON_LOG_KEYS = frozenset({"ts", "level", "message"})
+
+
+def log_line(line: str) -> str:
+    """A log line for people: a JSON one (LOG_FORMAT=json) as the text format writes it.
+
+    Mirrors shared/log.py `format_text` (which needs loguru, too slow to
+    import here); a test keeps the two equal. Other lines are returned as
+    they are.
+    """
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or not record.keys() >= _JSON_LOG_KEYS:
+        return line
+    parts = [
+        _log_time(str(record["ts"])),
+        str(record["level"]).ljust(5),
+        f"[{printable(str(record.get('tenant_id', '-')))} pid={record.get('pid')}]",
+    ]
+    for key, label in (("chat_id", "chat"), ("message_id", "msg")):
+        if key in record:
+            parts.append(f"{label}={printable(str(record[key]))}")
+    parts.append(printable(str(record["message"])))
+    text = " ".join(parts)
+    exc = record.get("exception")
+    return f"{text}\n{printable_lines(str(exc))}" if exc else text
+
+
+def _log_time(stamp: str) -> str:
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return stamp
+    return f"{when:%Y-%m-%d %H:%M:%S}.{when.microsecond // 1000:03d}"
+
+
 # -- the status block ------------------------------------------------------------
 
 
@@ -289,7 +336,8 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
     lines += [f"  {label.rjust(width)}: {value}" for label, value in fields]
     tail = details.get("log_tail") or []
     if tail:
-        lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):", *tail]
+        lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):"]
+        lines += [log_line(line) for line in tail]
     return "\n".join(lines)
 
 

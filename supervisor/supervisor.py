@@ -34,6 +34,7 @@ from chatq.supervisor import spawn
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
+from chatq.supervisor.logbook import LogBook
 from chatq.supervisor.logstream import LogStream
 from chatq.supervisor.metrics import start_metrics_server
 from chatq.supervisor.program import ProgramHandle
@@ -89,6 +90,11 @@ class Supervisor:
         self._next_publish = 0.0
 
     # -- lookups used by commands ------------------------------------------
+
+    @property
+    def log_book(self) -> LogBook:
+        """The recent log lines per source (``chatq logs``)."""
+        return self._stream.book
 
     def handles(self) -> list[ProgramHandle]:
         return list(self._handles.values())
@@ -211,7 +217,7 @@ class Supervisor:
         for frame in frames:
             line = handle.on_frame(frame)
             if line is not None:
-                self._stream.write_line(line)
+                self._stream.write_line(line, source=handle.id)
         if reader.eof:
             self._drop_conn(handle, conn)
 
@@ -448,7 +454,7 @@ class Supervisor:
 
     def _dispatch(self, request: dict[str, Any]) -> Any:
         command = COMMANDS[request["cmd"]]
-        if self._shutting_down and request["cmd"] not in ("list", "status"):
+        if self._shutting_down and request["cmd"] not in ("list", "status", "logs"):
             raise ControlError("supervisor is shutting down")
         return command(self, request)
 

@@ -825,3 +825,100 @@ def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
     assert f"Sending: paused: 190: Error validating access token (since {when});" in block
     assert "Replies: pending 5, sent 12, failed 1, retried 3, rate limited 2" in block
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+
+def test_logs_of_one_tenant_and_of_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(sup.config)
+    code, out, err = run_cli(capsys, "--config", config, "logs", "acme", "-n", "3")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert 0 < len(lines) <= 3 and all("[acme pid=" in line for line in lines)
+
+    code, out, _ = run_cli(capsys, "--config", config, "logs", "-n", "200")
+    assert code == 0 and "[supervisor pid=" in out and "[globex pid=" in out
+    code, out, _ = run_cli(capsys, "--config", config, "logs", "supervisor", "-n", "1")
+    assert code == 0 and out.count("\n") == 1 and "[supervisor pid=" in out
+
+    code, out, err = run_cli(capsys, "--config", config, "logs", "acmee")
+    assert (code, out, err) == (1, "", "chatq: no such tenant: acmee (did you mean acme?)\n")
+    code, _, err = run_cli(capsys, "--config", config, "logs", "-n", "x")
+    assert code == 2 and err.startswith("chatq logs: argument -n/--lines: not a whole number")
+
+
+def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
+    """A JSON-format supervisor: `logs` renders text, `--json` keeps JSON, -f ends on SIGINT."""
+    sup = Supervisor(
+        tmp_path / "json", TWO_TENANTS.replace("[defaults]", 'log_format = "json"\n\n[defaults]')
+    )
+    try:
+        sup.settle(STARTUP_TIMEOUT)
+        config = str(sup.config)
+        as_json = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chatq.supervisor.cli",
+                "--config",
+                config,
+                "logs",
+                "acme",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_clean_env(),
+            check=True,
+        ).stdout.splitlines()
+        assert as_json and all(json.loads(line)["tenant_id"] == "acme" for line in as_json)
+
+        follow = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chatq.supervisor.cli",
+                "--config",
+                config,
+                "logs",
+                "globex",
+                "-f",
+                "-n",
+                "1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(),
+        )
+        try:
+            assert follow.stdout is not None
+            first = follow.stdout.readline()  # the last line kept, as text
+            assert re.match(
+                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \w+ +\[globex pid=\d+\] ", first
+            )
+            request(sup.socket, "restart", tenant="globex")  # new lines: the drain, the start
+            later = follow.stdout.readline()
+            assert "[globex pid=" in later  # e.g. its worker draining: followed live
+            follow.send_signal(signal.SIGINT)
+            _, err = follow.communicate(timeout=10)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        assert (follow.returncode, err) == (0, "")
+
+        status = subprocess.run(
+            [sys.executable, "-m", "chatq.supervisor.cli", "--config", config, "status", "acme"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_clean_env(),
+            check=True,
+        ).stdout
+        tail = status.split("Log (last", 1)[1].splitlines()[1:]
+        assert tail and not any(line.startswith("{") for line in tail)
+    finally:
+        sup.close()

@@ -243,6 +243,11 @@ def test_bad_fields_are_named(served: Path, fields: dict[str, Any], needle: str)
         ({"cmd": "restart"}, "restart needs a tenant or"),
         ({"cmd": "restart", "all": False}, "restart needs a tenant or"),
         ({"cmd": "restart", "all": True, "tenant": "acme"}, "not both"),
+        ({"cmd": "logs", "all": True}, "logs takes one tenant or none"),
+        ({"cmd": "logs", "after": -1}, "field 'after' must be a non-negative integer"),
+        ({"cmd": "logs", "limit": True}, "field 'limit' must be a non-negative integer"),
+        ({"cmd": "logs", "limit": 10_001}, "field 'limit': at most 10000"),
+        ({"cmd": "list", "after": 3}, "field 'after': only logs takes it"),
     ],
 )
 def test_parse_request_names_what_is_wrong(body: dict[str, Any], needle: str) -> None:
@@ -263,6 +268,8 @@ def test_parse_request_accepts_each_command_shape() -> None:
         {"cmd": "stop", "all": True},
         {"cmd": "start", "all": True},
         {"cmd": "reload"},
+        {"cmd": "logs"},
+        {"cmd": "logs", "tenant": "a", "after": 7, "limit": 0},
         {"cmd": "shutdown"},
     ]:
         assert parse_request(json.dumps(body).encode()) == body
