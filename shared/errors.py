@@ -6,6 +6,7 @@
     │   ├── QueueFullError          the chat already has max_queue_size pending
     │   └── QueueClearedError       clear_all() dropped a pending message
     ├── StoreError                  the tenant's SQLite store failed
+    ├── RedriveRefused              retry/resend named a message or reply it cannot put back
     ├── HandlerError                a tenant handler failed
     │   ├── HandlerTimeoutError     ... by running past handler_timeout
     │   └── PermanentHandlerError   ... in a way retrying will not fix
@@ -62,6 +63,10 @@ class QueueClearedError(QueueError):
 
 class StoreError(ChatqError):
     """The tenant's SQLite store could not be opened, migrated or written."""
+
+
+class RedriveRefused(ChatqError):
+    """`chatq retry`/`resend` named an unknown id, or one that is not failed: nothing changed."""
 
 
 class StoreInUse(StoreError):
@@ -138,6 +143,7 @@ __all__ = [
     "QueueClearedError",
     "QueueError",
     "QueueFullError",
+    "RedriveRefused",
     "RetryableTransportError",
     "SendingPausedError",
     "StoreError",

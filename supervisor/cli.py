@@ -14,6 +14,8 @@ socket, and keeping it dependency-free keeps ``chatq list`` fast to start
     chatq reload [--json] [WAIT]               re-read the config file (also: SIGHUP)
     chatq send TENANT CHAT_ID TEXT [--id ID] [--json]
     chatq history TENANT [--chat CHAT_ID] [--limit N] [--json]
+    chatq retry TENANT (--message ID... | --failed [--chat C]) [--json]   failed messages again
+    chatq resend TENANT (--reply ID... | --failed [--chat C]) [--json]    failed replies again
 
 WAIT is ``--wait`` (the default: until every tenant touched reaches its
 state), ``--no-wait`` (return once the supervisor is told) and ``--timeout
@@ -409,6 +411,76 @@ def _check_answer(tenant_id: str, status: int, answer: dict[str, Any]) -> None:
     raise CommandFailed(f"tenant {tenant_id} answered HTTP {status}: {error}")
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``chatq retry TENANT (--message ID ... | --failed [--chat C])``: failed messages again."""
+    answer, now = _redrive(args, "messages", args.message)
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    n = answer["requeued"]
+    text = f"requeued {n} message{'' if n == 1 else 's'} of {args.tenant}"
+    text += f" ({answer['failed']} failed, {answer['rejected']} rejected)"
+    print(text if now or not n else f"{text}; they run when {args.tenant} starts")
+    return EXIT_OK
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """``chatq resend TENANT (--reply ID ... | --failed [--chat C])``: failed replies again."""
+    answer, now = _redrive(args, "replies", args.reply)
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    n = answer["resent"]
+    text = f"resent {n} repl{'y' if n == 1 else 'ies'} of {args.tenant}"
+    print(text if now or not n else f"{text}; they go out when {args.tenant} starts")
+    return EXIT_OK
+
+
+def _redrive(args: argparse.Namespace, kind: str, ids: list[Any] | None) -> tuple[Any, bool]:
+    """Through the running worker, else in the stopped tenant's store: (answer, done now)."""
+    if ids and args.chat is not None:
+        raise UsageError(f"{args.command}: --chat goes with --failed, not with ids")
+    from chatq.config import load_config
+
+    config = load_config(args.config)
+    if all(t.id != args.tenant for t in config.tenants):
+        raise NoSuchTenant(args.tenant)
+    body: dict[str, Any] = {"ids": ids} if ids else {"failed": True}
+    if args.chat is not None:
+        body["chat"] = args.chat
+    path = config.socket_path(args.tenant)
+    try:
+        status, answer = _post_json(path, f"/redrive/{kind}", body, SEND_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError):  # no worker: change the store itself
+        return _redrive_stopped(config.store_path(args.tenant), args.tenant, kind, body), False
+    except OSError as exc:
+        raise CommandFailed(f"asking tenant {args.tenant} on {path} failed: {exc}") from None
+    if status != 200:
+        error = answer.get("error") or f"HTTP {status}"
+        raise CommandFailed(f"tenant {args.tenant}: {error}; nothing changed")
+    return answer, True
+
+
+def _redrive_stopped(path: Path, tenant_id: str, kind: str, body: dict[str, Any]) -> Any:
+    import asyncio
+
+    from chatq.shared.errors import RedriveRefused, StoreInUse
+    from chatq.tenant_worker.redrive import parse_selection, redrive_stored
+
+    if not path.is_file():
+        raise CommandFailed(f"no store at {path} (tenant {tenant_id} never ran)")
+    selection = parse_selection(body, str if kind == "messages" else int)
+    try:
+        return asyncio.run(redrive_stored(path, tenant_id, kind, selection))
+    except RedriveRefused as exc:
+        raise CommandFailed(f"tenant {tenant_id}: {exc}; nothing changed") from None
+    except StoreInUse:
+        raise CommandFailed(
+            f"tenant {tenant_id} is starting or stopping (its worker holds the store but"
+            " does not answer yet); nothing changed, try again"
+        ) from None
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """``chatq history``: read the tenant's store directly (no supervisor needed)."""
     from chatq.config import load_config
@@ -563,6 +635,8 @@ COMMANDS = (
     "reload",
     "send",
     "history",
+    "retry",
+    "resend",
 )
 
 
@@ -612,6 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("chat_id")
     send.add_argument("text")
     send.add_argument("--id", type=_non_empty, help="message id (default: a random one)")
+    for name, func, noun, id_type in (
+        ("retry", cmd_retry, "message", str),
+        ("resend", cmd_resend, "reply", int),
+    ):
+        what = "failed and rejected messages" if name == "retry" else "failed replies"
+        sub = add(name, func, f"put {what} back in line (attempts reset)", as_json)
+        sub.add_argument("tenant")
+        which = sub.add_mutually_exclusive_group(required=True)
+        which.add_argument(
+            f"--{noun}", nargs="+", type=id_type, metavar="ID", help=f"these {noun} ids"
+        )
+        which.add_argument("--failed", action="store_true", help=f"every one of the {what}")
+        sub.add_argument("--chat", type=_non_empty, help="with --failed: only this chat's")
     history = add("history", cmd_history, "show stored messages and replies", as_json)
     history.add_argument("tenant")
     history.add_argument("--chat", help="only this chat")

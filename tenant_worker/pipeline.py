@@ -189,6 +189,19 @@ class Pipeline:
         if unfinished or replies:
             logger.info("replayed {} messages and {} replies", len(unfinished), len(replies))
 
+    def redrive(self, messages: Sequence[Message]) -> None:
+        """Queue messages an operator put back (``chatq retry``; rows already ``queued``).
+
+        While draining they stay queued in the store, for the next start.
+        """
+        if self._draining:
+            return
+        for message in messages:
+            self._dedup.is_duplicate(message.id)  # a resend of it by its chat is a duplicate
+            self._enqueue(message, force=True)
+        if messages:
+            logger.info("requeued {} failed or rejected messages", len(messages))
+
     def _admit(self, messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
         """Split into messages the chats have room for and ones they don't.
 

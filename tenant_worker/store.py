@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import aiosqlite
 
-from chatq.shared.errors import StoreError
+from chatq.shared.errors import RedriveRefused, StoreError
 from chatq.tenant_worker.delivery import advance
 from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
 
@@ -50,6 +50,7 @@ __all__ = [
     "MESSAGE_STATUSES",
     "MIGRATIONS",
     "REPLY_STATUSES",
+    "Selection",
     "Store",
     "StoredMessage",
 ]
@@ -147,6 +148,14 @@ class StoredMessage:
     status: str
     attempts: int
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Dead letters to put back (`chatq retry`/`resend`): these ids, or every one (of a chat)."""
+
+    ids: tuple[str | int, ...] | None = None  # message ids (str) or reply ids (int)
+    chat: str | None = None  # with ids None: only this chat's
 
 
 class Store:
@@ -268,6 +277,23 @@ class Store:
     def apply_statuses_soon(self, updates: Sequence[StatusUpdate]) -> asyncio.Future[StatusCounts]:
         """`apply_statuses` without waiting: queued now, so it can share a commit."""
         return self._enqueue(_ApplyStatuses(list(updates)))
+
+    async def requeue_failed(self, selection: Selection) -> list[StoredMessage]:
+        """Put failed and rejected messages back to ``queued``, attempts 0, in arrival order.
+
+        Returns them as they were (their old status and attempts). RedriveRefused,
+        changing nothing, if a named id is unknown or not failed/rejected.
+        """
+        rows = _check_redrive(await self._submit(_Requeue(selection)))
+        return [self._stored_message(row) for row in rows]
+
+    async def resend_failed(self, selection: Selection) -> list[Reply]:
+        """Put failed replies back to ``pending``, attempts 0, due now, oldest first.
+
+        RedriveRefused, changing nothing, if a named id is unknown or not failed.
+        """
+        rows = _check_redrive(await self._submit(_Resend(selection)))
+        return [Reply(*row) for row in rows]
 
     # -- reads ----------------------------------------------------------------
 
@@ -892,6 +918,98 @@ class _ApplyStatuses(_Op[StatusCounts]):
                 "UPDATE replies SET status = j.value ->> 1, last_error = j.value ->> 2"
                 " FROM json_each(?) AS j WHERE replies.id = j.value ->> 0",
                 (_json(rows),),
+            )
+
+
+Redriven = tuple[list[tuple[Any, ...]], str | None]  # the rows put back, or why none were
+
+
+def _check_redrive(outcome: Redriven) -> list[tuple[Any, ...]]:
+    rows, refusal = outcome
+    if refusal is not None:
+        raise RedriveRefused(refusal)
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _DeadLetters:
+    """Where a kind of dead letter lives: its query, and the columns of its id and status."""
+
+    noun: str
+    select: str
+    id_at: int
+    status_at: int
+    statuses: tuple[str, ...]
+
+    def find(self, db: sqlite3.Connection, selection: Selection) -> Redriven:
+        """The rows `selection` names, oldest first; or why it names a wrong one."""
+        if selection.ids is None:
+            where = "status IN (SELECT value FROM json_each(?))"
+            params: list[Any] = [_json(list(self.statuses))]
+            if selection.chat is not None:
+                where, params = f"{where} AND chat_id = ?", [*params, selection.chat]
+            return _fetch(db, f"{self.select} WHERE {where} ORDER BY 1", *params), None
+        rows = _fetch(
+            db,
+            f"{self.select} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY 1",
+            _json(list(selection.ids)),
+        )
+        found = {row[self.id_at]: row[self.status_at] for row in rows}
+        for wanted in selection.ids:
+            status = found.get(wanted)
+            if status is None:
+                return [], f"no such {self.noun}: {wanted}"
+            if status not in self.statuses:
+                return [], f"{self.noun} {wanted} is {status}, not {' or '.join(self.statuses)}"
+        return rows, None
+
+
+_FAILED_MESSAGES = _DeadLetters(
+    "message", f"SELECT {_MESSAGE_COLUMNS} FROM messages", 1, 7, ("failed", "rejected")
+)
+_FAILED_REPLIES = _DeadLetters(
+    "reply", "SELECT id, message_id, chat_id, text, status FROM replies", 0, 4, ("failed",)
+)
+
+
+@dataclass(eq=False)
+class _Requeue(_Op[Redriven]):
+    NAME = "requeue_failed"
+    selection: Selection
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", "*")]  # which rows is only known inside: one at a time
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            op.outcome = _FAILED_MESSAGES.find(db, op.selection)
+            ids = [row[1] for row in op.outcome[0]]
+            db.execute(
+                "UPDATE messages SET status = 'queued', attempts = 0, last_error = NULL,"
+                " updated_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+                (now, _json(ids)),
+            )
+
+
+@dataclass(eq=False)
+class _Resend(_Op[Redriven]):
+    NAME = "resend_failed"
+    TABLE = "replies"
+    selection: Selection
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("replies", "*")]
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            found, refusal = _FAILED_REPLIES.find(db, op.selection)
+            op.outcome = ([(*row[:4], 0, now) for row in found], refusal)
+            db.execute(
+                "UPDATE replies SET status = 'pending', attempts = 0, last_error = NULL,"
+                " next_attempt_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+                (now, _json([row[0] for row in found])),
             )
 
 

@@ -38,6 +38,7 @@ from chatq.tenant_worker.handlers import Handler, load_handler
 from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Pipeline
+from chatq.tenant_worker.redrive import Redrive
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.store_lock import StoreLock
@@ -201,6 +202,8 @@ class Worker:
             lambda: _probe(pipeline, outbox),
             apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
         )
+        redrive = Redrive(store, pipeline, outbox, lambda: ingest.state is IngestState.RUNNING)
+        redrive.add_routes(ingest.app)
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
             [row.message for row in unfinished],
