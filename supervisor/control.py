@@ -155,6 +155,14 @@ def _check_target(request: dict[str, Any]) -> None:
         raise BadRequest(f"field 'tenant': {cmd} needs a tenant or \"all\": true, not both")
 
 
+def describe_request(request: dict[str, Any]) -> str:
+    """'restart tenant=acme' for a log line (not a dict's repr)."""
+    fields = " ".join(
+        f"{key}={json.dumps(value)}" for key, value in request.items() if key != "cmd"
+    )
+    return f"{request['cmd']} {fields}".rstrip()
+
+
 def peer_allowed(peer_uid: int, own_uid: int) -> bool:
     """Whether a peer of `peer_uid` may use the socket of a server running as `own_uid`."""
     return peer_uid in (own_uid, 0)
@@ -316,7 +324,7 @@ class ControlServer:
     def _serve(self, line: bytes) -> dict[str, Any]:
         try:
             request = parse_request(line)
-            logger.debug("control socket: {}", request)
+            logger.debug("control socket: {}", describe_request(request))
             return {"ok": True, "result": self._dispatch(request)}
         except ChatqError as exc:
             return _error_answer(exc)

@@ -263,9 +263,10 @@ def _last_exit(details: Mapping[str, Any]) -> str:
     last_exit = details.get("last_exit")
     if not last_exit:
         return "-"
-    code = last_exit.get("code")
+    code, reason = last_exit.get("code"), str(last_exit["reason"])
     code_text = "unknown" if code is None else str(code)
-    return f"{last_exit['reason']} (code {code_text}) at {_clock_time(last_exit['at'])}"
+    said = reason == f"exit code {code}"  # no "exit code 3 (code 3)"
+    return f"{reason}{'' if said else f' (code {code_text})'} at {_clock_time(last_exit['at'])}"
 
 
 def _restarts(details: Mapping[str, Any]) -> str:

@@ -56,6 +56,11 @@ def _worker_view(config: ChatqConfig) -> tuple[Any, ...]:
     return (s.run_dir, s.data_dir, s.heartbeat_interval_ms, s.log_level, s.log_format)
 
 
+def changes_text(changes: dict[str, list[str]]) -> str:
+    """'added initech; unchanged acme, globex' for a log line (not a dict's repr)."""
+    return "; ".join(f"{kind} {', '.join(names)}" for kind, names in changes.items() if names)
+
+
 class Supervisor:
     """Owns the tenant handles and the loop that keeps them in their states."""
 
@@ -385,7 +390,7 @@ class Supervisor:
         if gateway is not None:
             changes[gateway].append(GATEWAY_ID)
         self.config = new
-        logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
+        logger.info("reloaded: {}", changes_text(changes))
         return changes
 
     def _remove(self, name: str) -> None:

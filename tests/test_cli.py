@@ -297,7 +297,7 @@ def test_stale_socket_is_told_apart(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], "chatq: missing command (one of: run, list, status, restart, stop, start, reload,"),
+        ([], "chatq: missing command (one of: run, list, status, logs, restart, stop, start,"),
         (["frobnicate"], "chatq: unknown command 'frobnicate' (one of: run, list,"),
         (["lst"], "chatq: unknown command 'lst' (did you mean 'list'?) (see 'chatq -h')"),
         (["status"], "chatq status: the following arguments are required: tenant"),
@@ -309,6 +309,12 @@ def test_stale_socket_is_told_apart(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["history", "acme", "--limit", "0"], "chatq history: argument --limit: must be >= 1"),
         (["history", "acme", "--limit", "many"], "chatq history: argument --limit: not a whole"),
         (["list", "--bogus"], "chatq list: unexpected argument '--bogus'"),
+        (["stop"], "chatq stop: one of the arguments tenant --all is required"),
+        (["start", "acme", "--timeout", "soon"], "chatq start: argument --timeout: not a number"),
+        (["reload", "--wait", "--no-wait"], "chatq reload: argument --no-wait: not allowed with"),
+        (["logs", "-n", "-1"], "chatq logs: argument -n/--lines: must be 0 to 10000, got -1"),
+        (["retry", "acme"], "chatq retry: one of the arguments --message --failed is required"),
+        (["resend", "acme", "--reply", "x"], "chatq resend: argument --reply: invalid int value"),
     ],
 )
 def test_bad_arguments_are_one_line_naming_the_command(
@@ -922,3 +928,31 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
         assert tail and not any(line.startswith("{") for line in tail)
     finally:
         sup.close()
+
+
+# -- tidy output --------------------------------------------------------------------------
+
+
+def test_worker_process_titles_name_their_tenant(sup: Supervisor) -> None:
+    """ps and top tell the workers apart (setproctitle)."""
+    for tenant, row in sup.rows().items():
+        title = " ".join(psutil.Process(row["pid"]).cmdline()).strip()
+        assert title == f"chatq worker {tenant}"
+
+
+def test_last_exit_says_its_code_once(tmp_path: Path) -> None:
+    details = handle(tmp_path).details()
+    details["last_exit"] = {"code": 3, "reason": "exit code 3", "at": NOW}
+    assert "Last exit: exit code 3 at " in render.status_block(details, now=NOW)
+    details["last_exit"] = {"code": 0, "reason": "restart requested", "at": NOW}
+    assert "Last exit: restart requested (code 0) at " in render.status_block(details, now=NOW)
+
+
+def test_log_lines_carry_no_python_reprs() -> None:
+    from chatq.supervisor.control import describe_request
+    from chatq.supervisor.supervisor import changes_text
+
+    changes = {"added": ["initech"], "removed": [], "changed": ["acme"], "unchanged": ["globex"]}
+    assert changes_text(changes) == "added initech; changed acme; unchanged globex"
+    assert describe_request({"cmd": "restart", "tenant": "acme"}) == 'restart tenant="acme"'
+    assert describe_request({"cmd": "list"}) == "list"
