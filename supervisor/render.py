@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, TextIO
 
 from chatq.shared.escape import printable, printable_lines
+from chatq.shared.local_time import local_stamp, stamp_of
 
 __all__ = [
     "TABLE_WIDTH",
@@ -221,7 +222,7 @@ def log_line(line: str) -> str:
     parts = [
         _log_time(str(record["ts"])),
         str(record["level"]).ljust(5),
-        f"[{printable(str(record.get('tenant_id', '-')))} pid={record.get('pid')}]",
+        f"[{printable(str(record.get('tenant_id', '-')))} pid={record.get('pid', '-')}]",
     ]
     for key, label in (("chat_id", "chat"), ("message_id", "msg")):
         if key in record:
@@ -234,17 +235,16 @@ def log_line(line: str) -> str:
 
 def _log_time(stamp: str) -> str:
     try:
-        when = datetime.fromisoformat(stamp)
+        return stamp_of(datetime.fromisoformat(stamp), millis=True)
     except ValueError:
         return stamp
-    return f"{when:%Y-%m-%d %H:%M:%S}.{when.microsecond // 1000:03d}"
 
 
 # -- the status block ------------------------------------------------------------
 
 
 def _clock_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    return local_stamp(epoch)
 
 
 def _since(details: Mapping[str, Any], now: float) -> str:

@@ -794,7 +794,7 @@ def test_status_block_of_a_tenant_in_backoff(tmp_path: Path) -> None:
     block = render.status_block(tenant.details(), colour=False, now=NOW)
     lines = block.splitlines()
     assert lines[0] == "● acme"
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 75))
+    when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(NOW - 75))
     assert f"State: backoff (since {when}; 1m15s ago)" in block
     assert "Restarts: 3" in block
     assert f"Last exit: killed by SIGKILL (code -9) at {when}" in block
@@ -828,7 +828,7 @@ def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     assert "Sending:" not in render.status_block(details, now=NOW)
     details.update(paused="190: Error validating access token", paused_since=NOW - 30)
     block = render.status_block(details, now=NOW)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
+    when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(NOW - 30))
     assert f"Sending: paused: 190: Error validating access token (since {when});" in block
     assert "Replies: pending 5, sent 12, failed 1, retried 3, rate limited 2" in block
 
@@ -903,7 +903,8 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
             assert follow.stdout is not None
             first = follow.stdout.readline()  # the last line kept, as text
             assert re.match(
-                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \w+ +\[globex pid=\d+\] ", first
+                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4} \w+ +\[globex pid=\d+\] ",
+                first,
             )
             request(sup.socket, "restart", tenant="globex")  # new lines: the drain, the start
             later = follow.stdout.readline()
