@@ -164,6 +164,7 @@ class TenantConfig(BaseModel):
     memory_limit_mb: Annotated[int, Field(ge=1)] | None = None
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
+    retention_days: Annotated[int, Field(ge=0)] = 30  # 0: keep every message
 
     @field_validator("id")
     @classmethod

@@ -75,7 +75,8 @@ class Heartbeat:
     `replies_*` count since the worker started, except `replies_pending`: the
     replies waiting to be sent now (rate limiter, retry, pause); `paused` is why the provider
     refuses the tenant's sending (None while sending), `paused_since` when
-    that began (epoch seconds).
+    that began (epoch seconds). `store_bytes` is the store's size on disk,
+    `oldest_at` when its oldest message arrived (None: no messages).
     """
 
     kind: ClassVar[Literal["heartbeat"]] = "heartbeat"
@@ -95,6 +96,8 @@ class Heartbeat:
     paused: str | None = None
     paused_since: float | None = None
     replies_pending: int = 0
+    store_bytes: int = 0
+    oldest_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +202,8 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
             **dict.fromkeys(_REPLY_COUNTERS, _count),
             "paused": _optional_text,
             "paused_since": _optional_number,
+            "store_bytes": _count,
+            "oldest_at": _optional_number,
         },
     ),
     BootFailed.kind: (BootFailed, {"reason": _text}),
@@ -210,7 +215,9 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
 _KEYS = {kind: frozenset(checks) | {"kind"} for kind, (_, checks) in _SCHEMAS.items()}
 # Fields a frame may lack (added later; the dataclass default stands in).
 _OPTIONAL: dict[str, frozenset[str]] = {
-    Heartbeat.kind: frozenset({*_REPLY_COUNTERS, "paused", "paused_since"}),
+    Heartbeat.kind: frozenset(
+        {*_REPLY_COUNTERS, "paused", "paused_since", "store_bytes", "oldest_at"}
+    ),
 }
 
 

@@ -304,6 +304,15 @@ def _paused(details: Mapping[str, Any]) -> str:
     return f"paused: {details['paused']}{when}; restart or reload the tenant to resume"
 
 
+def _store(details: Mapping[str, Any]) -> str:
+    """'41M, oldest message 2026-10-30 13:00:01 +0100 (kept 30 days)'."""
+    oldest = details.get("oldest_message_at")
+    days = details.get("retention_days")
+    kept = "kept forever" if days == 0 else f"kept {days} days"
+    when = f"oldest message {local_stamp(oldest)}" if oldest is not None else "no messages"
+    return f"{human_bytes(details.get('store_bytes'))}, {when} ({kept})"
+
+
 def _busiest(details: Mapping[str, Any]) -> str:
     pairs = details.get("busiest") or []
     return ", ".join(f"{chat} ({depth})" for chat, depth in pairs) or "-"
@@ -329,6 +338,7 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
         *([("Sending", _paused(details))] if details.get("paused") else []),
         ("Replies", _replies(details)),
         ("Busiest", _busiest(details)),
+        *([("Store", _store(details))] if "store_bytes" in details else []),
     ]
     if details.get("boot_error"):
         fields.insert(5, ("Boot error", str(details["boot_error"])))

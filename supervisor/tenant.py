@@ -63,4 +63,10 @@ class TenantHandle(ProgramHandle):
     def details(self) -> dict[str, Any]:
         """`summary`'s details, with when sending was paused."""
         beat = self.heartbeat
-        return {**super().details(), "paused_since": beat.paused_since if beat else None}
+        return {
+            **super().details(),
+            "paused_since": beat.paused_since if beat else None,
+            "store_bytes": beat.store_bytes if beat else None,
+            "oldest_message_at": beat.oldest_at if beat else None,
+            "retention_days": self.tenant.retention_days,
+        }

@@ -124,14 +124,18 @@ _V2 = (
     "CREATE INDEX replies_by_provider ON replies (provider_id)",  # statuses find them by it
 )
 
+# Retention (tenant_worker/retention.py) finds old rows by arrival time.
+_V3 = ("CREATE INDEX messages_by_received ON messages (received_at)",)
+
 # Forward migrations: entry N (0-based) takes the schema from user_version N
 # to N + 1. Append only; never edit a released entry.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 
 # Page cache per connection. Writes touch the tail of each table and index,
 # reads are rare (replay, counts): SQLite's default 2 MiB per connection bought
 # no throughput in bench/worker_bench.py and was 4 MB of a worker's 60 MB.
 CACHE_KIB = 256
+VACUUM_PAGES_MAX = 2000  # free pages one prune gives back (8 MB): bounds its transaction
 _MESSAGE_COLUMNS = (
     "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error, type, payload"
 )
@@ -295,7 +299,30 @@ class Store:
         rows = _check_redrive(await self._submit(_Resend(selection)))
         return [Reply(*row) for row in rows]
 
+    async def prune(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` finished messages received before `cutoff`, with their replies.
+
+        Finished: processed, failed or rejected, and no reply still pending.
+        Returns how many messages went. It shares a group commit with the
+        writes waiting beside it, and gives the pages it freed back to the
+        file system in the same transaction (incremental vacuum).
+        """
+        return await self._submit(_Prune(cutoff, limit))
+
     # -- reads ----------------------------------------------------------------
+
+    async def oldest_received_at(self) -> float | None:
+        """When the oldest stored message arrived (epoch seconds); None if there is none."""
+        rows = await self._read("SELECT MIN(received_at) FROM messages")
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def size_bytes(self) -> int:
+        """The store on disk: its file and write-ahead log."""
+        total = 0
+        for file in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size
+        return total
 
     async def unfinished_messages(self) -> list[StoredMessage]:
         """Messages still queued or processing, in arrival order (for replay)."""
@@ -497,11 +524,25 @@ def _prepare_file(path: Path) -> None:
             f"store {path}: cannot create folder {path.parent}: {exc.strerror}"
         ) from exc
     with contextlib.closing(sqlite3.connect(path, isolation_level=None, timeout=5.0)) as conn:
+        _incremental_vacuum(conn)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
         _make_private(path)
         _migrate(conn, path)
+
+
+def _incremental_vacuum(conn: sqlite3.Connection) -> None:
+    """auto_vacuum = INCREMENTAL, so pruned stores shrink (`Store.vacuum`).
+
+    A new file takes it before its first table; an older one needs one full
+    VACUUM (a rewrite of the file, once, at the first start that has this).
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+        conn.execute("VACUUM")
 
 
 def _make_private(path: Path) -> None:
@@ -919,6 +960,53 @@ class _ApplyStatuses(_Op[StatusCounts]):
                 " FROM json_each(?) AS j WHERE replies.id = j.value ->> 0",
                 (_json(rows),),
             )
+
+
+@dataclass(eq=False)
+class _Prune(_Op[int]):
+    NAME = "prune"
+    cutoff: float
+    limit: int
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", "*")]  # old, finished rows: no other op touches them
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            ids = [
+                row[0]
+                for row in _fetch(
+                    db,
+                    "SELECT id FROM messages WHERE received_at < ?"
+                    " AND status IN ('processed', 'failed', 'rejected') AND NOT EXISTS"
+                    " (SELECT 1 FROM replies WHERE message_id = messages.id"
+                    " AND status = 'pending') ORDER BY received_at LIMIT ?",
+                    op.cutoff,
+                    op.limit,
+                )
+            ]
+            chosen = _json(ids)
+            db.execute(
+                "DELETE FROM replies WHERE message_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
+            )
+            db.execute(
+                "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))", (chosen,)
+            )
+            op.outcome = len(ids)
+        _give_back_free_pages(db, VACUUM_PAGES_MAX)
+
+
+def _give_back_free_pages(db: sqlite3.Connection, most: int) -> None:
+    """Incremental vacuum inside the open transaction, one page per step.
+
+    (sqlite3's execute steps a statement without columns once, and each step
+    of ``incremental_vacuum`` frees one page.)
+    """
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    for _ in range(min(free, most)):
+        db.execute("PRAGMA incremental_vacuum(1)")
 
 
 Redriven = tuple[list[tuple[Any, ...]], str | None]  # the rows put back, or why none were

@@ -39,6 +39,7 @@ from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Pipeline
 from chatq.tenant_worker.redrive import Redrive
+from chatq.tenant_worker.retention import Retention
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.store_lock import StoreLock
@@ -65,6 +66,7 @@ class Service:
     pipeline: Pipeline
     outbox: Outbox
     ingest: Ingest
+    retention: Retention
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Worker:
         self._exit = EXIT_OK
         self._pipeline: Pipeline | None = None  # set once booted; heartbeats read it
         self._outbox: Outbox | None = None  # idem
+        self._store: Store | None = None  # idem
+        self._retention: Retention | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -212,7 +216,8 @@ class Worker:
         )
         ingest.state = IngestState.RUNNING
         self._pipeline, self._outbox = pipeline, outbox
-        return Service(pipeline, outbox, ingest)
+        self._store, self._retention = store, Retention(store, tenant.retention_days)
+        return Service(pipeline, outbox, ingest, self._retention)
 
     async def _listen(self, ingest: Ingest) -> None:
         path, port = self.config.socket_path(self.tenant.id), self.tenant.port
@@ -232,7 +237,11 @@ class Worker:
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(self.tenant.id))
-        await self._stop.wait()
+        pruning = asyncio.create_task(service.retention.run(), name="retention")
+        try:
+            await self._stop.wait()
+        finally:
+            pruning.cancel()  # a batch already submitted still commits before the store closes
         logger.info("draining ({})", self._stop_reason)
         service.ingest.state = IngestState.DRAINING
         try:
@@ -278,6 +287,8 @@ class Worker:
             replies_failed=stats.send_failed,
             replies_retried=stats.retried,
             replies_pending=outbox.unsent() if outbox is not None else 0,
+            store_bytes=self._store.size_bytes() if self._store is not None else 0,
+            oldest_at=self._retention.oldest_at if self._retention is not None else None,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,
         )

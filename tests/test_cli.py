@@ -240,6 +240,8 @@ def test_status_json_and_block(sup: Supervisor, capsys: pytest.CaptureFixture[st
     assert f"PID: {details['pid']}" in out
     for label in ("Restarts:", "Last exit:", "Backoff:", "Resources: cpu", "Busiest:"):
         assert label in out
+    assert details["store_bytes"] > 0 and details["retention_days"] == 30
+    assert re.search(r"Store: [\d.]+[KM], (no messages|oldest message .*) \(kept 30 days\)", out)
     assert "Log (last" in out and "ready on" in out
 
 

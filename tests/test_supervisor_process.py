@@ -269,9 +269,7 @@ def test_reload_applies_the_difference_and_refuses_a_bad_file(
     wait_for("c to be removed", lambda: "c" not in run.tenants())
     assert run.pids() == {"a": before["a"], "b": b_pid, "d": d_pid}
     assert gone(before["c"])
-    assert "reloaded: added d; removed c; changed b; unchanged a" in (
-        run.log()
-    )
+    assert "reloaded: added d; removed c; changed b; unchanged a" in (run.log())
 
     harness.write_config({"a": {"max_queue_size": 0}, "b": {}})
     if via == "control":
