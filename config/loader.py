@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from chatq.config.settings import (
+    HTTP_SECRET_KEYS,
     SECRET_KEYS,
     TENANT_ID_PATTERN,
     ChatqConfig,
@@ -112,6 +113,7 @@ def load_config(
     )
     supervisor = _anchor_paths(supervisor, file.parent)
     defaults = secrets.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
+    defaults = secrets.resolve_http(defaults, f"{shown}: defaults")
     _check_defaults(defaults, shown)
     tenants = _build_tenants(entries, defaults | env_tenant, shown, secrets)
     gateway = _build_gateway(document, shown, secrets)
@@ -166,6 +168,22 @@ class _Secrets:
             for name, value in sub.items()
         }
         return {**table, key: resolved}
+
+    def resolve_http(self, table: dict[str, Any], where: str) -> dict[str, Any]:
+        """`table` with `signing_secret` and every header value resolved (a new dict)."""
+        resolved = dict(table)
+        if "signing_secret" in table:
+            resolved["signing_secret"] = self.resolve(
+                table["signing_secret"], f"{where}: signing_secret"
+            )
+        for key in ("handler_headers", "webhook_headers"):
+            headers = table.get(key)
+            if isinstance(headers, dict):
+                resolved[key] = {
+                    name: self.resolve(value, f"{where}: {key}.{name}")
+                    for name, value in headers.items()
+                }
+        return resolved
 
     def resolve(self, value: Any, where: str) -> Any:
         """The secret a literal, ``env:NAME`` or ``file:PATH`` stands for."""
@@ -314,7 +332,7 @@ def _build_tenants(
     tenants = []
     for index, entry in enumerate(entries):
         where = f"{shown}: {_tenant_label(index, entry)}"
-        resolved = secrets.resolve_table(entry, "whatsapp", where)
+        resolved = secrets.resolve_http(secrets.resolve_table(entry, "whatsapp", where), where)
         tenant = _validate(TenantConfig, _layered(inherited, resolved), where)
         if tenant.id in first_seen:
             raise _config_error(f"{where}: id: duplicate tenant id (also {first_seen[tenant.id]})")
@@ -487,7 +505,7 @@ def _explain(error: ErrorDetails, model: type[BaseModel]) -> str:
 
 def _showable(error: ErrorDetails) -> bool:
     """Never echo a secret, or a whole table that may hold one."""
-    if any(part in SECRET_KEYS for part in error["loc"]):
+    if any(part in SECRET_KEYS or part in HTTP_SECRET_KEYS for part in error["loc"]):
         return False
     return not isinstance(error["input"], dict | list)
 

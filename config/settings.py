@@ -29,6 +29,12 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 RESERVED_IDS = ("gateway", "supervisor")
 # Keys whose values are secrets: a literal, "env:NAME" or "file:PATH" (loader).
 SECRET_KEYS = ("access_token", "app_secret", "verify_token")
+# Tenant keys whose values are secrets too: errors never show them.
+HTTP_SECRET_KEYS = ("handler_headers", "webhook_headers", "signing_secret")
+# RFC 9110 token: what a header name may be.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers chatq sets itself on every request.
+_OWN_HEADERS = frozenset({"content-type", "content-length", "x-chatq-signature", "host"})
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 BUILTIN_HANDLERS = ("echo", "http")
 # module.path:function, e.g. "mybot.handlers:reply"; importability is checked by the worker.
@@ -111,6 +117,17 @@ class SupervisorSettings(BaseModel):
         return timeout_ms / 1000
 
 
+def _check_headers(value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    for name, secret in value.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r:.80} is not a header name")
+        if name.lower() in _OWN_HEADERS:
+            raise ValueError(f"{name}: chatq sets this header itself")
+        if any(char in secret.get_secret_value() for char in "\r\n\0"):
+            raise ValueError(f"{name}: a header value cannot hold a line break or NUL")
+    return value
+
+
 def _secret_not_empty(value: SecretStr | None) -> SecretStr | None:
     if value is not None and not value.get_secret_value():
         raise ValueError("must not be empty")
@@ -165,6 +182,11 @@ class TenantConfig(BaseModel):
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
     retention_days: Annotated[int, Field(ge=0)] = 30  # 0: keep every message
+    handler_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    webhook_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    signing_secret: SecretStr | None = None  # X-Chatq-Signature on handler and webhook posts
+    webhook_max_attempts: Annotated[int, Field(ge=1)] = 12
+    webhook_retry_backoff: Seconds = 2.0  # doubling, at most 300 s: ~18 min in all
 
     @field_validator("id")
     @classmethod
@@ -172,6 +194,9 @@ class TenantConfig(BaseModel):
         if value in RESERVED_IDS:
             raise ValueError(f"{value!r} is reserved (it names chatq's own {value})")
         return value
+
+    _headers = field_validator("handler_headers", "webhook_headers")(_check_headers)
+    _signing_secret = field_validator("signing_secret")(_secret_not_empty)
 
     @field_validator("handler")
     @classmethod
@@ -291,6 +316,7 @@ def _file_stem(tenant_id: str) -> str:
 
 
 __all__ = [
+    "HTTP_SECRET_KEYS",
     "LOG_LEVELS",
     "RESERVED_IDS",
     "SECRET_KEYS",

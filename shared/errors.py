@@ -31,6 +31,10 @@ from __future__ import annotations
 class ChatqError(Exception):
     """Base class of every error chatq raises on purpose."""
 
+    # Seconds a server asked us to wait before trying again (its Retry-After
+    # header on a 429 or 503); None when it did not say. Retries honour it.
+    retry_after: float | None = None
+
 
 class ConfigError(ChatqError):
     """A configuration file or environment variable is invalid."""

@@ -14,8 +14,11 @@ worker stops (``on_fatal``) and the next start sends what is unconfirmed.
 What a transport error does (the `whatsapp` transport sorts Meta's codes
 into these classes):
 
-    RetryableTransportError  retry after reply_backoff (with jitter); fail after
-                             REPLY_MAX_ATTEMPTS attempts
+    RetryableTransportError  retry after reply_backoff (with jitter), or after what
+                             the server's Retry-After asked for; fail after
+                             `max_attempts` (REPLY_MAX_ATTEMPTS; the webhook
+                             transport's own webhook_max_attempts and
+                             webhook_retry_backoff, see tenant_worker/worker.py)
     PairRateLimitError       the same, but the wait is 4^n s, n = that chat's
                              consecutive pair-rate refusals: only that chat waits
     PermanentTransportError  the reply fails for good, with the error in last_error
@@ -42,6 +45,7 @@ from typing import Protocol
 from loguru import logger
 
 from chatq.shared.errors import (
+    ChatqError,
     PairRateLimitError,
     PermanentTransportError,
     SendingPausedError,
@@ -104,6 +108,7 @@ class Outbox:
         tenant_per_minute: int | None = None,
         number_per_second: int | None = None,
         retry_backoff: float = 1.0,
+        max_attempts: int = REPLY_MAX_ATTEMPTS,
         jitter: Callable[[float], float] = jittered,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -121,6 +126,7 @@ class Outbox:
             ThroughputLimiter(number_per_second, monotonic, sleep) if number_per_second else None
         )
         self._retry_backoff = retry_backoff
+        self._max_attempts = max_attempts
         self._jitter = jitter
         self._clock = clock
         self._sleep = sleep
@@ -207,7 +213,7 @@ class Outbox:
             except Exception as exc:  # retryable, or a transport bug: retry both
                 error = _part_error(exc, len(sent), len(parts))
                 attempts = reply.attempts + 1
-                if attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this last attempt
+                if attempts >= self._max_attempts:  # fail_reply counts this last attempt
                     await self._give_up(reply, f"{error} (after {attempts} attempts)")
                     return
                 reply = await self._reschedule(reply, error, self._retry_delay(reply, exc))
@@ -229,6 +235,8 @@ class Outbox:
             sent.append(await self._transport.send(chat_id, part))
 
     def _retry_delay(self, reply: Reply, exc: Exception) -> float:
+        if isinstance(exc, ChatqError) and exc.retry_after is not None:
+            return exc.retry_after  # the server said when (Retry-After): no jitter needed
         if isinstance(exc, PairRateLimitError):
             strikes = self._pair_strikes.get(reply.chat_id, 0) + 1
             self._pair_strikes[reply.chat_id] = strikes

@@ -194,7 +194,7 @@ class Worker:
             per_chat_per_minute=tenant.rate_limit_per_minute,
             tenant_per_minute=tenant.tenant_rate_limit_per_minute,
             number_per_second=_number_rate(tenant),
-            retry_backoff=tenant.retry_backoff,
+            **_reply_schedule(tenant),
             on_fatal=self._store_failed,
         )
         pipeline = Pipeline(
@@ -299,6 +299,16 @@ class Worker:
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if self.link is not None:
             self.link.watch(self.request_stop)
+
+
+def _reply_schedule(tenant: TenantConfig) -> dict[str, Any]:
+    """How the outbox retries replies: the webhook transport has its own setting."""
+    if tenant.transport == "webhook":
+        return {
+            "retry_backoff": tenant.webhook_retry_backoff,
+            "max_attempts": tenant.webhook_max_attempts,
+        }
+    return {"retry_backoff": tenant.retry_backoff}
 
 
 def _number_rate(tenant: TenantConfig) -> int | None:

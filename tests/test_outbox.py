@@ -489,6 +489,27 @@ async def test_a_pause_sends_nothing_more_and_keeps_replies_pending() -> None:
     assert outbox.unsent() == 4  # held by the pause: the backlog `chatq list` shows
 
 
+async def test_a_server_asked_wait_and_an_own_attempt_limit(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Retry-After (carried by the error) sets the wait; max_attempts (the webhook's) the end."""
+
+    def busy(chat: str, text: str) -> Exception:
+        error = RetryableTransportError("webhook_url answered 429")
+        error.retry_after = 42.0
+        return error
+
+    rig = make_rig(busy, retry_backoff=1.0, max_attempts=3)
+    doomed = reply("a", "doomed")
+    rig.outbox.submit([doomed])
+    await rig.done()
+    assert rig.store.calls[:2] == [
+        ("retry", doomed.id, START + 42.0),
+        ("retry", doomed.id, START + 84.0),
+    ]
+    assert rig.store.calls[2][0] == "failed" and "after 3 attempts" in rig.store.calls[2][2]
+
+
 async def test_replies_keep_their_order_through_retries_and_pair_rate(
     make_rig: Callable[..., Rig],
 ) -> None:
