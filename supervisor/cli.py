@@ -233,24 +233,23 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """``chatq stop TENANT|--all``: drain and stop; it stays stopped until started."""
-    result = _ask(args, "stop", tenant=args.tenant, all=_all(args))
-    names = result["stopping"]
-    if names:
-        print(f"stopping {', '.join(names)}")
-    for name in result["already_stopped"]:
-        print(f"note: {name} is already stopped")
-    return _wait(args, "stop", dict.fromkeys(names, settle.STOPPED), lambda: _ask(args, "list"))
+    return _switch(args, "stop", "stopping", "already_stopped", settle.STOPPED)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     """``chatq start TENANT|--all``: start stopped or fatal tenants; waits until running."""
-    result = _ask(args, "start", tenant=args.tenant, all=_all(args))
-    names = result["starting"]
+    return _switch(args, "start", "starting", "already_running", settle.RUNNING)
+
+
+def _switch(args: argparse.Namespace, cmd: str, doing: str, already: str, goal: str) -> int:
+    """Stop or start: say what changes and what already was so, then wait for it."""
+    result = _ask(args, cmd, tenant=args.tenant, all=_all(args))
+    names = result[doing]
     if names:
-        print(f"starting {', '.join(names)}")
-    for name in result["already_running"]:
-        print(f"note: {name} is already running")
-    return _wait(args, "start", dict.fromkeys(names, settle.RUNNING), lambda: _ask(args, "list"))
+        print(f"{doing} {', '.join(names)}")
+    for name in result[already]:
+        print(f"note: {name} is {already.replace('_', ' ')}")
+    return _wait(args, cmd, dict.fromkeys(names, goal), lambda: _ask(args, "list"))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -414,25 +413,26 @@ def _check_answer(tenant_id: str, status: int, answer: dict[str, Any]) -> None:
 def cmd_retry(args: argparse.Namespace) -> int:
     """``chatq retry TENANT (--message ID ... | --failed [--chat C])``: failed messages again."""
     answer, now = _redrive(args, "messages", args.message)
-    if args.json:
-        _print_json(answer)
-        return EXIT_OK
     n = answer["requeued"]
     text = f"requeued {n} message{'' if n == 1 else 's'} of {args.tenant}"
     text += f" ({answer['failed']} failed, {answer['rejected']} rejected)"
-    print(text if now or not n else f"{text}; they run when {args.tenant} starts")
-    return EXIT_OK
+    return _tell(args, answer, text, None if now or not n else "they run")
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
     """``chatq resend TENANT (--reply ID ... | --failed [--chat C])``: failed replies again."""
     answer, now = _redrive(args, "replies", args.reply)
-    if args.json:
-        _print_json(answer)
-        return EXIT_OK
     n = answer["resent"]
     text = f"resent {n} repl{'y' if n == 1 else 'ies'} of {args.tenant}"
-    print(text if now or not n else f"{text}; they go out when {args.tenant} starts")
+    return _tell(args, answer, text, None if now or not n else "they go out")
+
+
+def _tell(args: argparse.Namespace, answer: Any, text: str, later: str | None) -> int:
+    """The counts (--json: the answer); `later` says they wait for the tenant's start."""
+    if args.json:
+        _print_json(answer)
+    else:
+        print(text if later is None else f"{text}; {later} when {args.tenant} starts")
     return EXIT_OK
 
 
@@ -501,24 +501,23 @@ def cmd_history(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, low: int, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"{low} to {high}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 0 <= value <= MAX_LOG_LINES:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_LOG_LINES}, got {value}")
-    return value
+    return _whole(text, 0, MAX_LOG_LINES)
 
 
 def _positive_seconds(text: str) -> float:

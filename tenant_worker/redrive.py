@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,31 +86,37 @@ class Redrive:
 
     async def post_messages(self, request: web.Request) -> web.Response:
         """Requeue failed/rejected messages, then queue them in their chats, in order."""
-        selection = await self._selection(request, str)
-        if isinstance(selection, web.Response):
-            return selection
-        try:
-            rows = await self._store.requeue_failed(selection)
-        except RedriveRefused as exc:
-            return _error(409, str(exc))
-        except StoreError as exc:
-            return _error(503, f"store unavailable: {exc}")
-        self._pipeline.redrive([row.message for row in rows])
-        return web.json_response(message_counts(rows))
+        return await self._serve(request, str, self._requeue)
 
     async def post_replies(self, request: web.Request) -> web.Response:
         """Put failed replies back to pending and hand them to the outbox, oldest first."""
-        selection = await self._selection(request, int)
+        return await self._serve(request, int, self._resend)
+
+    async def _requeue(self, selection: Selection) -> dict[str, int]:
+        rows = await self._store.requeue_failed(selection)
+        self._pipeline.redrive([row.message for row in rows])
+        return message_counts(rows)
+
+    async def _resend(self, selection: Selection) -> dict[str, int]:
+        replies = await self._store.resend_failed(selection)
+        self._outbox.submit(replies)
+        return {"resent": len(replies)}
+
+    async def _serve(
+        self,
+        request: web.Request,
+        id_type: type[str] | type[int],
+        act: Callable[[Selection], Awaitable[dict[str, int]]],
+    ) -> web.Response:
+        selection = await self._selection(request, id_type)
         if isinstance(selection, web.Response):
             return selection
         try:
-            replies = await self._store.resend_failed(selection)
+            return web.json_response(await act(selection))
         except RedriveRefused as exc:
             return _error(409, str(exc))
         except StoreError as exc:
             return _error(503, f"store unavailable: {exc}")
-        self._outbox.submit(replies)
-        return web.json_response({"resent": len(replies)})
 
     async def _selection(
         self, request: web.Request, id_type: type[str] | type[int]

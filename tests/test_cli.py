@@ -856,6 +856,22 @@ def test_logs_of_one_tenant_and_of_all(sup: Supervisor, capsys: pytest.CaptureFi
     assert code == 2 and err.startswith("chatq logs: argument -n/--lines: not a whole number")
 
 
+CLI = (sys.executable, "-m", "chatq.supervisor.cli")
+
+
+def cli_output(config: str, *argv: str) -> str:
+    """The CLI's stdout, run as its own process (exit 0 expected)."""
+    done = subprocess.run(
+        [*CLI, "--config", config, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_clean_env(),
+        check=True,
+    )
+    return done.stdout
+
+
 def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
     """A JSON-format supervisor: `logs` renders text, `--json` keeps JSON, -f ends on SIGINT."""
     sup = Supervisor(
@@ -864,38 +880,11 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
     try:
         sup.settle(STARTUP_TIMEOUT)
         config = str(sup.config)
-        as_json = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "chatq.supervisor.cli",
-                "--config",
-                config,
-                "logs",
-                "acme",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=_clean_env(),
-            check=True,
-        ).stdout.splitlines()
+        as_json = cli_output(config, "logs", "acme", "--json").splitlines()
         assert as_json and all(json.loads(line)["tenant_id"] == "acme" for line in as_json)
 
         follow = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chatq.supervisor.cli",
-                "--config",
-                config,
-                "logs",
-                "globex",
-                "-f",
-                "-n",
-                "1",
-            ],
+            [*CLI, "--config", config, "logs", "globex", "-f", "-n", "1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -919,14 +908,7 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
                 follow.wait()
         assert (follow.returncode, err) == (0, "")
 
-        status = subprocess.run(
-            [sys.executable, "-m", "chatq.supervisor.cli", "--config", config, "status", "acme"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=_clean_env(),
-            check=True,
-        ).stdout
+        status = cli_output(config, "status", "acme")
         tail = status.split("Log (last", 1)[1].splitlines()[1:]
         assert tail and not any(line.startswith("{") for line in tail)
     finally:
