@@ -1,21 +1,23 @@
 """What pruning a large store costs ingest: p99 commit latency with and without it.
 
     .venv/bin/python bench/retention_bench.py [--rows 1000000] [--rate 500]
-        [--writers 10] [--seconds 20] [--json]
+        [--writers 10] [--window 5] [--json]
 
 1. A store (Store.open: the real schema and pragmas, WAL, synchronous=FULL,
    auto_vacuum=INCREMENTAL) is filled with --rows processed messages, each
    with one sent reply, received 40 days ago (plain sqlite3, in bulk).
-2. baseline: --writers tasks write new messages through `Store.add_messages`
+2. Load: --writers tasks write new messages through `Store.add_messages`
    (the call ingest awaits before its 202), one message per call, paced to
-   --rate messages/s in all, for --seconds; each call's latency is recorded.
-3. pruning: the same load while `Retention.prune_once` (retention_days 30,
-   its real batch size and pause) deletes every old row; latencies are
-   recorded until the prune ends. Then the same baseline load again
-   ("after"), to see the noise.
+   --rate messages/s in all, from start to end; each call's latency is kept.
+3. Meanwhile windows of --window seconds alternate: pruning (Retention's own
+   batches and pauses, retention_days 30) and idle, until every old row is
+   gone (or --max-prune-seconds of pruning: finding the oldest rows is an
+   index range, so a window costs the same early or late in a long prune).
+   Alternating makes both sides share the machine's drift and noise.
 
-The figure is p99(pruning) / p99(baseline). Also: the prune's rows/s and the
-file size before and after (checkpointed).
+The figure is p99(latency in pruning windows) / p99(latency in idle
+windows). Also: the prune's rows/s (in pruning windows) and the file size
+before and after (checkpointed).
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ def fill(path: Path, rows: int) -> None:
 
 
 async def load(
-    store: Store, rate: float, writers: int, done: asyncio.Event, tag: str
-) -> list[float]:
-    """Paced single-message writes until `done`; each call's latency in seconds."""
-    latencies: list[float] = []
+    store: Store, rate: float, writers: int, done: asyncio.Event, on: list[bool]
+) -> dict[bool, list[float]]:
+    """Paced single-message writes until `done`; latencies by whether a prune window was on."""
+    latencies: dict[bool, list[float]] = {False: [], True: []}
     interval = writers / rate
     counter = iter(range(10**9))
 
@@ -74,19 +76,39 @@ async def load(
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
             next_at += interval
             n = next(counter)
-            message = Message(f"{tag}{n}", f"c{n % 100}", "hi", "bench", received_at=time.time())
+            message = Message(f"new{n}", f"c{n % 100}", "hi", "bench", received_at=time.time())
+            pruning = on[0]
             started = time.perf_counter()
             await store.add_messages([message])
-            latencies.append(time.perf_counter() - started)
+            latencies[pruning].append(time.perf_counter() - started)
 
     await asyncio.gather(*(writer(w) for w in range(writers)))
     return latencies
 
 
-async def timed_load(store: Store, args: argparse.Namespace, tag: str) -> list[float]:
-    done = asyncio.Event()
-    asyncio.get_running_loop().call_later(args.seconds, done.set)
-    return await load(store, args.rate, args.writers, done, tag)
+async def prune_in_windows(
+    store: Store, args: argparse.Namespace, on: list[bool]
+) -> tuple[int, float]:
+    """Alternate --window s of pruning (Retention's batches and pauses) with as long idle.
+
+    Returns the messages deleted and the seconds spent in pruning windows.
+    """
+    retention = Retention(store, 30, batch=args.batch, pause=args.pause)
+    deleted, pruning_s = 0, 0.0
+    while True:
+        on[0] = True
+        started = time.perf_counter()
+        window_end = started + args.window
+        gone = args.batch
+        while gone == args.batch and time.perf_counter() < window_end:
+            gone = await retention.prune_batch()
+            deleted += gone
+            await asyncio.sleep(args.pause)
+        pruning_s += time.perf_counter() - started
+        on[0] = False
+        if gone < args.batch or pruning_s >= args.max_prune_seconds:
+            return deleted, pruning_s
+        await asyncio.sleep(args.window)
 
 
 def summary(latencies: list[float]) -> dict[str, float]:
@@ -114,17 +136,15 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     print(f"filled {args.rows:,} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     before = size(path)
     store = await Store.open(path, "bench")
+    on = [False]
+    done = asyncio.Event()
     try:
-        baseline = await timed_load(store, args, "base")
-        done = asyncio.Event()
-        loading = asyncio.create_task(load(store, args.rate, args.writers, done, "prune"))
-        started = time.perf_counter()
-        retention = Retention(store, 30, batch=args.batch, pause=args.pause)
-        deleted = await retention.prune_once()
-        prune_s = time.perf_counter() - started
+        loading = asyncio.create_task(load(store, args.rate, args.writers, done, on))
+        await asyncio.sleep(args.window)  # warm up: an idle window first
+        deleted, prune_s = await prune_in_windows(store, args, on)
+        await asyncio.sleep(args.window)
         done.set()
-        pruning = await loading
-        after = await timed_load(store, args, "after")
+        latencies = await loading
     finally:
         await store.close()
     result = {
@@ -134,11 +154,10 @@ async def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "prune_rows_per_s": deleted / prune_s,
         "size_before_mb": before / 2**20,
         "size_after_mb": size(path) / 2**20,
-        "baseline": summary(baseline),
-        "pruning": summary(pruning),
-        "after": summary(after),
+        "idle": summary(latencies[False]),
+        "pruning": summary(latencies[True]),
     }
-    result["p99_ratio"] = result["pruning"]["p99_ms"] / result["baseline"]["p99_ms"]
+    result["p99_ratio"] = result["pruning"]["p99_ms"] / result["idle"]["p99_ms"]
     return result
 
 
@@ -147,7 +166,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rate", type=float, default=500.0, help="messages/s, all writers")
     parser.add_argument("--writers", type=int, default=10)
-    parser.add_argument("--seconds", type=float, default=20.0, help="each baseline phase")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds per window")
+    parser.add_argument(
+        "--max-prune-seconds",
+        type=float,
+        default=float("inf"),
+        help="stop after this long pruning (the rest stays): a sample of a long prune",
+    )
     parser.add_argument("--batch", type=int, default=BATCH, help="messages per prune")
     parser.add_argument("--pause", type=float, default=PAUSE, help="seconds between prunes")
     parser.add_argument("--json", action="store_true")
@@ -162,12 +187,12 @@ def main() -> None:
         f" ({result['prune_rows_per_s']:,.0f} rows/s);"
         f" file {result['size_before_mb']:.0f} MB -> {result['size_after_mb']:.0f} MB"
     )
-    for phase in ("baseline", "pruning", "after"):
+    for phase in ("idle", "pruning"):
         s = result[phase]
         print(
             f"{phase:>9}: {s['calls']:>6} calls  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms"
         )
-    print(f"p99 while pruning / baseline p99: {result['p99_ratio']:.2f}")
+    print(f"p99 while pruning / p99 between prunes: {result['p99_ratio']:.2f}")
 
 
 if __name__ == "__main__":

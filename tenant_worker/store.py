@@ -407,7 +407,8 @@ class Store:
                 batch.append(self._pending.popleft())
             remaining = deadline - asyncio.get_running_loop().time()
             if len(batch) >= target or self._closing or remaining <= 0:
-                self._last_batch = len(batch)
+                # Background work (a prune) says nothing about the load to come.
+                self._last_batch = sum(not op.BACKGROUND for op in batch)
                 return batch
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -665,6 +666,7 @@ class _Op(Generic[T]):
 
     NAME: ClassVar[str]
     TABLE: ClassVar[str] = "messages"
+    BACKGROUND: ClassVar[bool] = False  # housekeeping no caller waits on for an answer
     future: asyncio.Future[T] = field(init=False, repr=False)
     outcome: T | StoreError = field(init=False, repr=False)
 
@@ -965,6 +967,7 @@ class _ApplyStatuses(_Op[StatusCounts]):
 @dataclass(eq=False)
 class _Prune(_Op[int]):
     NAME = "prune"
+    BACKGROUND = True
     cutoff: float
     limit: int
 
