@@ -117,8 +117,15 @@ class SupervisorSettings(BaseModel):
         return timeout_ms / 1000
 
 
-def _check_headers(value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-    for name, secret in value.items():
+def _header_pairs(value: Any) -> Any:
+    """A TOML table of headers as (name, value) pairs; anything else for the model to refuse."""
+    return tuple(value.items()) if isinstance(value, dict) else value
+
+
+def _check_headers(
+    value: tuple[tuple[str, SecretStr], ...],
+) -> tuple[tuple[str, SecretStr], ...]:
+    for name, secret in value:
         if not _HEADER_NAME.fullmatch(name):
             raise ValueError(f"{name!r:.80} is not a header name")
         if name.lower() in _OWN_HEADERS:
@@ -182,8 +189,9 @@ class TenantConfig(BaseModel):
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
     retention_days: Annotated[int, Field(ge=0)] = 30  # 0: keep every message
-    handler_headers: dict[str, SecretStr] = Field(default_factory=dict)
-    webhook_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    # (name, value) pairs: a TOML table, kept as a tuple so the model hashes (reload diffs).
+    handler_headers: tuple[tuple[str, SecretStr], ...] = ()
+    webhook_headers: tuple[tuple[str, SecretStr], ...] = ()
     signing_secret: SecretStr | None = None  # X-Chatq-Signature on handler and webhook posts
     webhook_max_attempts: Annotated[int, Field(ge=1)] = 12
     webhook_retry_backoff: Seconds = 2.0  # doubling, at most 300 s: ~18 min in all
@@ -195,6 +203,9 @@ class TenantConfig(BaseModel):
             raise ValueError(f"{value!r} is reserved (it names chatq's own {value})")
         return value
 
+    _header_table = field_validator("handler_headers", "webhook_headers", mode="before")(
+        _header_pairs
+    )
     _headers = field_validator("handler_headers", "webhook_headers")(_check_headers)
     _signing_secret = field_validator("signing_secret")(_secret_not_empty)
 

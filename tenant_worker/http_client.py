@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -52,9 +52,9 @@ SIGNATURE_HEADER = "X-Chatq-Signature"
 RETRY_AFTER_MAX = 3600.0  # a server asking for more is waited on this long, then asked again
 
 
-def reveal(headers: Mapping[str, SecretStr]) -> dict[str, str]:
+def reveal(headers: Iterable[tuple[str, SecretStr]]) -> dict[str, str]:
     """Configured headers as sent: secret values, kept out of reprs until here."""
-    return {name: value.get_secret_value() for name, value in headers.items()}
+    return {name: value.get_secret_value() for name, value in headers}
 
 
 def reveal_one(secret: SecretStr | None) -> str | None:

@@ -140,7 +140,8 @@ def test_header_and_signing_secrets_come_from_env_or_file(tmp_path: Path) -> Non
     acme = config.tenant("acme")
     assert acme.signing_secret is not None
     assert acme.signing_secret.get_secret_value() == "from-a-file"
-    assert acme.handler_headers["Authorization"].get_secret_value() == "Bearer abc"
+    assert dict(acme.handler_headers)["Authorization"].get_secret_value() == "Bearer abc"
+    assert hash(acme) == hash(load_config(path, env={"ACME_TOKEN": "Bearer abc"}).tenant("acme"))
     assert "Bearer abc" not in repr(acme) and "from-a-file" not in repr(acme)
 
 
