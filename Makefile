@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/worker_bench.py
 	$(PY) bench/supervisor_bench.py
 	$(PY) bench/whatsapp_bench.py
+	$(PY) bench/retention_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

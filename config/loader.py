@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import ErrorDetails
 
 from chatq.config.settings import (
+    HTTP_SECRET_KEYS,
     SECRET_KEYS,
     TENANT_ID_PATTERN,
     TENANT_SECRET_KEYS,
@@ -121,6 +122,7 @@ def load_config(
     supervisor = _anchor_paths(supervisor, file.parent)
     defaults = resolver.resolve_table(defaults, "whatsapp", f"{shown}: defaults")
     defaults = resolver.resolve_keys(defaults, TENANT_SECRET_KEYS, f"{shown}: defaults")
+    defaults = resolver.resolve_http(defaults, f"{shown}: defaults")
     _check_defaults(defaults, shown)
     tenants = _build_tenants(entries, defaults | env_tenant, shown, resolver)
     gateway = _build_gateway(document, shown, resolver)
@@ -183,6 +185,22 @@ class _Secrets:
         """`table` with its own secret `keys` resolved (a new dict)."""
         found = [key for key in keys if key in table]
         return {**table, **{key: self.resolve(table[key], f"{where}: {key}") for key in found}}
+
+    def resolve_http(self, table: dict[str, Any], where: str) -> dict[str, Any]:
+        """`table` with `signing_secret` and every header value resolved (a new dict)."""
+        resolved = dict(table)
+        if "signing_secret" in table:
+            resolved["signing_secret"] = self.resolve(
+                table["signing_secret"], f"{where}: signing_secret"
+            )
+        for key in ("handler_headers", "webhook_headers"):
+            headers = table.get(key)
+            if isinstance(headers, dict):
+                resolved[key] = {
+                    name: self.resolve(value, f"{where}: {key}.{name}")
+                    for name, value in headers.items()
+                }
+        return resolved
 
     def resolve(self, value: Any, where: str) -> Any:
         """The secret a literal, ``env:NAME`` or ``file:PATH`` stands for."""
@@ -335,6 +353,7 @@ def _build_tenants(
         where = f"{shown}: {_tenant_label(index, entry)}"
         resolved = secrets.resolve_table(entry, "whatsapp", where)
         resolved = secrets.resolve_keys(resolved, TENANT_SECRET_KEYS, where)
+        resolved = secrets.resolve_http(resolved, where)
         tenant = _validate(TenantConfig, _layered(inherited, resolved), where)
         if tenant.id in first_seen:
             raise _config_error(f"{where}: id: duplicate tenant id (also {first_seen[tenant.id]})")
@@ -507,7 +526,7 @@ def _explain(error: ErrorDetails, model: type[BaseModel]) -> str:
 
 def _showable(error: ErrorDetails) -> bool:
     """Never echo a secret, or a whole table that may hold one."""
-    if any(part in SECRET_KEYS for part in error["loc"]):
+    if any(part in SECRET_KEYS or part in HTTP_SECRET_KEYS for part in error["loc"]):
         return False
     return not isinstance(error["input"], dict | list)
 

@@ -30,6 +30,12 @@ RESERVED_IDS = ("gateway", "supervisor")
 # Keys whose values are secrets: a literal, "env:NAME" or "file:PATH" (loader).
 TENANT_SECRET_KEYS = ("ingest_token",)  # secrets that are a tenant's own keys
 SECRET_KEYS = ("access_token", "app_secret", "verify_token", *TENANT_SECRET_KEYS)
+# Tenant keys whose values are secrets too: errors never show them.
+HTTP_SECRET_KEYS = ("handler_headers", "webhook_headers", "signing_secret")
+# RFC 9110 token: what a header name may be.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers chatq sets itself on every request.
+_OWN_HEADERS = frozenset({"content-type", "content-length", "x-chatq-signature", "host"})
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 BUILTIN_HANDLERS = ("echo", "http")
 # module.path:function, e.g. "mybot.handlers:reply"; importability is checked by the worker.
@@ -112,6 +118,24 @@ class SupervisorSettings(BaseModel):
         return timeout_ms / 1000
 
 
+def _header_pairs(value: Any) -> Any:
+    """A TOML table of headers as (name, value) pairs; anything else for the model to refuse."""
+    return tuple(value.items()) if isinstance(value, dict) else value
+
+
+def _check_headers(
+    value: tuple[tuple[str, SecretStr], ...],
+) -> tuple[tuple[str, SecretStr], ...]:
+    for name, secret in value:
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r:.80} is not a header name")
+        if name.lower() in _OWN_HEADERS:
+            raise ValueError(f"{name}: chatq sets this header itself")
+        if any(char in secret.get_secret_value() for char in "\r\n\0"):
+            raise ValueError(f"{name}: a header value cannot hold a line break or NUL")
+    return value
+
+
 def _secret_not_empty(value: SecretStr | None) -> SecretStr | None:
     if value is not None and not value.get_secret_value():
         raise ValueError("must not be empty")
@@ -166,6 +190,13 @@ class TenantConfig(BaseModel):
     memory_limit_mb: Annotated[int, Field(ge=1)] | None = None
     dedup_ttl_seconds: Seconds = 3600.0
     dedup_max_entries: Annotated[int, Field(ge=1)] = 10_000
+    retention_days: Annotated[int, Field(ge=0)] = 30  # 0: keep every message
+    # (name, value) pairs: a TOML table, kept as a tuple so the model hashes (reload diffs).
+    handler_headers: tuple[tuple[str, SecretStr], ...] = ()
+    webhook_headers: tuple[tuple[str, SecretStr], ...] = ()
+    signing_secret: SecretStr | None = None  # X-Chatq-Signature on handler and webhook posts
+    webhook_max_attempts: Annotated[int, Field(ge=1)] = 12
+    webhook_retry_backoff: Seconds = 2.0  # doubling, at most 300 s: ~18 min in all
 
     _token_not_empty = field_validator("ingest_token")(_secret_not_empty)
 
@@ -175,6 +206,12 @@ class TenantConfig(BaseModel):
         if value in RESERVED_IDS:
             raise ValueError(f"{value!r} is reserved (it names chatq's own {value})")
         return value
+
+    _header_table = field_validator("handler_headers", "webhook_headers", mode="before")(
+        _header_pairs
+    )
+    _headers = field_validator("handler_headers", "webhook_headers")(_check_headers)
+    _signing_secret = field_validator("signing_secret")(_secret_not_empty)
 
     @field_validator("handler")
     @classmethod
@@ -294,6 +331,7 @@ def _file_stem(tenant_id: str) -> str:
 
 
 __all__ = [
+    "HTTP_SECRET_KEYS",
     "LOG_LEVELS",
     "RESERVED_IDS",
     "SECRET_KEYS",

@@ -8,6 +8,7 @@
     ├── StoreError                  the tenant's SQLite store failed (for good: not a database, ...)
     │   ├── StoreInUse              another worker holds it (it may yet exit)
     │   └── StoreUnavailable        for now (disk full, locked, I/O error): retried, 503 meanwhile
+    ├── RedriveRefused              retry/resend named a message or reply it cannot put back
     ├── HandlerError                a tenant handler failed
     │   ├── HandlerTimeoutError     ... by running past handler_timeout
     │   └── PermanentHandlerError   ... in a way retrying will not fix
@@ -32,6 +33,10 @@ from __future__ import annotations
 
 class ChatqError(Exception):
     """Base class of every error chatq raises on purpose."""
+
+    # Seconds a server asked us to wait before trying again (its Retry-After
+    # header on a 429 or 503); None when it did not say. Retries honour it.
+    retry_after: float | None = None
 
 
 class ConfigError(ChatqError):
@@ -65,6 +70,10 @@ class QueueClearedError(QueueError):
 
 class StoreError(ChatqError):
     """The tenant's SQLite store could not be opened, migrated or written."""
+
+
+class RedriveRefused(ChatqError):
+    """`chatq retry`/`resend` named an unknown id, or one that is not failed: nothing changed."""
 
 
 class StoreInUse(StoreError):
@@ -149,6 +158,7 @@ __all__ = [
     "QueueClearedError",
     "QueueError",
     "QueueFullError",
+    "RedriveRefused",
     "RetryableTransportError",
     "SendingPausedError",
     "StoreError",

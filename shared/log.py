@@ -12,7 +12,7 @@ Two line formats, built by plain functions of a loguru record so that other
 code (e.g. forwarding a child's records to the parent) can reuse them:
 
 - `format_text`: one line per record for people, e.g.
-  ``2026-11-28 04:50:01.123 INFO  [acme pid=123] chat=c1 msg=m9 enqueued``;
+  ``2026-11-28 04:50:01.123 +0000 INFO  [acme pid=123] chat=c1 msg=m9 enqueued``;
   newlines in the message are escaped, a traceback follows on its own lines.
 - `format_json`: one JSON object per line with `ts`, `level`, `message`,
   `tenant_id`, `pid`, `logger`, `chat_id`/`message_id` when known,
@@ -47,6 +47,7 @@ from loguru import logger
 
 from chatq.shared.errors import ConfigError
 from chatq.shared.escape import printable, printable_lines
+from chatq.shared.local_time import stamp_of
 from chatq.shared.log_repeats import Key, RepeatLimiter, Suppressed
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def format_text(record: Record) -> str:
     extra = record["extra"]
     time = record["time"]
     parts = [
-        f"{time:%Y-%m-%d %H:%M:%S}.{time.microsecond // 1000:03d}",
+        stamp_of(time, millis=True),  # local, with its offset: one clock (shared/local_time.py)
         record["level"].name.ljust(5),
         f"[{_one_line(str(extra.get('tenant_id', _NO_TENANT)))} pid={record['process'].id}]",
     ]

@@ -72,9 +72,11 @@ class Heartbeat:
     """Worker -> supervisor, from the worker's event loop: alive, with counters.
 
     `busiest` lists up to MAX_BUSIEST ``(chat_id, depth)`` pairs, deepest first.
-    `replies_*` count since the worker started; `paused` is why the provider
+    `replies_*` count since the worker started, except `replies_pending`: the
+    replies waiting to be sent now (rate limiter, retry, pause); `paused` is why the provider
     refuses the tenant's sending (None while sending), `paused_since` when
-    that began (epoch seconds).
+    that began (epoch seconds). `store_bytes` is the store's size on disk,
+    `oldest_at` when its oldest message arrived (None: no messages).
     """
 
     kind: ClassVar[Literal["heartbeat"]] = "heartbeat"
@@ -96,6 +98,9 @@ class Heartbeat:
     ingest_refused: int = 0  # connections past ingest's cap (answered 503)
     ingest_timeouts: int = 0  # request bodies too slow to arrive (answered 408)
     store_unavailable: str | None = None  # why store writes fail for now (disk full, ...)
+    replies_pending: int = 0
+    store_bytes: int = 0
+    oldest_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +191,7 @@ def _busiest(kind: str, name: str, value: object) -> list[tuple[str, int]]:
 
 
 _COUNTERS = ("queued", "in_flight", "processed", "failed", "rejected", "duplicates", "rate_limited")
-_REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried")
+_REPLY_COUNTERS = ("replies_sent", "replies_failed", "replies_retried", "replies_pending")
 _INGEST_COUNTERS = ("ingest_refused", "ingest_timeouts")
 
 _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
@@ -203,6 +208,8 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
             "paused_since": _optional_number,
             **dict.fromkeys(_INGEST_COUNTERS, _count),
             "store_unavailable": _optional_text,
+            "store_bytes": _count,
+            "oldest_at": _optional_number,
         },
     ),
     BootFailed.kind: (BootFailed, {"reason": _text}),
@@ -215,7 +222,15 @@ _KEYS = {kind: frozenset(checks) | {"kind"} for kind, (_, checks) in _SCHEMAS.it
 # Fields a frame may lack (added later; the dataclass default stands in).
 _OPTIONAL: dict[str, frozenset[str]] = {
     Heartbeat.kind: frozenset(
-        {*_REPLY_COUNTERS, "paused", "paused_since", *_INGEST_COUNTERS, "store_unavailable"}
+        {
+            *_REPLY_COUNTERS,
+            "paused",
+            "paused_since",
+            *_INGEST_COUNTERS,
+            "store_unavailable",
+            "store_bytes",
+            "oldest_at",
+        }
     ),
 }
 

@@ -7,14 +7,23 @@ socket, and keeping it dependency-free keeps ``chatq list`` fast to start
     chatq run [--config PATH]                  the supervisor, in the foreground
     chatq list [--json]                        one line per tenant
     chatq status TENANT [--json]               one tenant in detail, with its log tail
-    chatq restart TENANT | --all               graceful restart (revives a fatal tenant)
-    chatq stop TENANT | chatq start TENANT
-    chatq reload [--force] [--json]            re-read the config file (also: SIGHUP)
+    chatq logs [TENANT] [-n N] [-f] [--json]   recent log lines (all, or one source); -f follows
+    chatq restart TENANT | --all [WAIT]        graceful restart (revives a fatal tenant)
+    chatq stop TENANT | --all [WAIT]           drain and stop (a stopped one: a note, exit 0)
+    chatq start TENANT | --all [WAIT]          start stopped or fatal tenants
+    chatq reload [--force] [--json] [WAIT]     re-read the config file (also: SIGHUP)
     chatq send TENANT CHAT_ID TEXT [--id ID] [--json]
     chatq history TENANT [--chat CHAT_ID] [--limit N] [--json]
+    chatq retry TENANT (--message ID... | --failed [--chat C]) [--json]   failed messages again
+    chatq resend TENANT (--reply ID... | --failed [--chat C]) [--json]    failed replies again
+
+WAIT is ``--wait`` (the default: until every tenant touched reaches its
+state), ``--no-wait`` (return once the supervisor is told) and ``--timeout
+SECONDS`` (60). ``restart --all`` leaves tenants an operator stopped alone.
 
 Exit codes: 0 done; 1 the operation failed (supervisor not running, no such
-tenant); 2 usage or configuration error. Errors are one line on stderr.
+tenant, a tenant did not reach its state in time); 2 usage or configuration
+error. Errors are one line on stderr.
 
 Speed: the control commands need only the control socket's path, so they read
 just ``[supervisor] run_dir`` from the TOML file with tomllib (`run_dir`)
@@ -32,12 +41,13 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from chatq.shared.errors import ChatqError, ConfigError, NoSuchTenant, SupervisorNotRunning
-from chatq.supervisor import render
+from chatq.supervisor import render, settle
 from chatq.supervisor.control_client import request
 
 EXIT_OK = 0
@@ -50,6 +60,10 @@ DEFAULT_CONFIG_PATH = Path("config") / "tenants.toml"
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CONTROL_SOCKET_NAME = "supervisor.sock"
 SEND_TIMEOUT = 30.0  # seconds; the worker answers once the row is committed
+WAIT_TIMEOUT = 60.0  # seconds restart/stop/start/reload wait by default
+FOLLOW_POLL = 0.2  # seconds between two asks of `chatq logs -f`
+MAX_LOG_LINES = 10_000  # control.MAX_LOG_LINES: the most one `logs` answer holds
+LOG_LINES = 20  # `chatq logs` without -n
 MAX_SHOWN = 10  # tenant ids listed in a "no such tenant" error
 
 Runner = Callable[[argparse.Namespace], int]
@@ -191,7 +205,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
     else:
-        print(render.tenant_table(rows, render.use_colour(sys.stdout)))
+        import shutil
+
+        width = shutil.get_terminal_size().columns  # $COLUMNS, the terminal, else 80
+        print(render.tenant_table(rows, render.use_colour(sys.stdout), width))
     return EXIT_OK
 
 
@@ -206,28 +223,41 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    """``chatq restart TENANT|--all``: drain and start again; returns at once."""
-    result = _ask(args, "restart", tenant=args.tenant, all=True if args.all else None)
-    print(f"restarting {', '.join(result['restarting']) or '(no tenants)'}")
-    return EXIT_OK
+    """``chatq restart TENANT|--all``: drain and start again; waits until running."""
+    result = _ask(args, "restart", tenant=args.tenant, all=_all(args))
+    names = result["restarting"]
+    print(f"restarting {', '.join(names) or '(no tenants)'}")
+    for name in result.get("skipped") or []:
+        print(f"note: {name} is stopped, not restarted (`chatq start {name}` starts it)")
+    return _wait(args, "restart", dict.fromkeys(names, settle.RUNNING), lambda: _ask(args, "list"))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """``chatq stop TENANT``: drain and stop; it stays stopped until started."""
-    result = _ask(args, "stop", tenant=args.tenant)
-    print(f"stopping {result['stopping']}")
-    return EXIT_OK
+    """``chatq stop TENANT|--all``: drain and stop; it stays stopped until started."""
+    return _switch(args, "stop", "stopping", "already_stopped", settle.STOPPED)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """``chatq start TENANT``: start a stopped or fatal tenant."""
-    result = _ask(args, "start", tenant=args.tenant)
-    print(f"starting {result['starting']}")
-    return EXIT_OK
+    """``chatq start TENANT|--all``: start stopped or fatal tenants; waits until running."""
+    return _switch(args, "start", "starting", "already_running", settle.RUNNING)
+
+
+def _switch(args: argparse.Namespace, cmd: str, doing: str, already: str, goal: str) -> int:
+    """Stop or start: say what changes and what already was so, then wait for it."""
+    result = _ask(args, cmd, tenant=args.tenant, all=_all(args))
+    names = result[doing]
+    if names:
+        print(f"{doing} {', '.join(names)}")
+    for name in result[already]:
+        print(f"note: {name} is {already.replace('_', ' ')}")
+    return _wait(args, cmd, dict.fromkeys(names, goal), lambda: _ask(args, "list"))
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """``chatq reload``: check the file here (exit 2 if bad), then have the supervisor apply it.
+
+    Then waits until every added or changed tenant is running or stopped (as
+    its config and operator want) and every removed one has exited.
 
     Secrets are resolved by the supervisor, in its own environment: this
     shell may lack the service's variables.
@@ -242,14 +272,66 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise SupervisorNotRunning(f"{exc} (a run_dir change needs a supervisor restart)") from None
     if args.json:
         _print_json(result)
+    else:
+        for kind in ("added", "removed", "changed", "unchanged"):
+            print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
+        if result.get("left_behind"):
+            left = describe(result["left_behind"])
+            print(f"left behind (unfinished, read with chatq history): {left}")
+    goals = {name: settle.SETTLED for kind in ("added", "changed") for name in result.get(kind, [])}
+    goals.update(dict.fromkeys(result.get("removed", []), settle.GONE))
+    return _wait(
+        args, "reload", goals, lambda: request(config.control_socket, "list"), quiet=args.json
+    )
+
+
+def _all(args: argparse.Namespace) -> bool | None:
+    return True if args.all else None
+
+
+def _wait(
+    args: argparse.Namespace,
+    verb: str,
+    goals: dict[str, str],
+    rows: settle.Rows,
+    *,
+    quiet: bool = False,
+) -> int:
+    """Unless --no-wait: wait until `goals` are met (exit 0) or --timeout passes (exit 1)."""
+    if args.no_wait or not goals:
         return EXIT_OK
-    for kind in ("added", "removed", "changed", "unchanged"):
-        print(f"{kind + ':':<10} {', '.join(result.get(kind) or []) or '-'}")
-    if result.get("left_behind"):
-        print(
-            f"left behind (unfinished, read with chatq history): {describe(result['left_behind'])}"
+    late = settle.wait_for_states(goals, rows, args.timeout)
+    if late:
+        raise CommandFailed(
+            f"{verb}: not every tenant got there within {args.timeout:g}s:"
+            f" {settle.describe_late(goals, late)}"
         )
+    if not quiet:
+        print(f"done: {', '.join(f'{name} {goal}' for name, goal in goals.items())}")
     return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """``chatq logs [TENANT] [-n N] [-f]``: the last lines the supervisor holds; -f follows.
+
+    ``-f`` asks the supervisor every FOLLOW_POLL s for what came after the
+    last line shown, until Ctrl-C (exit 0) or the supervisor goes away (exit 1).
+    """
+    show = print if args.json else lambda line: print(render.log_line(line))
+    page = _ask(args, "logs", tenant=args.tenant, limit=args.lines)
+    try:
+        while True:
+            for line in page["lines"]:
+                show(line)
+            if not args.follow:
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(FOLLOW_POLL)
+            page = _ask(args, "logs", tenant=args.tenant, after=page["next"], limit=MAX_LOG_LINES)
+    except KeyboardInterrupt:  # the way out of -f, wherever it lands: not a failure
+        if args.follow:
+            return EXIT_OK
+        raise
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -341,6 +423,77 @@ def _check_answer(tenant_id: str, status: int, answer: dict[str, Any]) -> None:
     raise CommandFailed(f"tenant {tenant_id} answered HTTP {status}: {error}")
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    """``chatq retry TENANT (--message ID ... | --failed [--chat C])``: failed messages again."""
+    answer, now = _redrive(args, "messages", args.message)
+    n = answer["requeued"]
+    text = f"requeued {n} message{'' if n == 1 else 's'} of {args.tenant}"
+    text += f" ({answer['failed']} failed, {answer['rejected']} rejected)"
+    return _tell(args, answer, text, None if now or not n else "they run")
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    """``chatq resend TENANT (--reply ID ... | --failed [--chat C])``: failed replies again."""
+    answer, now = _redrive(args, "replies", args.reply)
+    n = answer["resent"]
+    text = f"resent {n} repl{'y' if n == 1 else 'ies'} of {args.tenant}"
+    return _tell(args, answer, text, None if now or not n else "they go out")
+
+
+def _tell(args: argparse.Namespace, answer: Any, text: str, later: str | None) -> int:
+    """The counts (--json: the answer); `later` says they wait for the tenant's start."""
+    if args.json:
+        _print_json(answer)
+    else:
+        print(text if later is None else f"{text}; {later} when {args.tenant} starts")
+    return EXIT_OK
+
+
+def _redrive(args: argparse.Namespace, kind: str, ids: list[Any] | None) -> tuple[Any, bool]:
+    """Through the running worker, else in the stopped tenant's store: (answer, done now)."""
+    if ids and args.chat is not None:
+        raise UsageError(f"{args.command}: --chat goes with --failed, not with ids")
+    from chatq.config import load_config
+
+    config = load_config(args.config)
+    if all(t.id != args.tenant for t in config.tenants):
+        raise NoSuchTenant(args.tenant)
+    body: dict[str, Any] = {"ids": ids} if ids else {"failed": True}
+    if args.chat is not None:
+        body["chat"] = args.chat
+    path = config.socket_path(args.tenant)
+    try:
+        status, answer = _post_json(path, f"/redrive/{kind}", body, SEND_TIMEOUT)
+    except (FileNotFoundError, ConnectionRefusedError):  # no worker: change the store itself
+        return _redrive_stopped(config.store_path(args.tenant), args.tenant, kind, body), False
+    except OSError as exc:
+        raise CommandFailed(f"asking tenant {args.tenant} on {path} failed: {exc}") from None
+    if status != 200:
+        error = answer.get("error") or f"HTTP {status}"
+        raise CommandFailed(f"tenant {args.tenant}: {error}; nothing changed")
+    return answer, True
+
+
+def _redrive_stopped(path: Path, tenant_id: str, kind: str, body: dict[str, Any]) -> Any:
+    import asyncio
+
+    from chatq.shared.errors import RedriveRefused, StoreInUse
+    from chatq.tenant_worker.redrive import parse_selection, redrive_stored
+
+    if not path.is_file():
+        raise CommandFailed(f"no store at {path} (tenant {tenant_id} never ran)")
+    selection = parse_selection(body, str if kind == "messages" else int)
+    try:
+        return asyncio.run(redrive_stored(path, tenant_id, kind, selection))
+    except RedriveRefused as exc:
+        raise CommandFailed(f"tenant {tenant_id}: {exc}; nothing changed") from None
+    except StoreInUse:
+        raise CommandFailed(
+            f"tenant {tenant_id} is starting or stopping (its worker holds the store but"
+            " does not answer yet); nothing changed, try again"
+        ) from None
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """``chatq history``: read the tenant's store directly (no supervisor needed)."""
     from chatq.config import load_config
@@ -361,13 +514,32 @@ def cmd_history(args: argparse.Namespace) -> int:
 # -- the parser ------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str, low: int, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"{low} to {high}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def _count(text: str) -> int:
+    return _whole(text, 0, MAX_LOG_LINES)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
     return value
 
 
@@ -388,6 +560,33 @@ def _json_option() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--json", action="store_true", help="print JSON (shapes: README)")
     return parent
+
+
+def _wait_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    which = parent.add_mutually_exclusive_group()
+    which.add_argument(
+        "--wait",
+        dest="no_wait",
+        action="store_false",
+        help="wait until the tenants reach their state (the default)",
+    )
+    which.add_argument("--no-wait", action="store_true", help="return once the supervisor is told")
+    parent.set_defaults(no_wait=False)  # store_false's own default would be True
+    parent.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=WAIT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait before exit 1 (default {WAIT_TIMEOUT:g})",
+    )
+    return parent
+
+
+def _one_or_all(sub: argparse.ArgumentParser, meaning: str) -> None:
+    which = sub.add_mutually_exclusive_group(required=True)
+    which.add_argument("tenant", nargs="?", default=None)
+    which.add_argument("--all", action="store_true", help=meaning)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -437,7 +636,20 @@ class _Version(argparse.Action):
         parser.exit(EXIT_OK)
 
 
-COMMANDS = ("run", "list", "status", "restart", "stop", "start", "reload", "send", "history")
+COMMANDS = (
+    "run",
+    "list",
+    "status",
+    "logs",
+    "restart",
+    "stop",
+    "start",
+    "reload",
+    "send",
+    "history",
+    "retry",
+    "resend",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,23 +674,50 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "run the supervisor in the foreground")
     add("list", cmd_list, "list tenants with state and counters", as_json)
     add("status", cmd_status, "show one tenant in detail", as_json).add_argument("tenant")
-    restart = add("restart", cmd_restart, "restart a tenant's worker (drains first)")
-    which = restart.add_mutually_exclusive_group(required=True)
-    which.add_argument("tenant", nargs="?", default=None)
-    which.add_argument("--all", action="store_true", help="restart every tenant")
-    add("stop", cmd_stop, "stop a tenant's worker (drains first)").add_argument("tenant")
-    add("start", cmd_start, "start a stopped or fatal tenant").add_argument("tenant")
-    reload = add("reload", cmd_reload, "re-read the config file and apply changes", as_json)
+    waits = _wait_options()
+    restart = add("restart", cmd_restart, "restart tenants (drains first), then wait", waits)
+    _one_or_all(restart, "every enabled tenant not stopped by an operator")
+    stop = add("stop", cmd_stop, "stop tenants (drains first), then wait", waits)
+    _one_or_all(stop, "every tenant")
+    start = add("start", cmd_start, "start stopped or fatal tenants, then wait", waits)
+    _one_or_all(start, "every enabled tenant")
+    reload = add(
+        "reload", cmd_reload, "re-read the config file, apply it, then wait", as_json, waits
+    )
     reload.add_argument(
         "--force",
         action="store_true",
         help="move data_dir even though its stores hold unfinished rows",
     )
+    logs = add("logs", cmd_logs, "show recent log lines; -f follows them", as_json)
+    logs.add_argument("tenant", nargs="?", default=None, help="a tenant, gateway or supervisor")
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        default=LOG_LINES,
+        metavar="N",
+        help=f"the last N lines (default {LOG_LINES}; 0 with -f: only new ones)",
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="then follow, until Ctrl-C")
     send = add("send", cmd_send, "send a message to a tenant (as a chat would)", as_json)
     send.add_argument("tenant")
     send.add_argument("chat_id")
     send.add_argument("text")
     send.add_argument("--id", type=_non_empty, help="message id (default: a random one)")
+    for name, func, noun, id_type in (
+        ("retry", cmd_retry, "message", str),
+        ("resend", cmd_resend, "reply", int),
+    ):
+        what = "failed and rejected messages" if name == "retry" else "failed replies"
+        sub = add(name, func, f"put {what} back in line (attempts reset)", as_json)
+        sub.add_argument("tenant")
+        which = sub.add_mutually_exclusive_group(required=True)
+        which.add_argument(
+            f"--{noun}", nargs="+", type=id_type, metavar="ID", help=f"these {noun} ids"
+        )
+        which.add_argument("--failed", action="store_true", help=f"every one of the {what}")
+        sub.add_argument("--chat", type=_non_empty, help="with --failed: only this chat's")
     history = add("history", cmd_history, "show stored messages and replies", as_json)
     history.add_argument("tenant")
     history.add_argument("--chat", help="only this chat")

@@ -4,13 +4,15 @@ Wire protocol, one exchange per connection: the client sends one JSON object
 on one newline-terminated line (at most `MAX_REQUEST_BYTES`), the server
 answers one line and closes.
 
-    request   {"cmd": "list"|"status"|"restart"|"stop"|"start"|"reload"|"shutdown",
-               "tenant"?: str, "all"?: bool}
+    request   {"cmd": "list"|"status"|"restart"|"stop"|"start"|"reload"|"logs"|"shutdown",
+               "tenant"?: str, "all"?: bool, "after"?: int, "limit"?: int}
     answer    {"ok": true, "result": ...}
               {"ok": false, "error": "one line", "kind": "NoSuchTenant"|"BadRequest"|...}
 
-`status`, `stop` and `start` need `tenant`; `restart` needs `tenant` or
-``"all": true`` (not both); the others take neither. A request that breaks
+`status` needs `tenant`; `restart`, `stop` and `start` need `tenant` or
+``"all": true`` (not both); `logs` takes an optional `tenant` and the
+non-negative integers `after` and `limit` (at most `MAX_LOG_LINES`); the
+others take none of these. A request that breaks
 these rules never reaches the dispatcher: it is answered with kind
 ``BadRequest`` naming the field. An error the dispatcher raises as a
 `ChatqError` is answered with its message and class name (a `NoSuchTenant`
@@ -72,13 +74,16 @@ _TARGETS = {
     "list": "none",
     "status": "one",
     "restart": "one_or_all",
-    "stop": "one",
-    "start": "one",
+    "stop": "one_or_all",
+    "start": "one_or_all",
     "reload": "none",
+    "logs": "zero_or_one",
     "shutdown": "none",
 }
 COMMANDS = frozenset(_TARGETS)
-_FIELDS = frozenset({"cmd", "tenant", "all", "force"})
+_FIELDS = frozenset({"cmd", "tenant", "all", "force", "after", "limit"})
+_LOG_FIELDS = ("after", "limit")  # only `logs` takes them
+MAX_LOG_LINES = 10_000
 
 Dispatch = Callable[[dict[str, Any]], Any]
 """Serves a valid request; returns the JSON-able result or raises a ChatqError."""
@@ -119,6 +124,19 @@ def _check_fields(request: dict[str, Any]) -> None:
     for flag in ("all", "force"):
         if flag in request and not isinstance(request[flag], bool):
             raise BadRequest(f"field {flag!r} must be true or false, got {request[flag]!r:.80}")
+    for name in _LOG_FIELDS:
+        if name in request:
+            _check_count(request, name)
+
+
+def _check_count(request: dict[str, Any], name: str) -> None:
+    value = request[name]
+    if request["cmd"] != "logs":
+        raise BadRequest(f"field {name!r}: only logs takes it")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"field {name!r} must be a non-negative integer, got {value!r:.80}")
+    if name == "limit" and value > MAX_LOG_LINES:
+        raise BadRequest(f"field 'limit': at most {MAX_LOG_LINES}, got {value}")
 
 
 def _check_target(request: dict[str, Any]) -> None:
@@ -128,12 +146,22 @@ def _check_target(request: dict[str, Any]) -> None:
     if target == "none" and (has_tenant or "all" in request):
         field_name = "tenant" if has_tenant else "all"
         raise BadRequest(f"field {field_name!r}: {cmd} takes no tenant")
+    if target == "zero_or_one" and "all" in request:
+        raise BadRequest(f"field 'all': {cmd} takes one tenant or none")
     if target == "one" and "all" in request:
         raise BadRequest(f"field 'all': {cmd} takes one tenant")
     if target == "one" and not has_tenant:
         raise BadRequest(f"missing field 'tenant': {cmd} needs a tenant")
     if target == "one_or_all" and has_tenant == (request.get("all") is True):
         raise BadRequest(f"field 'tenant': {cmd} needs a tenant or \"all\": true, not both")
+
+
+def describe_request(request: dict[str, Any]) -> str:
+    """'restart tenant=acme' for a log line (not a dict's repr)."""
+    fields = " ".join(
+        f"{key}={json.dumps(value)}" for key, value in request.items() if key != "cmd"
+    )
+    return f"{request['cmd']} {fields}".rstrip()
 
 
 def peer_allowed(peer_uid: int, own_uid: int) -> bool:
@@ -297,7 +325,7 @@ class ControlServer:
     def _serve(self, line: bytes) -> dict[str, Any]:
         try:
             request = parse_request(line)
-            logger.debug("control socket: {}", request)
+            logger.debug("control socket: {}", describe_request(request))
             return {"ok": True, "result": self._dispatch(request)}
         except ChatqError as exc:
             return _error_answer(exc)

@@ -12,6 +12,9 @@ call. One pipe per worker has no shared lock: a dead worker's pipe just
 reaches EOF. (The stdlib ``logging`` records of libraries are routed into
 loguru in each process by shared/log.py, so nothing needs the queue.)
 
+The last lines of each source (the supervisor, each tenant, the gateway) are
+also kept in `book` (supervisor/logbook.py), for ``chatq logs``.
+
 Writing never blocks the supervisor's loop: `write_line` only queues, and a
 writer thread of its own writes to stderr and the file. A stderr nobody reads
 (a stalled journald, ``| less``) would otherwise block the loop, and with it
@@ -30,6 +33,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import TextIO
+
+from chatq.supervisor.logbook import LogBook
 
 ROTATE_BYTES = 10 * 1024 * 1024
 ROTATE_KEEP = 5
@@ -66,9 +71,14 @@ class LogStream:
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._switch: tuple[Path | None] | None = None  # a new file, applied by the writer
+        self.book = LogBook()
 
-    def write_line(self, line: str) -> None:
-        """Queue one whole line (a trailing newline is added); never blocks."""
+    def write_line(self, line: str, source: str = "supervisor") -> None:
+        """Queue one whole line (a trailing newline is added); never blocks.
+
+        `source` names who wrote it (a tenant id, "gateway"): `book` keeps it.
+        """
+        self.book.add(source, line)
         with self._wake:
             if len(self._lines) >= self._max_lines:
                 self._dropped += 1

@@ -14,9 +14,11 @@ Per tenant (label ``tenant``):
 
     chatq_up                      1 while the worker is running (ready), else 0
     chatq_state{state}            1 for the current state, 0 for the other four
-    chatq_restarts_total          restarts done by the supervisor
-    chatq_heartbeat_age_seconds   since the last heartbeat
+    chatq_restarts_total          restarts after failures (crash, hang, memory)
+    chatq_manual_restarts_total   restarts asked for (`chatq restart`, a reload's change)
+    chatq_heartbeat_age_seconds   since the last heartbeat (only while a worker runs)
     chatq_queued                  messages waiting in the worker's chat queues
+    chatq_replies_pending         replies waiting to be sent (rate limiter, retry, pause)
     chatq_in_flight               messages in a handler now
     chatq_processed_total         messages handled (from the store: survives restarts)
     chatq_failed_total            messages given up on (idem)
@@ -32,9 +34,11 @@ Per tenant (label ``tenant``):
     chatq_rss_bytes               the worker's resident memory
     chatq_cpu_percent             the worker's CPU use (100 = one core)
 
-The worker's own figures (heartbeat age to sending_paused) are left out while
-the tenant's current worker has sent no heartbeat yet (a stopped tenant keeps
-its last worker's), and rss/cpu while the worker has not been sampled: an
+The worker's own figures (queued to sending_paused) are left out while the
+tenant's current worker has sent no heartbeat yet (a stopped tenant keeps its
+last worker's), the heartbeat age whenever no worker runs (stopped on purpose,
+fatal, in backoff: an alert on the age must not fire for those; `chatq_state`
+tells them apart), and rss/cpu while the worker has not been sampled: an
 absent series says "unknown", where a 0 would look like a counter reset or an
 idle worker.
 """
@@ -60,9 +64,10 @@ LISTEN_ADDRESS = "127.0.0.1"  # metrics are for a local agent; put a proxy in fr
 _STOP_TIMEOUT = 5.0
 
 # Figures that come from the worker's heartbeat: (summary key, name, help, is a counter).
+_AGE = ("chatq_heartbeat_age_seconds", "Since the last heartbeat of the running worker")
 _WORKER_FIGURES: tuple[tuple[str, str, str, bool], ...] = (
-    ("last_heartbeat_age_s", "chatq_heartbeat_age_seconds", "Since the last heartbeat", False),
     ("queued", "chatq_queued", "Messages waiting in the worker's chat queues", False),
+    ("replies_pending", "chatq_replies_pending", "Replies waiting to be sent", False),
     ("in_flight", "chatq_in_flight", "Messages being handled now", False),
     ("processed", "chatq_processed", "Messages handled, over the store's life", True),
     ("failed", "chatq_failed", "Messages given up on, over the store's life", True),
@@ -109,8 +114,12 @@ class TenantCollector:
                 "chatq_state", "1 for the tenant's current state", labels=["tenant", "state"]
             ),
             "restarts": CounterMetricFamily(
-                "chatq_restarts", "Worker restarts by the supervisor", labels=["tenant"]
+                "chatq_restarts", "Worker restarts after failures", labels=["tenant"]
             ),
+            "manual_restarts": CounterMetricFamily(
+                "chatq_manual_restarts", "Worker restarts asked for", labels=["tenant"]
+            ),
+            "age": GaugeMetricFamily(*_AGE, labels=["tenant"]),
         }
         for key, name, doc, counter in _WORKER_FIGURES:
             kind = CounterMetricFamily if counter else GaugeMetricFamily
@@ -128,7 +137,10 @@ def _add_tenant(families: Mapping[str, Metric], row: Mapping[str, Any]) -> None:
     for name in STATES:
         _add(families["state"], [tenant, name], 1.0 if state == name else 0.0)
     _add(families["restarts"], [tenant], row.get("restarts", 0))
+    _add(families["manual_restarts"], [tenant], row.get("manual_restarts", 0))
     if row.get("last_heartbeat_age_s") is not None:
+        _add(families["age"], [tenant], row["last_heartbeat_age_s"])
+    if row.get("heartbeat_seq") is not None:
         for key, *_ in _WORKER_FIGURES:
             _add(families[key], [tenant], row.get(key, 0))
         _add(families["paused"], [tenant], 1.0 if row.get("paused") else 0.0)

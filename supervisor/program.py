@@ -106,7 +106,8 @@ class ProgramHandle:
         self.conn: Connection | None = None
         self.reader: FrameReader | None = None
         self.started_at = 0.0
-        self.restarts = 0
+        self.restarts = 0  # after failures (crash, hang, memory): what alerts watch
+        self.manual_restarts = 0  # asked for: `chatq restart`, a reload's config change
         self.heartbeat: protocol.Heartbeat | None = None
         self.heartbeat_at = 0.0
         self.last_exit: ExitInfo | None = None
@@ -355,7 +356,7 @@ class ProgramHandle:
         )
         if then is State.STARTING:
             self.state, self.start_at = State.BACKOFF, self._clock()
-            self.restarts += 1
+            self.manual_restarts += 1
         else:
             self.state = then
 
@@ -394,14 +395,18 @@ class ProgramHandle:
         beat = self.heartbeat
         stats = self.proc_stats
         running = self.process is not None
+        live = self.state in (State.STARTING, State.RUNNING)
         return {
             "tenant": self.id,
             "kind": self.kind,
             "state": self._shown_state(now),
+            "stopping": self.stopping_reason is not None,  # a stop or restart under way
             "pid": self.pid,
             "uptime_s": round(now - self.started_at, 3) if running else None,
             "restarts": self.restarts,
-            "last_heartbeat_age_s": round(now - self.heartbeat_at, 3) if beat else None,
+            "manual_restarts": self.manual_restarts,
+            # None without a live worker: a stopped tenant's age would only grow (and alert).
+            "last_heartbeat_age_s": round(now - self.heartbeat_at, 3) if beat and live else None,
             "heartbeat_seq": beat.seq if beat else None,
             "queued": beat.queued if beat else 0,
             "in_flight": beat.in_flight if beat else 0,

@@ -10,11 +10,16 @@ Kept free of heavy imports: it is on the path of every ``chatq list``.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any, TextIO
+
+from chatq.shared.escape import printable, printable_lines
+from chatq.shared.local_time import local_stamp, stamp_of
 
 __all__ = [
     "TABLE_WIDTH",
@@ -22,6 +27,7 @@ __all__ = [
     "human_age",
     "human_bytes",
     "human_duration",
+    "log_line",
     "status_block",
     "tenant_table",
     "use_colour",
@@ -29,6 +35,7 @@ __all__ = [
 
 TABLE_WIDTH = 80
 _MIN_TENANT_WIDTH = 8
+_KEEP_TENANT_WIDTH = 24  # columns go before ids are cut shorter than this
 
 _RESET = "\033[0m"
 _STATE_COLOURS = {
@@ -49,10 +56,13 @@ _COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("RESTARTS", "restarts", "int", True),
     ("BEAT", "last_heartbeat_age_s", "age", True),
     ("QUEUED", "queued", "int", True),
+    ("PENDING", "replies_pending", "int", True),
     ("PROCESSED", "processed", "int", True),
     ("FAILED", "failed", "int", True),
     ("RSS", "rss_bytes", "bytes", True),
 )
+# Columns a narrow terminal loses first (TENANT, STATE, BEAT and the backlog stay).
+_DROP_ORDER = ("rss_bytes", "uptime_s", "failed", "processed", "pid", "restarts")
 
 
 # -- units ---------------------------------------------------------------------
@@ -136,48 +146,106 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def tenant_table(rows: Sequence[Mapping[str, Any]], colour: bool = False) -> str:
-    """The ``chatq list`` table: aligned columns within TABLE_WIDTH characters.
+def tenant_table(
+    rows: Sequence[Mapping[str, Any]], colour: bool = False, width: int = TABLE_WIDTH
+) -> str:
+    """The ``chatq list`` table: aligned columns within `width` characters (the terminal's).
 
-    Columns are two spaces apart, one when two would not fit; tenant ids too
-    long for what is left are shortened with '…' (``--json`` has them whole).
+    The TENANT column is as wide as the longest id. Columns are two spaces
+    apart, one when two would not fit; when even that is too wide, the least
+    telling columns go (RSS first, see `_DROP_ORDER`) before ids are cut below
+    _KEEP_TENANT_WIDTH, then ids are shortened with '…' (``--json`` has all).
     """
-    cells = [[_cell(row.get(key), kind) for _, key, kind, _ in _COLUMNS] for row in rows]
-    widths = [
-        max([len(header), *(len(line[n]) for line in cells)])
-        for n, (header, *_) in enumerate(_COLUMNS)
-    ]
-    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= TABLE_WIDTH else 1
-    spare = TABLE_WIDTH - sum(widths) - gap * (len(widths) - 1)
+    columns = list(_COLUMNS)
+    cells = {key: [_cell(row.get(key), kind) for row in rows] for _, key, kind, _ in columns}
+    widths = {
+        key: max([len(header), *(len(text) for text in cells[key])]) for header, key, *_ in columns
+    }
+    for key in _DROP_ORDER:
+        if _least_width(columns, widths) <= width:
+            break
+        columns = [column for column in columns if column[1] != key]
+    shown = [widths[key] for _, key, *_ in columns]
+    gap = 2 if sum(shown) + 2 * (len(shown) - 1) <= width else 1
+    spare = width - sum(shown) - gap * (len(shown) - 1)
     if spare < 0:
-        widths[0] = max(_MIN_TENANT_WIDTH, widths[0] + spare)
-    lines = [_table_line([header for header, *_ in _COLUMNS], widths, gap)]
-    for row, line in zip(rows, cells, strict=True):
+        shown[0] = max(_MIN_TENANT_WIDTH, shown[0] + spare)
+    lines = [_table_line([header for header, *_ in columns], columns, shown, gap)]
+    for n, row in enumerate(rows):
         paint = partial(colour_state, state=str(row.get("state")), colour=colour)
-        lines.append(_table_line(line, widths, gap, paint))
+        values = [cells[key][n] for _, key, *_ in columns]
+        lines.append(_table_line(values, columns, shown, gap, paint))
     return "\n".join(lines)
+
+
+def _least_width(columns: Sequence[tuple[str, str, str, bool]], widths: Mapping[str, int]) -> int:
+    """Their width one space apart, tenant ids cut to _KEEP_TENANT_WIDTH at most."""
+    total = sum(widths[key] for _, key, *_ in columns) + len(columns) - 1
+    return total - max(0, widths["tenant"] - _KEEP_TENANT_WIDTH)
 
 
 def _table_line(
     values: Sequence[str],
+    columns: Sequence[tuple[str, str, str, bool]],
     widths: Sequence[int],
     gap: int,
     paint_state: Callable[[str], str] = str,
 ) -> str:
     """One aligned line; `paint_state` colours the padded STATE cell (codes take no columns)."""
     parts = []
-    for n, (value, width, (*_, right)) in enumerate(zip(values, widths, _COLUMNS, strict=True)):
+    for value, width, (_, key, _, right) in zip(values, widths, columns, strict=True):
         cell = _fit(value, width)
         cell = cell.rjust(width) if right else cell.ljust(width)
-        parts.append(paint_state(cell) if n == 1 else cell)
+        parts.append(paint_state(cell) if key == "state" else cell)
     return (" " * gap).join(parts).rstrip()
+
+
+# -- log lines -------------------------------------------------------------------
+
+_JSON_LOG_KEYS = frozenset({"ts", "level", "message"})
+
+
+def log_line(line: str) -> str:
+    """A log line for people: a JSON one (LOG_FORMAT=json) as the text format writes it.
+
+    Mirrors shared/log.py `format_text` (which needs loguru, too slow to
+    import here); a test keeps the two equal. Other lines are returned as
+    they are.
+    """
+    if not line.startswith("{"):
+        return line
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(record, dict) or not record.keys() >= _JSON_LOG_KEYS:
+        return line
+    parts = [
+        _log_time(str(record["ts"])),
+        str(record["level"]).ljust(5),
+        f"[{printable(str(record.get('tenant_id', '-')))} pid={record.get('pid', '-')}]",
+    ]
+    for key, label in (("chat_id", "chat"), ("message_id", "msg")):
+        if key in record:
+            parts.append(f"{label}={printable(str(record[key]))}")
+    parts.append(printable(str(record["message"])))
+    text = " ".join(parts)
+    exc = record.get("exception")
+    return f"{text}\n{printable_lines(str(exc))}" if exc else text
+
+
+def _log_time(stamp: str) -> str:
+    try:
+        return stamp_of(datetime.fromisoformat(stamp), millis=True)
+    except ValueError:
+        return stamp
 
 
 # -- the status block ------------------------------------------------------------
 
 
 def _clock_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    return local_stamp(epoch)
 
 
 def _since(details: Mapping[str, Any], now: float) -> str:
@@ -196,9 +264,15 @@ def _last_exit(details: Mapping[str, Any]) -> str:
     last_exit = details.get("last_exit")
     if not last_exit:
         return "-"
-    code = last_exit.get("code")
+    code, reason = last_exit.get("code"), str(last_exit["reason"])
     code_text = "unknown" if code is None else str(code)
-    return f"{last_exit['reason']} (code {code_text}) at {_clock_time(last_exit['at'])}"
+    said = reason == f"exit code {code}"  # no "exit code 3 (code 3)"
+    return f"{reason}{'' if said else f' (code {code_text})'} at {_clock_time(last_exit['at'])}"
+
+
+def _restarts(details: Mapping[str, Any]) -> str:
+    failures, asked = details.get("restarts", 0), details.get("manual_restarts", 0)
+    return f"{failures} after failures, {asked} asked for"
 
 
 def _counts(details: Mapping[str, Any], names: Sequence[str]) -> str:
@@ -215,6 +289,7 @@ def _resources(details: Mapping[str, Any]) -> str:
 
 def _replies(details: Mapping[str, Any]) -> str:
     counts = {
+        "pending": details.get("replies_pending", 0),
         "sent": details.get("replies_sent", 0),
         "failed": details.get("replies_failed", 0),
         "retried": details.get("replies_retried", 0),
@@ -228,6 +303,15 @@ def _paused(details: Mapping[str, Any]) -> str:
     since = details.get("paused_since")
     when = f" (since {_clock_time(since)})" if since else ""
     return f"paused: {details['paused']}{when}; restart or reload the tenant to resume"
+
+
+def _store(details: Mapping[str, Any]) -> str:
+    """'41M, oldest message 2026-10-30 13:00:01 +0100 (kept 30 days)'."""
+    oldest = details.get("oldest_message_at")
+    days = details.get("retention_days")
+    kept = "kept forever" if days == 0 else f"kept {days} days"
+    when = f"oldest message {local_stamp(oldest)}" if oldest is not None else "no messages"
+    return f"{human_bytes(details.get('store_bytes'))}, {when} ({kept})"
 
 
 def _busiest(details: Mapping[str, Any]) -> str:
@@ -245,7 +329,7 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
         ("State", _state_line(details, state, colour, now)),
         ("PID", _cell(details.get("pid"), "int")),
         ("Enabled", "yes" if details.get("enabled", True) else "no (in the config)"),
-        ("Restarts", str(details.get("restarts", 0))),
+        ("Restarts", _restarts(details)),
         ("Last exit", _last_exit(details)),
         ("Backoff", "-" if backoff is None else f"{backoff:.1f}s left"),
         ("Heartbeat", _heartbeat(details.get("last_heartbeat_age_s"))),
@@ -259,7 +343,8 @@ def status_block(details: Mapping[str, Any], colour: bool = False, now: float | 
     lines += [f"  {label.rjust(width)}: {value}" for label, value in fields]
     tail = details.get("log_tail") or []
     if tail:
-        lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):", *tail]
+        lines += ["", f"Log (last {len(tail)} line{'s' if len(tail) > 1 else ''}):"]
+        lines += [log_line(line) for line in tail]
     return "\n".join(lines)
 
 
@@ -270,6 +355,7 @@ def _tenant_fields(details: Mapping[str, Any]) -> list[tuple[str, str]]:
         *([("Sending", _paused(details))] if details.get("paused") else []),
         ("Replies", _replies(details)),
         ("Busiest", _busiest(details)),
+        *([("Store", _store(details))] if "store_bytes" in details else []),
     ]
 
 

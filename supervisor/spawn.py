@@ -43,13 +43,20 @@ def context() -> ForkServerContext:
     return ctx
 
 
-def _own_group(config: ChatqConfig, name: str) -> None:
-    """In a child: its own process group, default signal handling, stacks on a signal.
+def _own_group(config: ChatqConfig, name: str, title: str) -> None:
+    """In a child: its own process group, default signal handling, stacks on a
+    signal, and `title`.
+
+    The title ("chatq worker acme") is what ps and top show, so they tell
+    the workers apart (all are otherwise the fork server's command line).
 
     A Ctrl-C in the supervisor's terminal then reaches only the supervisor,
     which drains its children itself, in order; the fork server ignores the
     signals its children must obey.
     """
+    from setproctitle import setproctitle
+
+    setproctitle(title)
     os.setpgrp()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
@@ -58,7 +65,7 @@ def _own_group(config: ChatqConfig, name: str) -> None:
 
 def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
     """The function a worker process runs (in the child)."""
-    _own_group(config, tenant_id)
+    _own_group(config, tenant_id, f"chatq worker {tenant_id}")
     from chatq.tenant_worker.worker import run_worker
 
     code = run_worker(config, tenant_id, conn)
@@ -68,7 +75,7 @@ def worker_main(config: ChatqConfig, tenant_id: str, conn: Connection) -> None:
 
 def gateway_main(config: ChatqConfig, conn: Connection) -> None:
     """The function the gateway process runs (in the child)."""
-    _own_group(config, "gateway")
+    _own_group(config, "gateway", "chatq gateway")
     from chatq.supervisor.gateway.main import run_gateway
 
     code = run_gateway(config, conn)

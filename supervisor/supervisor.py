@@ -36,6 +36,7 @@ from chatq.supervisor.child_watch import become_subreaper, reap_orphans
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
+from chatq.supervisor.logbook import LogBook
 from chatq.supervisor.logstream import LogStream
 from chatq.supervisor.metrics import MetricsServer, start_metrics_server
 from chatq.supervisor.program import ProgramHandle
@@ -55,6 +56,11 @@ def _worker_view(config: ChatqConfig) -> tuple[Any, ...]:
     """Supervisor settings a running worker depends on (a change restarts all)."""
     s = config.supervisor
     return (s.run_dir, s.data_dir, s.heartbeat_interval_ms, s.log_level, s.log_format)
+
+
+def changes_text(changes: dict[str, list[str]]) -> str:
+    """'added initech; unchanged acme, globex' for a log line (not a dict's repr)."""
+    return "; ".join(f"{kind} {', '.join(names)}" for kind, names in changes.items() if names)
 
 
 class Supervisor:
@@ -93,6 +99,11 @@ class Supervisor:
         self._next_publish = 0.0
 
     # -- lookups used by commands ------------------------------------------
+
+    @property
+    def log_book(self) -> LogBook:
+        """The recent log lines per source (``chatq logs``)."""
+        return self._stream.book
 
     def handles(self) -> list[ProgramHandle]:
         return list(self._handles.values())
@@ -217,7 +228,7 @@ class Supervisor:
         for frame in frames:
             line = handle.on_frame(frame)
             if line is not None:
-                self._stream.write_line(line)
+                self._stream.write_line(line, source=handle.id)
         if reader.eof:
             self._drop_conn(handle, conn)
 
@@ -397,7 +408,7 @@ class Supervisor:
         )
         self._apply_own_settings(new)
         self.config = new
-        logger.info("reloaded: {}", {k: v for k, v in changes.items() if v})
+        logger.info("reloaded: {}", changes_text(changes))
         if left:
             changes["left_behind"] = left
             logger.warning(
@@ -528,7 +539,7 @@ class Supervisor:
 
     def _dispatch(self, request: dict[str, Any]) -> Any:
         command = COMMANDS[request["cmd"]]
-        if self._shutting_down and request["cmd"] not in ("list", "status"):
+        if self._shutting_down and request["cmd"] not in ("list", "status", "logs"):
             raise ControlError("supervisor is shutting down")
         return command(self, request)
 

@@ -56,6 +56,7 @@ class TenantHandle(ProgramHandle):
             "replies_sent": beat.replies_sent if beat else 0,
             "replies_failed": beat.replies_failed if beat else 0,
             "replies_retried": beat.replies_retried if beat else 0,
+            "replies_pending": beat.replies_pending if beat else 0,
             "paused": beat.paused if beat else None,
             "ingest_refused": beat.ingest_refused if beat else 0,
             "ingest_timeouts": beat.ingest_timeouts if beat else 0,
@@ -65,4 +66,10 @@ class TenantHandle(ProgramHandle):
     def details(self) -> dict[str, Any]:
         """`summary`'s details, with when sending was paused."""
         beat = self.heartbeat
-        return {**super().details(), "paused_since": beat.paused_since if beat else None}
+        return {
+            **super().details(),
+            "paused_since": beat.paused_since if beat else None,
+            "store_bytes": beat.store_bytes if beat else None,
+            "oldest_message_at": beat.oldest_at if beat else None,
+            "retention_days": self.tenant.retention_days,
+        }

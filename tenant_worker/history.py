@@ -17,6 +17,7 @@ from typing import Any
 
 from chatq.shared.errors import StoreError
 from chatq.shared.escape import printable
+from chatq.shared.local_time import stamp_of
 from chatq.tenant_worker.store import read_only_uri
 
 __all__ = ["format_transcript", "read_history", "unfinished_counts"]
@@ -126,7 +127,7 @@ def _chat_lines(entries: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = []
     for entry in entries:
         received = entry.get("received_at")
-        when = received[:19].replace("T", " ") if received else "?" * 19
+        when = _local(received) if received else "?" * 25
         kind = _flat(entry.get("type", "text"))
         shown = _flat(entry["text"]) if kind == "text" else f"({kind}) {_flat(entry['text'])}"
         line = f"{when}  {_flat(entry['chat_id'])}  <- [{entry['status']}] {shown.rstrip()}"
@@ -142,6 +143,11 @@ def _reply_line(reply: Mapping[str, Any]) -> str:
     if reply.get("last_error") and reply["status"] in ("pending", "failed"):
         line += f"  (error: {_flat(reply['last_error'])})"
     return line
+
+
+def _local(iso: str) -> str:
+    """The stored UTC time as local time with its offset, as all human output shows it."""
+    return stamp_of(datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone())
 
 
 def _flat(text: str) -> str:

@@ -10,20 +10,75 @@ are not followed: a POST that gets moved is a configuration mistake. (The
 `whatsapp` transport reads every answer itself through `exchange`: Meta's
 errors come with any status.)
 
+Every request carries the configured `headers` (e.g. ``Authorization``),
+and with a `signing_secret` an ``X-Chatq-Signature: sha256=<hex>`` header:
+the HMAC-SHA256 of the exact body bytes, as GitHub and Stripe sign their
+webhooks, so a receiver can check the request came from chatq. A 429 or 503
+answer's ``Retry-After`` (seconds or an HTTP date) rides the raised error as
+`retry_after`, and the retry waits that long (at most `RETRY_AFTER_MAX`).
+
 Workers are forked, so nothing loop-bound is built in `__init__`: the
 `ClientSession` is created on first use, inside the worker's running loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+from pydantic import SecretStr
 
-__all__ = ["JsonPoster", "snippet"]
+from chatq.shared.errors import ChatqError
+
+__all__ = [
+    "RETRY_AFTER_MAX",
+    "SIGNATURE_HEADER",
+    "JsonPoster",
+    "retry_after",
+    "reveal",
+    "reveal_one",
+    "sign",
+    "snippet",
+]
 
 _SNIPPET_CHARS = 200
+SIGNATURE_HEADER = "X-Chatq-Signature"
+RETRY_AFTER_MAX = 3600.0  # a server asking for more is waited on this long, then asked again
+
+
+def reveal(headers: Iterable[tuple[str, SecretStr]]) -> dict[str, str]:
+    """Configured headers as sent: secret values, kept out of reprs until here."""
+    return {name: value.get_secret_value() for name, value in headers}
+
+
+def reveal_one(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The X-Chatq-Signature value of `body`: 'sha256=<hex HMAC-SHA256>'."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` value asks for (delta-seconds or HTTP date); None if unusable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            seconds = parsedate_to_datetime(text).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
 class JsonPoster:
@@ -35,15 +90,19 @@ class JsonPoster:
         timeout: float,
         *,
         label: str,
-        retryable: type[Exception],
+        retryable: type[ChatqError],
         permanent: type[Exception],
         timed_out: type[Exception] | None = None,
         headers: Mapping[str, str] | None = None,
         max_connections: int = 100,
+        signing_secret: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = url
         self._max_connections = max_connections  # 0: no limit
         self._headers = dict(headers or {})
+        self._secret = signing_secret.encode() if signing_secret else None
+        self._clock = clock
         self._timeout_s = timeout
         self._retryable = retryable
         self._permanent = permanent
@@ -53,12 +112,14 @@ class JsonPoster:
 
     async def post(self, payload: Mapping[str, Any]) -> bytes:
         """POST `payload`; the body of a 2xx answer, else the error its status calls for."""
-        status, body = await self.exchange(payload)
+        status, body, wait = await self._request(payload)
         if 200 <= status < 300:
             return body
         detail = f"{self.where} answered {status}{snippet(body)}"
         if status >= 500 or status == 429:
-            raise self._retryable(detail)
+            error = self._retryable(detail)
+            error.retry_after = wait
+            raise error
         raise self._permanent(detail)
 
     async def aclose(self) -> None:
@@ -72,11 +133,23 @@ class JsonPoster:
 
         Timeouts and connection errors raise the `timed_out` and `retryable` classes.
         """
+        status, body, _ = await self._request(payload)
+        return status, body
+
+    async def _request(self, payload: Mapping[str, Any]) -> tuple[int, bytes, float | None]:
+        """POST; the status, the body and what a 429/503's Retry-After asks for."""
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self._secret, body)
         try:
             async with self._session().post(
-                self._url, json=payload, allow_redirects=False
+                self._url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                return response.status, await response.read()
+                wait = None
+                if response.status in (429, 503):
+                    wait = retry_after(response.headers.get("Retry-After"), self._clock())
+                return response.status, await response.read(), wait
         except TimeoutError as exc:  # also aiohttp's ServerTimeoutError
             raise self._timed_out(f"{self.where}: no answer within {self._timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:

@@ -14,8 +14,11 @@ worker stops (``on_fatal``) and the next start sends what is unconfirmed.
 What a transport error does (the `whatsapp` transport sorts Meta's codes
 into these classes):
 
-    RetryableTransportError  retry after reply_backoff (with jitter); fail after
-                             REPLY_MAX_ATTEMPTS attempts
+    RetryableTransportError  retry after reply_backoff (with jitter), or after what
+                             the server's Retry-After asked for; fail after
+                             `max_attempts` (REPLY_MAX_ATTEMPTS; the webhook
+                             transport's own webhook_max_attempts and
+                             webhook_retry_backoff, see tenant_worker/worker.py)
     TransientTransportError  the same, without the attempt limit: it is known to pass
                              (the backoff is capped at REPLY_BACKOFF_MAX)
     PairRateLimitError       transient, but the wait is 4^n s (jitter only adds to it),
@@ -45,6 +48,7 @@ from typing import Protocol
 from loguru import logger
 
 from chatq.shared.errors import (
+    ChatqError,
     PairRateLimitError,
     PermanentTransportError,
     SendingPausedError,
@@ -114,6 +118,7 @@ class Outbox:
         tenant_per_minute: int | None = None,
         number_per_second: int | None = None,
         retry_backoff: float = 1.0,
+        max_attempts: int = REPLY_MAX_ATTEMPTS,
         jitter: Callable[[float], float] = jittered,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -131,6 +136,7 @@ class Outbox:
             ThroughputLimiter(number_per_second, monotonic, sleep) if number_per_second else None
         )
         self._retry_backoff = retry_backoff
+        self._max_attempts = max_attempts
         self._jitter = jitter
         self._clock = clock
         self._sleep = sleep
@@ -139,16 +145,26 @@ class Outbox:
         self._halted = False  # a store write failed: send nothing more (see _deliver)
         self.paused: Pause | None = None  # the provider refused all sending (see _pause)
         self._pair_strikes: dict[str, int] = {}  # chat -> consecutive pair-rate refusals
+        self._unsent = 0  # submitted, neither sent nor failed for good (paused ones too)
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
         for reply in replies:
+            self._unsent += 1
             done = self._lines.enqueue(reply.chat_id, partial(self._deliver, reply), force=True)
             done.add_done_callback(self._check)
 
     def pending(self) -> int:
         """Replies not yet delivered or given up on."""
         return self._lines.get_total_queued() + self._lines.in_flight()
+
+    def unsent(self) -> int:
+        """Replies submitted in this run and not yet sent or failed for good.
+
+        Unlike `pending`, those held by a pause or a halt still count: they
+        are pending in the store (the operator's "reply backlog").
+        """
+        return self._unsent
 
     async def wait_empty(self, grace: float) -> bool:
         """Wait up to ``grace`` s for every queued reply to be handled."""
@@ -208,7 +224,7 @@ class Outbox:
                 error = _part_error(exc, len(sent), len(parts))
                 attempts = reply.attempts + 1
                 bounded = not isinstance(exc, TransientTransportError)
-                if bounded and attempts >= REPLY_MAX_ATTEMPTS:  # fail_reply counts this one
+                if bounded and attempts >= self._max_attempts:  # fail_reply counts this one
                     await self._give_up(reply, f"{error} (after {attempts} attempts)")
                     return
                 reply = await self._reschedule(reply, error, self._retry_delay(reply, exc))
@@ -218,6 +234,7 @@ class Outbox:
             self._pair_strikes.pop(reply.chat_id, None)
             self._store.mark_sent_soon(reply.id, sent[-1]).add_done_callback(self._check)
             self._stats.sent += 1
+            self._unsent -= 1
             return
 
     async def _send_parts(self, chat_id: str, parts: list[str], sent: list[str]) -> None:
@@ -229,6 +246,8 @@ class Outbox:
             sent.append(await self._transport.send(chat_id, part))
 
     def _retry_delay(self, reply: Reply, exc: Exception) -> float:
+        if isinstance(exc, ChatqError) and exc.retry_after is not None:
+            return exc.retry_after  # the server said when (Retry-After): no jitter needed
         if isinstance(exc, PairRateLimitError):
             strikes = self._pair_strikes.get(reply.chat_id, 0) + 1
             self._pair_strikes[reply.chat_id] = strikes
@@ -274,6 +293,7 @@ class Outbox:
         await self._store.fail_reply(reply.id, error)
         self._pair_strikes.pop(reply.chat_id, None)
         self._stats.send_failed += 1
+        self._unsent -= 1
 
 
 def _part_error(exc: BaseException, done: int, parts: int) -> str:

@@ -30,6 +30,7 @@ from loguru import logger
 
 from chatq.config.settings import TenantConfig
 from chatq.shared.errors import (
+    ChatqError,
     HandlerError,
     HandlerTimeoutError,
     PermanentHandlerError,
@@ -189,6 +190,19 @@ class Pipeline:
         if unfinished or replies:
             logger.info("replayed {} messages and {} replies", len(unfinished), len(replies))
 
+    def redrive(self, messages: Sequence[Message]) -> None:
+        """Queue messages an operator put back (``chatq retry``; rows already ``queued``).
+
+        While draining they stay queued in the store, for the next start.
+        """
+        if self._draining:
+            return
+        for message in messages:
+            self._dedup.is_duplicate(message.id)  # a resend of it by its chat is a duplicate
+            self._enqueue(message, force=True)
+        if messages:
+            logger.info("requeued {} failed or rejected messages", len(messages))
+
     def _admit(self, messages: Sequence[Message]) -> tuple[list[Message], list[Message]]:
         """Split into messages the chats have room for and ones they don't.
 
@@ -332,7 +346,7 @@ class Pipeline:
                     return
                 logger.warning("handler failed (attempt {}/{}): {!r}", attempts, limit, exc)
                 await self._store.fail(message.id, repr(exc), final=False)
-                await self._sleep(handler_backoff(attempts, self._tenant.retry_backoff))
+                await self._sleep(self._retry_delay(attempts, exc))
                 continue
             # A drain's cancellation cannot lose this write: the store queues it
             # before the first suspension and commits it even if we stop waiting
@@ -341,6 +355,12 @@ class Pipeline:
             self.stats.processed += 1
             self._outbox.submit(stored)
             return
+
+    def _retry_delay(self, attempts: int, exc: Exception) -> float:
+        """The handler's backoff, or what its server's Retry-After asked for."""
+        if isinstance(exc, ChatqError) and exc.retry_after is not None:
+            return exc.retry_after
+        return handler_backoff(attempts, self._tenant.retry_backoff)
 
     async def _run_handler(self, message: Message, attempt: int) -> list[str]:
         try:

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import aiosqlite
 from loguru import logger
 
-from chatq.shared.errors import StoreError, StoreUnavailable
+from chatq.shared.errors import RedriveRefused, StoreError, StoreUnavailable
 from chatq.tenant_worker.delivery import advance
 from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
 from chatq.tenant_worker.store_errors import is_transient, one_line, store_error
@@ -58,6 +58,7 @@ __all__ = [
     "MESSAGE_STATUSES",
     "MIGRATIONS",
     "REPLY_STATUSES",
+    "Selection",
     "Store",
     "StoredMessage",
 ]
@@ -131,14 +132,18 @@ _V2 = (
     "CREATE INDEX replies_by_provider ON replies (provider_id)",  # statuses find them by it
 )
 
+# Retention (tenant_worker/retention.py) finds old rows by arrival time.
+_V3 = ("CREATE INDEX messages_by_received ON messages (received_at)",)
+
 # Forward migrations: entry N (0-based) takes the schema from user_version N
 # to N + 1. Append only; never edit a released entry.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 
 # Page cache per connection. Writes touch the tail of each table and index,
 # reads are rare (replay, counts): SQLite's default 2 MiB per connection bought
 # no throughput in bench/worker_bench.py and was 4 MB of a worker's 60 MB.
 CACHE_KIB = 256
+VACUUM_PAGES_MAX = 2000  # free pages one prune gives back (8 MB): bounds its transaction
 _MESSAGE_COLUMNS = (
     "seq, id, chat_id, sender, text, ts, received_at, status, attempts, last_error, type, payload"
 )
@@ -160,6 +165,14 @@ class StoredMessage:
     status: str
     attempts: int
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Dead letters to put back (`chatq retry`/`resend`): these ids, or every one (of a chat)."""
+
+    ids: tuple[str | int, ...] | None = None  # message ids (str) or reply ids (int)
+    chat: str | None = None  # with ids None: only this chat's
 
 
 class Store:
@@ -289,7 +302,47 @@ class Store:
         """`apply_statuses` without waiting: queued now, so it can share a commit."""
         return self._enqueue(_ApplyStatuses(list(updates)))
 
+    async def requeue_failed(self, selection: Selection) -> list[StoredMessage]:
+        """Put failed and rejected messages back to ``queued``, attempts 0, in arrival order.
+
+        Returns them as they were (their old status and attempts). RedriveRefused,
+        changing nothing, if a named id is unknown or not failed/rejected.
+        """
+        rows = _check_redrive(await self._submit(_Requeue(selection)))
+        return [self._stored_message(row) for row in rows]
+
+    async def resend_failed(self, selection: Selection) -> list[Reply]:
+        """Put failed replies back to ``pending``, attempts 0, due now, oldest first.
+
+        RedriveRefused, changing nothing, if a named id is unknown or not failed.
+        """
+        rows = _check_redrive(await self._submit(_Resend(selection)))
+        return [Reply(*row) for row in rows]
+
+    async def prune(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` finished messages received before `cutoff`, with their replies.
+
+        Finished: processed, failed or rejected, and no reply still pending.
+        Returns how many messages went. It shares a group commit with the
+        writes waiting beside it, and gives the pages it freed back to the
+        file system in the same transaction (incremental vacuum).
+        """
+        return await self._submit(_Prune(cutoff, limit))
+
     # -- reads ----------------------------------------------------------------
+
+    async def oldest_received_at(self) -> float | None:
+        """When the oldest stored message arrived (epoch seconds); None if there is none."""
+        rows = await self._read("SELECT MIN(received_at) FROM messages")
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def size_bytes(self) -> int:
+        """The store on disk: its file and write-ahead log."""
+        total = 0
+        for file in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size
+        return total
 
     async def unfinished_messages(self) -> list[StoredMessage]:
         """Messages still queued or processing, in arrival order (for replay)."""
@@ -374,7 +427,8 @@ class Store:
                 batch.append(self._pending.popleft())
             remaining = deadline - asyncio.get_running_loop().time()
             if len(batch) >= target or self._closing or remaining <= 0:
-                self._last_batch = len(batch)
+                # Background work (a prune) says nothing about the load to come.
+                self._last_batch = sum(not op.BACKGROUND for op in batch)
                 return batch
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -525,11 +579,25 @@ def _prepare_file(path: Path, busy_timeout: float) -> None:
         raise kind(f"store {path}: cannot create folder {path.parent}: {exc.strerror}") from exc
     connect = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
     with contextlib.closing(connect) as conn:
+        _incremental_vacuum(conn)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
         _make_private(path)
         _migrate(conn, path)
+
+
+def _incremental_vacuum(conn: sqlite3.Connection) -> None:
+    """auto_vacuum = INCREMENTAL, so pruned stores shrink (`Store.vacuum`).
+
+    A new file takes it before its first table; an older one needs one full
+    VACUUM (a rewrite of the file, once, at the first start that has this).
+    """
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]:
+        conn.execute("VACUUM")
 
 
 def _make_private(path: Path) -> None:
@@ -651,6 +719,7 @@ class _Op(Generic[T]):
     # answered "later" (503) and sends it again.
     REFUSABLE: ClassVar[bool] = False
     TABLE: ClassVar[str] = "messages"
+    BACKGROUND: ClassVar[bool] = False  # housekeeping no caller waits on for an answer
     future: asyncio.Future[T] = field(init=False, repr=False)
     outcome: T | StoreError = field(init=False, repr=False)
 
@@ -952,6 +1021,146 @@ class _ApplyStatuses(_Op[StatusCounts]):
                 "UPDATE replies SET status = j.value ->> 1, last_error = j.value ->> 2"
                 " FROM json_each(?) AS j WHERE replies.id = j.value ->> 0",
                 (_json(rows),),
+            )
+
+
+@dataclass(eq=False)
+class _Prune(_Op[int]):
+    NAME = "prune"
+    BACKGROUND = True
+    cutoff: float
+    limit: int
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", "*")]  # old, finished rows: no other op touches them
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            ids = [
+                row[0]
+                for row in _fetch(
+                    db,
+                    "SELECT id FROM messages WHERE received_at < ?"
+                    " AND status IN ('processed', 'failed', 'rejected') AND NOT EXISTS"
+                    " (SELECT 1 FROM replies WHERE message_id = messages.id"
+                    " AND status = 'pending') ORDER BY received_at LIMIT ?",
+                    op.cutoff,
+                    op.limit,
+                )
+            ]
+            chosen = _json(ids)
+            db.execute(
+                "DELETE FROM replies WHERE message_id IN (SELECT value FROM json_each(?))",
+                (chosen,),
+            )
+            db.execute(
+                "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))", (chosen,)
+            )
+            op.outcome = len(ids)
+        _give_back_free_pages(db, VACUUM_PAGES_MAX)
+
+
+def _give_back_free_pages(db: sqlite3.Connection, most: int) -> None:
+    """Incremental vacuum inside the open transaction, one page per step.
+
+    (sqlite3's execute steps a statement without columns once, and each step
+    of ``incremental_vacuum`` frees one page.)
+    """
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
+    for _ in range(min(free, most)):
+        db.execute("PRAGMA incremental_vacuum(1)")
+
+
+Redriven = tuple[list[tuple[Any, ...]], str | None]  # the rows put back, or why none were
+
+
+def _check_redrive(outcome: Redriven) -> list[tuple[Any, ...]]:
+    rows, refusal = outcome
+    if refusal is not None:
+        raise RedriveRefused(refusal)
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _DeadLetters:
+    """Where a kind of dead letter lives: its query, and the columns of its id and status."""
+
+    noun: str
+    select: str
+    id_at: int
+    status_at: int
+    statuses: tuple[str, ...]
+
+    def find(self, db: sqlite3.Connection, selection: Selection) -> Redriven:
+        """The rows `selection` names, oldest first; or why it names a wrong one."""
+        if selection.ids is None:
+            where = "status IN (SELECT value FROM json_each(?))"
+            params: list[Any] = [_json(list(self.statuses))]
+            if selection.chat is not None:
+                where, params = f"{where} AND chat_id = ?", [*params, selection.chat]
+            return _fetch(db, f"{self.select} WHERE {where} ORDER BY 1", *params), None
+        rows = _fetch(
+            db,
+            f"{self.select} WHERE id IN (SELECT value FROM json_each(?)) ORDER BY 1",
+            _json(list(selection.ids)),
+        )
+        found = {row[self.id_at]: row[self.status_at] for row in rows}
+        for wanted in selection.ids:
+            status = found.get(wanted)
+            if status is None:
+                return [], f"no such {self.noun}: {wanted}"
+            if status not in self.statuses:
+                return [], f"{self.noun} {wanted} is {status}, not {' or '.join(self.statuses)}"
+        return rows, None
+
+
+_FAILED_MESSAGES = _DeadLetters(
+    "message", f"SELECT {_MESSAGE_COLUMNS} FROM messages", 1, 7, ("failed", "rejected")
+)
+_FAILED_REPLIES = _DeadLetters(
+    "reply", "SELECT id, message_id, chat_id, text, status FROM replies", 0, 4, ("failed",)
+)
+
+
+@dataclass(eq=False)
+class _Requeue(_Op[Redriven]):
+    NAME = "requeue_failed"
+    selection: Selection
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("messages", "*")]  # which rows is only known inside: one at a time
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            op.outcome = _FAILED_MESSAGES.find(db, op.selection)
+            ids = [row[1] for row in op.outcome[0]]
+            db.execute(
+                "UPDATE messages SET status = 'queued', attempts = 0, last_error = NULL,"
+                " updated_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+                (now, _json(ids)),
+            )
+
+
+@dataclass(eq=False)
+class _Resend(_Op[Redriven]):
+    NAME = "resend_failed"
+    TABLE = "replies"
+    selection: Selection
+
+    def rows(self) -> Iterable[tuple[str, str | int]]:
+        return [("replies", "*")]
+
+    @classmethod
+    def run_many(cls, db: sqlite3.Connection, ops: Sequence[Self], now: float) -> None:
+        for op in ops:
+            found, refusal = _FAILED_REPLIES.find(db, op.selection)
+            op.outcome = ([(*row[:4], 0, now) for row in found], refusal)
+            db.execute(
+                "UPDATE replies SET status = 'pending', attempts = 0, last_error = NULL,"
+                " next_attempt_at = ? WHERE id IN (SELECT value FROM json_each(?))",
+                (now, _json([row[0] for row in found])),
             )
 
 

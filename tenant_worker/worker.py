@@ -42,6 +42,8 @@ from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.messages import Message
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Accepted, Pipeline
+from chatq.tenant_worker.redrive import Redrive
+from chatq.tenant_worker.retention import Retention
 from chatq.tenant_worker.stats import WorkerStats
 from chatq.tenant_worker.store import Store
 from chatq.tenant_worker.store_lock import StoreLock
@@ -73,6 +75,7 @@ class Service:
     pipeline: Pipeline
     outbox: Outbox
     ingest: Ingest
+    retention: Retention
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Worker:
         self._outbox: Outbox | None = None  # idem
         self._ingest: Ingest | None = None  # idem
         self._store: Store | None = None  # idem
+        self._retention: Retention | None = None  # idem
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -226,6 +230,7 @@ class Worker:
         failure here is a clean "failed to boot".
         """
         tenant, store = self.tenant, parts.store
+        self._store = store  # beats report its size and health from now on
         counts = await store.counts()
         stats = parts.stats
         stats.processed, stats.failed = counts["processed"], counts["failed"]
@@ -239,7 +244,7 @@ class Worker:
             per_chat_per_minute=tenant.rate_limit_per_minute,
             tenant_per_minute=tenant.tenant_rate_limit_per_minute,
             number_per_second=_number_rate(tenant),
-            retry_backoff=tenant.retry_backoff,
+            **_reply_schedule(tenant),
             on_fatal=self._store_failed,
         )
         pipeline = Pipeline(
@@ -252,6 +257,8 @@ class Worker:
             apply_statuses=store.apply_statuses_soon,  # queued at once: shares the commit
             token=_secret(tenant.ingest_token),
         )
+        redrive = Redrive(store, pipeline, outbox, lambda: ingest.state is IngestState.RUNNING)
+        redrive.add_routes(ingest.app)
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
             [row.message for row in unfinished],
@@ -260,8 +267,8 @@ class Worker:
         )
         ingest.state = IngestState.RUNNING
         self._pipeline, self._outbox, self._ingest = pipeline, outbox, ingest
-        self._store = store
-        return Service(pipeline, outbox, ingest)
+        self._retention = Retention(store, tenant.retention_days)
+        return Service(pipeline, outbox, ingest, self._retention)
 
     async def _listen(self, ingest: Ingest) -> None:
         path, port = self.config.socket_path(self.tenant.id), self.tenant.port
@@ -282,8 +289,12 @@ class Worker:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(self.tenant.id))
         keeper = asyncio.create_task(self._keep_socket(service.ingest))
-        await self._stop.wait()
-        keeper.cancel()
+        pruning = asyncio.create_task(service.retention.run(), name="retention")
+        try:
+            await self._stop.wait()
+        finally:
+            keeper.cancel()
+            pruning.cancel()  # a batch already submitted still commits before the store closes
         logger.info("draining ({})", self._stop_reason)
         service.ingest.state = IngestState.DRAINING
         try:
@@ -322,7 +333,8 @@ class Worker:
                 rate_limited=0,
             )
         queue, stats = pipeline.queue, pipeline.stats
-        pause = self._outbox.paused if self._outbox is not None else None
+        outbox = self._outbox
+        pause = outbox.paused if outbox is not None else None
         turned_away = self._ingest.counters if self._ingest is not None else None
         return protocol.Heartbeat(
             seq=seq,
@@ -338,6 +350,9 @@ class Worker:
             replies_sent=stats.sent,
             replies_failed=stats.send_failed,
             replies_retried=stats.retried,
+            replies_pending=outbox.unsent() if outbox is not None else 0,
+            store_bytes=self._store.size_bytes() if self._store is not None else 0,
+            oldest_at=self._retention.oldest_at if self._retention is not None else None,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,
             ingest_refused=turned_away.refused if turned_away else 0,
@@ -351,6 +366,16 @@ class Worker:
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         if self.link is not None:
             self.link.watch(self.request_stop)
+
+
+def _reply_schedule(tenant: TenantConfig) -> dict[str, Any]:
+    """How the outbox retries replies: the webhook transport has its own setting."""
+    if tenant.transport == "webhook":
+        return {
+            "retry_backoff": tenant.webhook_retry_backoff,
+            "max_attempts": tenant.webhook_max_attempts,
+        }
+    return {"retry_backoff": tenant.retry_backoff}
 
 
 def _number_rate(tenant: TenantConfig) -> int | None:

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 class FakeService:
-    """Answers POSTs with the status and body a test sets; records request bodies."""
+    """Answers POSTs with the status, body and headers a test sets; records the requests."""
 
     def __init__(self) -> None:
         self.url = ""
@@ -39,12 +39,17 @@ class FakeService:
         self.status = 200
         self.body = b""
         self.delay = 0.0
+        self.raw: list[bytes] = []  # request bodies as sent (signatures cover these)
+        self.headers: list[dict[str, str]] = []
+        self.reply_headers: dict[str, str] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.raw.append(await request.read())
+        self.headers.append(dict(request.headers))
         self.requests.append(await request.json())
         if self.delay:
             await asyncio.sleep(self.delay)
-        return web.Response(status=self.status, body=self.body or None)
+        return web.Response(status=self.status, body=self.body or None, headers=self.reply_headers)
 
     def answer(self, status: int, body: bytes = b"") -> None:
         self.status, self.body = status, body

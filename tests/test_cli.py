@@ -180,11 +180,14 @@ SUMMARY_KEYS = {
     "replies_sent",
     "replies_failed",
     "replies_retried",
+    "replies_pending",
     "paused",
     "rss_bytes",
+    "manual_restarts",
+    "stopping",
 }
 HEADERS = ["TENANT", "STATE", "PID", "UPTIME", "RESTARTS"]
-HEADERS += ["BEAT", "QUEUED", "PROCESSED", "FAILED", "RSS"]
+HEADERS += ["BEAT", "QUEUED", "PENDING", "PROCESSED", "FAILED", "RSS"]
 DETAIL_KEYS = SUMMARY_KEYS | {
     "enabled",
     "cpu_percent",
@@ -223,8 +226,13 @@ def test_list_table(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_status_json_and_block(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "--config", str(sup.config), "status", "acme", "--json")
-    details = json.loads(out)
+    def sized() -> dict[str, Any] | None:  # the first beats may come before the store opens
+        code, out, _ = run_cli(capsys, "--config", str(sup.config), "status", "acme", "--json")
+        found: dict[str, Any] = json.loads(out)
+        return found if code == 0 and found["store_bytes"] > 0 else None
+
+    details = wait_for("a beat with the store's size", sized)
+    code = 0
     assert code == 0
     assert set(details) >= DETAIL_KEYS
     assert details["tenant"] == "acme"
@@ -237,6 +245,8 @@ def test_status_json_and_block(sup: Supervisor, capsys: pytest.CaptureFixture[st
     assert f"PID: {details['pid']}" in out
     for label in ("Restarts:", "Last exit:", "Backoff:", "Resources: cpu", "Busiest:"):
         assert label in out
+    assert details["store_bytes"] > 0 and details["retention_days"] == 30
+    assert re.search(r"Store: [\d.]+[KM], (no messages|oldest message .*) \(kept 30 days\)", out)
     assert "Log (last" in out and "ready on" in out
 
 
@@ -294,7 +304,7 @@ def test_stale_socket_is_told_apart(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], "chatq: missing command (one of: run, list, status, restart, stop, start, reload,"),
+        ([], "chatq: missing command (one of: run, list, status, logs, restart, stop, start,"),
         (["frobnicate"], "chatq: unknown command 'frobnicate' (one of: run, list,"),
         (["lst"], "chatq: unknown command 'lst' (did you mean 'list'?) (see 'chatq -h')"),
         (["status"], "chatq status: the following arguments are required: tenant"),
@@ -306,6 +316,12 @@ def test_stale_socket_is_told_apart(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["history", "acme", "--limit", "0"], "chatq history: argument --limit: must be >= 1"),
         (["history", "acme", "--limit", "many"], "chatq history: argument --limit: not a whole"),
         (["list", "--bogus"], "chatq list: unexpected argument '--bogus'"),
+        (["stop"], "chatq stop: one of the arguments tenant --all is required"),
+        (["start", "acme", "--timeout", "soon"], "chatq start: argument --timeout: not a number"),
+        (["reload", "--wait", "--no-wait"], "chatq reload: argument --no-wait: not allowed with"),
+        (["logs", "-n", "-1"], "chatq logs: argument -n/--lines: must be 0 to 10000, got -1"),
+        (["retry", "acme"], "chatq retry: one of the arguments --message --failed is required"),
+        (["resend", "acme", "--reply", "x"], "chatq resend: argument --reply: invalid int value"),
     ],
 )
 def test_bad_arguments_are_one_line_naming_the_command(
@@ -453,36 +469,74 @@ def test_restart_changes_only_that_tenants_pid(
 ) -> None:
     before = sup.settle()
     code, out, err = run_cli(capsys, "--config", str(sup.config), "restart", "acme")
-    assert (code, out, err) == (0, "restarting acme\n", "")
-    after = wait_for(
-        "acme running again",
-        lambda: (
-            (rows := sup.all_running()) and rows["acme"]["pid"] != before["acme"]["pid"] and rows
-        ),
-    )
+    assert (code, out, err) == (0, "restarting acme\ndone: acme running\n", "")
+    after = sup.rows()  # waited by default: the new worker is up when the command returns
+    assert after["acme"]["state"] == "running" and after["acme"]["stopping"] is False
+    assert after["acme"]["pid"] != before["acme"]["pid"]
     assert after["globex"]["pid"] == before["globex"]["pid"]
-    assert after["acme"]["restarts"] == before["acme"]["restarts"] + 1
+    assert after["acme"]["restarts"] == before["acme"]["restarts"]  # failures only
+    assert after["acme"]["manual_restarts"] == before["acme"]["manual_restarts"] + 1
 
 
 def test_restart_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
     before = sup.settle()
     code, out, _ = run_cli(capsys, "--config", str(sup.config), "restart", "--all")
-    assert (code, out) == (0, "restarting acme, globex\n")
+    assert (code, out) == (0, "restarting acme, globex\ndone: acme running, globex running\n")
+    rows = sup.all_running()
+    assert rows and all(rows[t]["pid"] != before[t]["pid"] for t in rows)
 
-    def all_new() -> Any:
-        rows = sup.all_running()
-        return rows and all(rows[t]["pid"] != before[t]["pid"] for t in rows) and rows
 
-    wait_for("both restarted", all_new)
+def test_restart_all_leaves_a_stopped_tenant_stopped(
+    sup: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(sup.config)
+    assert run_cli(capsys, "--config", config, "stop", "globex")[0] == 0
+    code, out, _ = run_cli(capsys, "--config", config, "restart", "--all")
+    assert (code, out) == (
+        0,
+        "restarting acme\n"
+        "note: globex is stopped, not restarted (`chatq start globex` starts it)\n"
+        "done: acme running\n",
+    )
+    assert sup.rows()["globex"]["state"] == "stopped"
+
+
+def test_stop_all_and_start_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(sup.config)
+    code, out, _ = run_cli(capsys, "--config", config, "stop", "--all")
+    assert (code, out) == (0, "stopping acme, globex\ndone: acme stopped, globex stopped\n")
+    assert {row["state"] for row in sup.rows().values()} == {"stopped"}
+    code, out, _ = run_cli(capsys, "--config", config, "start", "--all")
+    assert (code, out) == (0, "starting acme, globex\ndone: acme running, globex running\n")
+    assert sup.all_running()
+
+
+def test_no_wait_returns_at_once_and_timeout_names_the_late(
+    sup: Supervisor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(sup.config)
+    before = sup.rows()["acme"]
+    code, out, err = run_cli(capsys, "--config", config, "restart", "acme", "--no-wait")
+    assert (code, out, err) == (0, "restarting acme\n", "")
+    assert sup.rows()["acme"]["stopping"] or sup.rows()["acme"]["pid"] != before["pid"]
+    sup.settle()
+    code, out, err = run_cli(capsys, "--config", config, "restart", "acme", "--timeout", "0.001")
+    assert (code, out) == (1, "restarting acme\n")
+    assert re.fullmatch(
+        r"chatq: restart: not every tenant got there within 0.001s: acme \(\w+, wanted running\)\n",
+        err,
+    )
+    code, _, err = run_cli(capsys, "--config", config, "stop", "acme", "--timeout", "0")
+    assert code == 2 and "--timeout: must be > 0 seconds, got 0" in err
+    assert sup.rows()["acme"]["state"] != "stopped"  # a usage error changes nothing
 
 
 def test_stop_and_start(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
     config = str(sup.config)
     code, out, _ = run_cli(capsys, "--config", config, "stop", "globex")
-    assert (code, out) == (0, "stopping globex\n")
-    stopped = wait_for("globex stopped", lambda: sup.rows()["globex"]["state"] == "stopped")
-    assert stopped
+    assert (code, out) == (0, "stopping globex\ndone: globex stopped\n")
     rows = sup.rows()
+    assert rows["globex"]["last_heartbeat_age_s"] is None  # stopped on purpose: no age to alert on
     assert rows["globex"]["pid"] is None and rows["acme"]["state"] == "running"
 
     code, out, err = run_cli(capsys, "--config", config, "send", "globex", "c1", "hi")
@@ -492,11 +546,14 @@ def test_stop_and_start(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run_cli(capsys, "--config", config, "status", "globex")
     assert "State: stopped" in out and "stop requested" in out
 
+    code, out, _ = run_cli(capsys, "--config", config, "stop", "globex")
+    assert (code, out) == (0, "note: globex is already stopped\n")
+
     code, out, _ = run_cli(capsys, "--config", config, "start", "globex")
-    assert (code, out) == (0, "starting globex\n")
-    sup.settle()
+    assert (code, out) == (0, "starting globex\ndone: globex running\n")
+    assert sup.rows()["globex"]["state"] == "running"
     code, out, err = run_cli(capsys, "--config", config, "start", "globex")
-    assert (code, out, err) == (1, "", "chatq: tenant globex is already running\n")
+    assert (code, out, err) == (0, "note: globex is already running\n", "")
 
 
 def test_killed_worker_comes_back_with_a_restart_counted(
@@ -698,7 +755,25 @@ def test_table_colours_states_and_fits_80_columns(tmp_path: Path) -> None:
     assert "\033[32mrunning" in coloured and "\033[31mfatal" in coloured
     assert "\033[33mbackoff" in coloured and "\033[2mstopped" in coloured
     line = plain.splitlines()[1]
-    assert "12d00h" in line and "41M" in line and "12345678" in line
+    assert "4000000" in line and "12345678" in line
+    assert plain.splitlines()[0].split() == [
+        h for h in HEADERS if h not in ("UPTIME", "FAILED", "RSS")
+    ]
+
+    wide = render.tenant_table(rows, width=200)  # a wide terminal: ids whole, every column
+    assert wide.splitlines()[0].split() == HEADERS
+    assert wide.splitlines()[1].split()[0] == rows[0]["tenant"] and "41M" in wide
+    narrow = render.tenant_table(rows, width=60)
+    assert all(len(line) <= 60 for line in narrow.splitlines())
+    assert {"TENANT", "STATE", "BEAT", "QUEUED", "PENDING"} <= set(narrow.split("\n")[0].split())
+
+
+def test_table_sizes_the_tenant_column_to_the_longest_id(tmp_path: Path) -> None:
+    rows = [handle(tmp_path).summary() for _ in range(2)]
+    rows[1]["tenant"] = "globex-international"
+    header, first, second = render.tenant_table(rows).splitlines()
+    assert second.startswith("globex-international ")  # whole: RSS and UPTIME made room
+    assert first.index("stopped") == second.index("stopped") == header.index("STATE") > 20
 
 
 def test_table_of_a_never_started_tenant(tmp_path: Path) -> None:
@@ -710,6 +785,7 @@ def test_table_of_a_never_started_tenant(tmp_path: Path) -> None:
         "-",
         "0",
         "-",
+        "0",
         "0",
         "0",
         "0",
@@ -725,7 +801,7 @@ def test_status_block_of_a_tenant_in_backoff(tmp_path: Path) -> None:
     block = render.status_block(tenant.details(), colour=False, now=NOW)
     lines = block.splitlines()
     assert lines[0] == "● acme"
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 75))
+    when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(NOW - 75))
     assert f"State: backoff (since {when}; 1m15s ago)" in block
     assert "Restarts: 3" in block
     assert f"Last exit: killed by SIGKILL (code -9) at {when}" in block
@@ -755,13 +831,13 @@ def test_status_block_of_a_running_tenant(tmp_path: Path) -> None:
 def test_status_block_says_why_sending_is_paused(tmp_path: Path) -> None:
     details = handle(tmp_path).details()
     details.update(state="running", pid=4242, uptime_s=60.0, replies_sent=12)
-    details.update(replies_failed=1, replies_retried=3, rate_limited=2)
+    details.update(replies_failed=1, replies_retried=3, rate_limited=2, replies_pending=5)
     assert "Sending:" not in render.status_block(details, now=NOW)
     details.update(paused="190: Error validating access token", paused_since=NOW - 30)
     block = render.status_block(details, now=NOW)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 30))
+    when = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(NOW - 30))
     assert f"Sending: paused: 190: Error validating access token (since {when});" in block
-    assert "Replies: sent 12, failed 1, retried 3, rate limited 2" in block
+    assert "Replies: pending 5, sent 12, failed 1, retried 3, rate limited 2" in block
 
 
 def test_status_block_of_the_gateway_names_its_own_counters(tmp_path: Path) -> None:
@@ -792,3 +868,111 @@ def test_history_and_reload_need_no_secret_from_this_shell(
     )
     code, _, err = run_cli(capsys, "--config", str(config), "reload")
     assert code == 1 and "supervisor is not running" in err  # the file itself passed
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+
+def test_logs_of_one_tenant_and_of_all(sup: Supervisor, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(sup.config)
+    code, out, err = run_cli(capsys, "--config", config, "logs", "acme", "-n", "3")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert 0 < len(lines) <= 3 and all("[acme pid=" in line for line in lines)
+
+    code, out, _ = run_cli(capsys, "--config", config, "logs", "-n", "200")
+    assert code == 0 and "[supervisor pid=" in out and "[globex pid=" in out
+    code, out, _ = run_cli(capsys, "--config", config, "logs", "supervisor", "-n", "1")
+    assert code == 0 and out.count("\n") == 1 and "[supervisor pid=" in out
+
+    code, out, err = run_cli(capsys, "--config", config, "logs", "acmee")
+    assert (code, out, err) == (1, "", "chatq: no such tenant: acmee (did you mean acme?)\n")
+    code, _, err = run_cli(capsys, "--config", config, "logs", "-n", "x")
+    assert code == 2 and err.startswith("chatq logs: argument -n/--lines: not a whole number")
+
+
+CLI = (sys.executable, "-m", "chatq.supervisor.cli")
+
+
+def cli_output(config: str, *argv: str) -> str:
+    """The CLI's stdout, run as its own process (exit 0 expected)."""
+    done = subprocess.run(
+        [*CLI, "--config", config, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_clean_env(),
+        check=True,
+    )
+    return done.stdout
+
+
+def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
+    """A JSON-format supervisor: `logs` renders text, `--json` keeps JSON, -f ends on SIGINT."""
+    sup = Supervisor(
+        tmp_path / "json", TWO_TENANTS.replace("[defaults]", 'log_format = "json"\n\n[defaults]')
+    )
+    try:
+        sup.settle(STARTUP_TIMEOUT)
+        config = str(sup.config)
+        as_json = cli_output(config, "logs", "acme", "--json").splitlines()
+        assert as_json and all(json.loads(line)["tenant_id"] == "acme" for line in as_json)
+
+        follow = subprocess.Popen(
+            [*CLI, "--config", config, "logs", "globex", "-f", "-n", "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(),
+        )
+        try:
+            assert follow.stdout is not None
+            first = follow.stdout.readline()  # the last line kept, as text
+            assert re.match(
+                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} [+-]\d{4} \w+ +\[globex pid=\d+\] ",
+                first,
+            )
+            request(sup.socket, "restart", tenant="globex")  # new lines: the drain, the start
+            later = follow.stdout.readline()
+            assert "[globex pid=" in later  # e.g. its worker draining: followed live
+            follow.send_signal(signal.SIGINT)
+            _, err = follow.communicate(timeout=10)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        assert (follow.returncode, err) == (0, "")
+
+        status = cli_output(config, "status", "acme")
+        tail = status.split("Log (last", 1)[1].splitlines()[1:]
+        assert tail and not any(line.startswith("{") for line in tail)
+    finally:
+        sup.close()
+
+
+# -- tidy output --------------------------------------------------------------------------
+
+
+def test_worker_process_titles_name_their_tenant(sup: Supervisor) -> None:
+    """ps and top tell the workers apart (setproctitle)."""
+    for tenant, row in sup.rows().items():
+        title = " ".join(psutil.Process(row["pid"]).cmdline()).strip()
+        assert title == f"chatq worker {tenant}"
+
+
+def test_last_exit_says_its_code_once(tmp_path: Path) -> None:
+    details = handle(tmp_path).details()
+    details["last_exit"] = {"code": 3, "reason": "exit code 3", "at": NOW}
+    assert "Last exit: exit code 3 at " in render.status_block(details, now=NOW)
+    details["last_exit"] = {"code": 0, "reason": "restart requested", "at": NOW}
+    assert "Last exit: restart requested (code 0) at " in render.status_block(details, now=NOW)
+
+
+def test_log_lines_carry_no_python_reprs() -> None:
+    from chatq.supervisor.control import describe_request
+    from chatq.supervisor.supervisor import changes_text
+
+    changes = {"added": ["initech"], "removed": [], "changed": ["acme"], "unchanged": ["globex"]}
+    assert changes_text(changes) == "added initech; changed acme; unchanged globex"
+    assert describe_request({"cmd": "restart", "tenant": "acme"}) == 'restart tenant="acme"'
+    assert describe_request({"cmd": "list"}) == "list"

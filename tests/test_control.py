@@ -235,12 +235,19 @@ def test_bad_fields_are_named(served: Path, fields: dict[str, Any], needle: str)
         ({"cmd": 7}, "unknown command 7"),
         ({"cmd": "restart", "all": "yes"}, "field 'all' must be true or false"),
         ({"cmd": "status"}, "missing field 'tenant'"),
-        ({"cmd": "stop", "all": True, "tenant": "acme"}, "field 'all'"),
+        ({"cmd": "status", "all": True, "tenant": "acme"}, "field 'all'"),
+        ({"cmd": "stop", "all": True, "tenant": "acme"}, "not both"),
+        ({"cmd": "start"}, "start needs a tenant or"),
         ({"cmd": "list", "tenant": "acme"}, "field 'tenant': list takes no tenant"),
         ({"cmd": "reload", "all": True}, "field 'all': reload takes no tenant"),
         ({"cmd": "restart"}, "restart needs a tenant or"),
         ({"cmd": "restart", "all": False}, "restart needs a tenant or"),
         ({"cmd": "restart", "all": True, "tenant": "acme"}, "not both"),
+        ({"cmd": "logs", "all": True}, "logs takes one tenant or none"),
+        ({"cmd": "logs", "after": -1}, "field 'after' must be a non-negative integer"),
+        ({"cmd": "logs", "limit": True}, "field 'limit' must be a non-negative integer"),
+        ({"cmd": "logs", "limit": 10_001}, "field 'limit': at most 10000"),
+        ({"cmd": "list", "after": 3}, "field 'after': only logs takes it"),
     ],
 )
 def test_parse_request_names_what_is_wrong(body: dict[str, Any], needle: str) -> None:
@@ -258,7 +265,11 @@ def test_parse_request_accepts_each_command_shape() -> None:
         {"cmd": "restart", "tenant": "a", "all": False},
         {"cmd": "stop", "tenant": "a"},
         {"cmd": "start", "tenant": "a"},
+        {"cmd": "stop", "all": True},
+        {"cmd": "start", "all": True},
         {"cmd": "reload"},
+        {"cmd": "logs"},
+        {"cmd": "logs", "tenant": "a", "after": 7, "limit": 0},
         {"cmd": "shutdown"},
     ]:
         assert parse_request(json.dumps(body).encode()) == body

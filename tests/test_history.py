@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def test_bad_limit_is_refused(tmp_path: Path) -> None:
         read_history(tmp_path / "x.sqlite3", limit=0)
 
 
+@pytest.fixture
+def kolkata(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time UTC+05:30: human output shows it, with its offset."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("kolkata")
 async def test_transcript_groups_by_chat(store: Store, db_path: Path) -> None:
     await store.add_messages([msg("a1", "c1"), msg("b1", "c2", "line\nbreak"), msg("a2", "c1")])
     await store.begin_attempt("a1")
@@ -117,11 +129,11 @@ async def test_transcript_groups_by_chat(store: Store, db_path: Path) -> None:
     await store.begin_attempt("b1")
     await store.fail("b1", "handler down", final=True)
     assert format_transcript(read_history(db_path)).splitlines() == [
-        "2026-11-28 12:00:00  c1  <- [processed] hello",
+        "2026-11-28 17:30:00 +0530  c1  <- [processed] hello",
         "    -> [sent] hello",
-        "2026-11-28 12:00:00  c1  <- [queued] hello",
+        "2026-11-28 17:30:00 +0530  c1  <- [queued] hello",
         "",
-        "2026-11-28 12:00:00  c2  <- [failed] line\\nbreak  (error: handler down)",
+        "2026-11-28 17:30:00 +0530  c2  <- [failed] line\\nbreak  (error: handler down)",
     ]
     assert format_transcript([]) == ""
 

@@ -224,3 +224,24 @@ def test_stdlib_exception_is_carried_over(lines: list[str]) -> None:
     record = json.loads(lines[0])
     assert record["level"] == "ERROR"
     assert "ValueError: boom" in record["exception"]
+
+
+def test_a_json_line_renders_as_the_text_format_would_write_it() -> None:
+    """`chatq logs` and `chatq status` show JSON lines as text: the two formats agree."""
+    from chatq.supervisor.render import log_line
+
+    text_lines: list[str] = []
+    json_lines: list[str] = []
+    for fmt, sink in (("text", text_lines), ("json", json_lines)):
+        setup_logging("INFO", fmt, tenant_id="acme", sink=sink.append)  # type: ignore[arg-type]
+        with bind_message("c1", "m\x1b9"):
+            logger.info("hello {}", "\x1b[31mred")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    for text, as_json in zip(text_lines, json_lines, strict=True):
+        assert log_line(as_json)[:19] == text[:19]  # the same second (the ms may differ)
+        assert log_line(as_json)[23:] == text[23:]
+    assert log_line("plain text {not json") == "plain text {not json"
+    assert log_line('{"some": "json"}') == '{"some": "json"}'

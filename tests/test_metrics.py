@@ -75,6 +75,7 @@ def snapshot(tmp_path: Path) -> list[dict[str, Any]]:
             replies_sent=38,
             replies_failed=2,
             replies_retried=7,
+            replies_pending=11,
             paused="190: Error validating access token",
             paused_since=50.0,
             ingest_refused=11,
@@ -112,8 +113,10 @@ def test_every_metric_with_its_type(snapshot: list[dict[str, Any]]) -> None:
         "chatq_up": "gauge",
         "chatq_state": "gauge",
         "chatq_restarts": "counter",
+        "chatq_manual_restarts": "counter",
         "chatq_heartbeat_age_seconds": "gauge",
         "chatq_queued": "gauge",
+        "chatq_replies_pending": "gauge",
         "chatq_in_flight": "gauge",
         "chatq_processed": "counter",
         "chatq_failed": "counter",
@@ -139,6 +142,7 @@ def test_values_of_a_running_tenant(snapshot: list[dict[str, Any]]) -> None:
     assert found[("chatq_heartbeat_age_seconds", acme)] == pytest.approx(0.25)
     expected = {
         "chatq_queued": 5,
+        "chatq_replies_pending": 11,
         "chatq_in_flight": 2,
         "chatq_processed_total": 40,
         "chatq_failed_total": 1,
@@ -169,8 +173,24 @@ def test_unknown_figures_are_absent_not_zero(snapshot: list[dict[str, Any]]) -> 
     """globex has no worker: up 0 and its restarts, but no worker or process figures."""
     found = samples(exposition(snapshot))
     globex = {name for name, labels in found if ("tenant", "globex") in labels}
-    assert globex == {"chatq_up", "chatq_state", "chatq_restarts_total"}
+    assert globex == {
+        "chatq_up",
+        "chatq_state",
+        "chatq_restarts_total",
+        "chatq_manual_restarts_total",
+    }
     assert found[("chatq_up", (("tenant", "globex"),))] == 0.0
+
+
+def test_a_stopped_tenant_has_no_heartbeat_age_but_keeps_its_figures(
+    snapshot: list[dict[str, Any]],
+) -> None:
+    """An alert on heartbeat age must not fire for a tenant stopped on purpose."""
+    stopped = dict(snapshot[0], state="stopped", last_heartbeat_age_s=None, pid=None)
+    found = samples(exposition([stopped]))
+    acme = (("tenant", "acme"),)
+    assert ("chatq_heartbeat_age_seconds", acme) not in found
+    assert found[("chatq_processed_total", acme)] == 40.0
 
 
 def test_registering_does_not_call_the_snapshot() -> None:

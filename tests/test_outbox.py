@@ -170,14 +170,14 @@ async def test_replies_go_out_in_order_per_chat_while_chats_interleave(
 
     for n in range(10):
         rig.outbox.submit([reply(chat, f"{chat}{n}") for chat in chats])
-    assert rig.outbox.pending() == 40
+    assert rig.outbox.pending() == rig.outbox.unsent() == 40
     await rig.done()
 
     for chat in chats:
         assert [t for c, t in rig.transport.sent if c == chat] == [f"{chat}{n}" for n in range(10)]
     assert [c for c, _t in rig.transport.sent[:8]] != ["a"] * 8  # not one chat after another
     assert rig.stats.sent == 40
-    assert rig.outbox.pending() == 0
+    assert rig.outbox.pending() == rig.outbox.unsent() == 0
 
 
 async def test_per_chat_rate_limit_makes_the_third_reply_wait_a_minute(
@@ -506,6 +506,28 @@ async def test_a_pause_sends_nothing_more_and_keeps_replies_pending() -> None:
     assert transport.sent == []  # "slow" woke up paused; "after" and "new" never went
     assert [call[0] for call in store.calls] == ["retry"]  # nothing failed, nothing sent
     assert (stats.sent, stats.send_failed, outbox.pending()) == (0, 0, 0)
+    assert outbox.unsent() == 4  # held by the pause: the backlog `chatq list` shows
+
+
+async def test_a_server_asked_wait_and_an_own_attempt_limit(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Retry-After (carried by the error) sets the wait; max_attempts (the webhook's) the end."""
+
+    def busy(chat: str, text: str) -> Exception:
+        error = RetryableTransportError("webhook_url answered 429")
+        error.retry_after = 42.0
+        return error
+
+    rig = make_rig(busy, retry_backoff=1.0, max_attempts=3)
+    doomed = reply("a", "doomed")
+    rig.outbox.submit([doomed])
+    await rig.done()
+    assert rig.store.calls[:2] == [
+        ("retry", doomed.id, START + 42.0),
+        ("retry", doomed.id, START + 84.0),
+    ]
+    assert rig.store.calls[2][0] == "failed" and "after 3 attempts" in rig.store.calls[2][2]
 
 
 async def test_replies_keep_their_order_through_retries_and_pair_rate(

@@ -63,9 +63,9 @@ def test_a_stalled_reader_never_blocks_the_sender_and_drops_are_reported(
 ) -> None:
     supervisor_end, worker_end = ends
     link = PipeLink(worker_end, max_lines=100)
-    line = "2026-11-29 00:00:00.000 INFO  [t pid=1] " + "x" * 200
+    line = "2026-11-29 00:00:00.000 INFO  [t pid=1] " + "x" * 4_000
 
-    for n in range(5_000):  # ~1.2 MB of lines: far past the pipe's 64 KiB buffer
+    for n in range(5_000):  # ~20 MB of lines: far past what the socket pair buffers
         link.log_sink(f"{line} {n}")
         if n % 1000 == 0:
             link.send(beat(n))

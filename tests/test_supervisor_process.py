@@ -27,7 +27,7 @@ import pytest
 from sandbox import clean_env, wait_for
 from supervisor_fixtures import SupervisorHarness, SupervisorRun, alive, gone
 
-from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
+from chatq.shared.errors import ConfigError, NoSuchTenant
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_crash_loop_backs_off_then_turns_fatal_and_restart_revives(
     time.sleep(0.3)  # longer than backoff_max: fatal means no more restarts
     assert run.status("a")["state"] == "fatal"
 
-    assert run.request("restart", tenant="a") == {"restarting": ["a"]}
+    assert run.request("restart", tenant="a") == {"restarting": ["a"], "skipped": []}
     revived = run.wait_running("a")
     assert alive(psutil.Process(revived))
     assert run.pids() == {**before, "a": revived}
@@ -311,9 +311,7 @@ def test_reload_applies_the_difference_and_refuses_a_bad_file(
     wait_for("c to be removed", lambda: "c" not in run.tenants())
     assert run.pids() == {"a": before["a"], "b": b_pid, "d": d_pid}
     assert gone(before["c"])
-    assert "reloaded: {'added': ['d'], 'removed': ['c'], 'changed': ['b'], 'unchanged': ['a']}" in (
-        run.log()
-    )
+    assert "reloaded: added d; removed c; changed b; unchanged a" in (run.log())
 
     harness.write_config({"a": {"max_queue_size": 0}, "b": {}})
     if via == "control":
@@ -418,7 +416,7 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
 
     assert stat.S_IMODE(run.socket.stat().st_mode) == 0o600
 
-    assert run.request("stop", tenant="a") == {"stopping": "a"}
+    assert run.request("stop", tenant="a") == {"stopping": ["a"], "already_stopped": []}
     stopped = run.wait_state("a", "stopped")
     assert stopped["pid"] is None
     assert stopped["last_exit"]["reason"] == "stop requested"
@@ -426,13 +424,12 @@ def test_control_socket_and_stop_start_restart_all(harness: SupervisorHarness) -
     time.sleep(0.2)
     assert run.status("a")["state"] == "stopped"
 
-    assert run.request("start", tenant="a") == {"starting": "a"}
+    assert run.request("start", tenant="a") == {"starting": ["a"], "already_running": []}
     a_pid = run.wait_running("a", not_pid=before["a"])
-    with pytest.raises(ControlError, match="already running"):
-        run.request("start", tenant="a")
+    assert run.request("start", tenant="a") == {"starting": [], "already_running": ["a"]}
     assert run.pids()["b"] == before["b"]
 
-    assert run.request("restart", all=True) == {"restarting": ["a", "b"]}
+    assert run.request("restart", all=True) == {"restarting": ["a", "b"], "skipped": []}
     new_a = run.wait_running("a", not_pid=a_pid)
     new_b = run.wait_running("b", not_pid=before["b"])
     assert run.pids() == {"a": new_a, "b": new_b}
@@ -495,8 +492,9 @@ def test_a_stop_right_after_a_start_drains_instead_of_being_killed(
 def test_workers_keep_the_fork_servers_heap_shared(harness: SupervisorHarness) -> None:
     """Guard against copy-on-write of the preloaded heap (e.g. a gc.collect() after fork).
 
-    A worker sharing the fork server's frozen heap holds ~9 MB of private
-    memory (USS) idle; one that copied it all held ~20 MB.
+    A worker sharing the fork server's frozen heap holds ~12.5-14 MB of
+    private memory (USS) idle (9.5 before retention, redrive, ingest guards
+    and stack dumps came); one that copied the inherited heap held ~20 MB more.
     """
     harness.write_config(ECHO3)
     run = harness.start()
@@ -507,7 +505,7 @@ def test_workers_keep_the_fork_servers_heap_shared(harness: SupervisorHarness) -
         tenant: psutil.Process(pid).memory_full_info().uss / 2**20 for tenant, pid in pids.items()
     }
     print(f"\nworker USS MB: {uss}")
-    assert max(uss.values()) < 14, uss
+    assert max(uss.values()) < 17, uss
 
 
 def test_a_stderr_nobody_reads_stalls_neither_workers_nor_the_control_socket(

@@ -386,7 +386,9 @@ def test_asked_restart_starts_again_at_once_without_a_failure(
     handle.stop("restart requested", State.STARTING)
     exit_with(handle, 0)
     assert (handle.state, handle.start_at) == (State.BACKOFF, clock.now)
-    assert handle.restarts == 1
+    # Counted apart: `restarts` (what alerts watch) counts failures only.
+    assert (handle.restarts, handle.manual_restarts) == (0, 1)
+    assert handle.summary()["manual_restarts"] == 1
     assert handle.policy.failures == 0
 
 
@@ -824,11 +826,57 @@ def test_a_disabled_tenant_is_not_started_by_restart_all(
     assert t.sup.handle("off").state is State.STOPPED
 
     result = COMMANDS["restart"](t.sup, {"cmd": "restart", "all": True})
-    assert result == {"restarting": ["a"]}
+    assert result == {"restarting": ["a"], "skipped": []}
     t.exit("a", 0)
     t.sup._start_due()
     assert t.sup.handle("off").state is State.STOPPED
     assert t.sup.handle("a").state is State.STARTING
+
+
+def test_restart_all_leaves_operator_stopped_tenants_stopped(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    COMMANDS["stop"](t.sup, {"cmd": "stop", "tenant": "b"})  # draining: already "stopped"
+    t.sup.stop_tenant("c")
+    t.exit("c", 0)
+
+    result = COMMANDS["restart"](t.sup, {"cmd": "restart", "all": True})
+    assert result == {"restarting": ["a"], "skipped": ["b", "c"]}
+    t.exit("b", 0)
+    t.exit("a", 0)
+    t.sup._start_due()
+    states = {h.id: h.state for h in t.sup.handles()}
+    assert states == {"a": State.STARTING, "b": State.STOPPED, "c": State.STOPPED}
+
+
+def test_stop_and_start_are_idempotent_and_take_all(make_supervisor: Callable[..., Any]) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    stop, start = COMMANDS["stop"], COMMANDS["start"]
+    assert start(t.sup, {"cmd": "start", "all": True}) == {
+        "starting": [],
+        "already_running": ["a", "b"],
+    }
+    assert stop(t.sup, {"cmd": "stop", "tenant": "a"}) == {
+        "stopping": ["a"],
+        "already_stopped": [],
+    }
+    assert t.sup.handle("a").summary()["stopping"] is True
+    t.exit("a", 0)
+    assert stop(t.sup, {"cmd": "stop", "all": True}) == {
+        "stopping": ["b"],
+        "already_stopped": ["a"],
+    }
+    t.exit("b", 0)
+    assert stop(t.sup, {"cmd": "stop", "tenant": "b"}) == {
+        "stopping": [],
+        "already_stopped": ["b"],
+    }
+    assert start(t.sup, {"cmd": "start", "all": True}) == {
+        "starting": ["a", "b"],
+        "already_running": [],
+    }
+    assert {h.state for h in t.sup.handles()} == {State.STARTING}
 
 
 def test_start_stop_and_restart_commands(make_supervisor: Callable[..., Any]) -> None:

@@ -24,6 +24,7 @@ from chatq.tenant_worker.handlers.base import (
 from chatq.tenant_worker.handlers.echo import EchoHandler
 from chatq.tenant_worker.handlers.http import HttpHandler
 from chatq.tenant_worker.handlers.module import HandlerFunction, ModuleHandler
+from chatq.tenant_worker.http_client import reveal, reveal_one
 
 __all__ = [
     "REPLY_TYPES",
@@ -49,5 +50,10 @@ def load_handler(tenant: TenantConfig) -> Handler:
     if tenant.handler == "http":
         if tenant.handler_url is None:  # the settings model already refuses this
             raise ConfigError(f"tenant {tenant.id}: handler 'http': handler_url is required")
-        return HttpHandler(tenant.handler_url, timeout=tenant.handler_timeout)
+        return HttpHandler(
+            tenant.handler_url,
+            timeout=tenant.handler_timeout,
+            headers=reveal(tenant.handler_headers),
+            signing_secret=reveal_one(tenant.signing_secret),
+        )
     return ModuleHandler.load(tenant.handler, tenant_id=tenant.id)

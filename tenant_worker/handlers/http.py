@@ -14,13 +14,16 @@ timeouts are `HandlerError` (retryable; the timeout is `HandlerTimeoutError`);
 any other non-2xx status is `PermanentHandlerError`. Redirects are not
 followed: a POST that gets moved is a configuration mistake.
 
-The POST itself, the status mapping and the lazily opened `ClientSession`
-(workers are forked) are `chatq.tenant_worker.http_client.JsonPoster`'s.
+The POST itself, the status mapping, the configured ``handler_headers``, the
+``X-Chatq-Signature`` of ``signing_secret``, ``Retry-After`` and the lazily
+opened `ClientSession` (workers are forked) are
+`chatq.tenant_worker.http_client.JsonPoster`'s.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from chatq.shared.errors import HandlerError, HandlerTimeoutError, PermanentHandlerError
@@ -44,7 +47,14 @@ _JSON_TYPES: dict[type, str] = {
 class HttpHandler:
     """Asks a web service for the replies to each message."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        *,
+        headers: Mapping[str, str] | None = None,
+        signing_secret: str | None = None,
+    ) -> None:
         self._poster = JsonPoster(
             url,
             timeout,
@@ -52,6 +62,8 @@ class HttpHandler:
             retryable=HandlerError,
             permanent=PermanentHandlerError,
             timed_out=HandlerTimeoutError,
+            headers=headers,
+            signing_secret=signing_secret,
         )
 
     async def handle(self, message: Message, ctx: HandlerContext) -> list[str]:

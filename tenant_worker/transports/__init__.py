@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from chatq.config.settings import TenantConfig
 from chatq.shared.errors import ConfigError
+from chatq.tenant_worker.http_client import reveal, reveal_one
 from chatq.tenant_worker.transports.base import Transport
 from chatq.tenant_worker.transports.local import LocalTransport
 from chatq.tenant_worker.transports.memory import FailWith, MemoryTransport
@@ -37,7 +38,12 @@ def make_transport(tenant: TenantConfig) -> Transport:
     if tenant.transport == "webhook":
         if tenant.webhook_url is None:  # the settings model already refuses this
             raise ConfigError(f"tenant {tenant.id}: transport 'webhook': webhook_url is required")
-        return WebhookTransport(tenant.webhook_url, tenant_id=tenant.id)
+        return WebhookTransport(
+            tenant.webhook_url,
+            tenant_id=tenant.id,
+            headers=reveal(tenant.webhook_headers),
+            signing_secret=reveal_one(tenant.signing_secret),
+        )
     if tenant.transport == "whatsapp":
         if tenant.whatsapp is None:  # the settings model already refuses this
             raise ConfigError(

@@ -13,14 +13,19 @@ same POST (to the Graph API ``/<phone-number-id>/messages``, with an
 status mapping, and the id read from ``messages[0].id`` of the answer. Only
 `_body` and `_provider_id` would differ.
 
-The POST itself, the status mapping and the lazily opened `ClientSession`
-(workers are forked) are `chatq.tenant_worker.http_client.JsonPoster`'s.
+The POST itself, the status mapping, the configured ``webhook_headers``, the
+``X-Chatq-Signature`` of ``signing_secret``, ``Retry-After`` and the lazily
+opened `ClientSession` (workers are forked) are
+`chatq.tenant_worker.http_client.JsonPoster`'s. How long a failing reply is
+retried is the tenant's ``webhook_max_attempts`` and ``webhook_retry_backoff``
+(the outbox's schedule; see tenant_worker/outbox.py).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from chatq.shared.errors import PermanentTransportError, RetryableTransportError
@@ -34,7 +39,15 @@ DEFAULT_TIMEOUT_S = 10.0
 class WebhookTransport:
     """Hands replies to a web service that delivers them."""
 
-    def __init__(self, url: str, tenant_id: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        tenant_id: str,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        headers: Mapping[str, str] | None = None,
+        signing_secret: str | None = None,
+    ) -> None:
         self._tenant_id = tenant_id
         self._poster = JsonPoster(
             url,
@@ -42,6 +55,8 @@ class WebhookTransport:
             label="webhook_url",
             retryable=RetryableTransportError,
             permanent=PermanentTransportError,
+            headers=headers,
+            signing_secret=signing_secret,
         )
 
     def split(self, text: str) -> list[str]:
