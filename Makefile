@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(PY) bench/worker_bench.py
 	$(PY) bench/supervisor_bench.py
 	$(PY) bench/whatsapp_bench.py
+	$(PY) bench/gateway_bench.py
+	$(PY) bench/recovery_bench.py
+	$(PY) bench/density_bench.py
 	$(PY) bench/retention_bench.py
 
 clean:
