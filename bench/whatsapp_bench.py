@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/whatsapp_bench.py [--tiers 80 1000] [--replies 2000] [--repeat 3]
 
-Per tier: a real worker (``python -m tenant_worker``: echo handler, transport
+Per tier: a real worker (``python -m chatq.tenant_worker``: echo handler, transport
 ``whatsapp`` with ``messages_per_second`` = the tier, pointed at the fake
 Graph API of tests/fake_graph.py on 127.0.0.1) gets --replies messages from
 as many different users, posted at once in batches of 100; each is answered

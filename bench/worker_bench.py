@@ -3,7 +3,7 @@
     .venv/bin/python bench/worker_bench.py [--repeat 3] [--quick] [--json]
         [--messages 100000] [--clients 8] [--seconds 30] [--log-level WARNING]
 
-A real worker (``python -m tenant_worker``: echo handler, local transport,
+A real worker (``python -m chatq.tenant_worker``: echo handler, local transport,
 ``rate_limit_per_minute`` far out of reach, 1,000 chats) is fed batches of
 100 messages over its unix socket by aiohttp clients:
 
@@ -144,7 +144,7 @@ class ResourceWatch:
 
 
 class Worker:
-    """A `python -m tenant_worker` subprocess in `folder`; stderr goes to a file."""
+    """A `python -m chatq.tenant_worker` subprocess in `folder`; stderr goes to a file."""
 
     def __init__(self, folder: Path, log_level: str) -> None:
         config = write_config(folder, log_level)

@@ -48,7 +48,7 @@ from loguru import logger
 from chatq.shared.errors import ConfigError
 from chatq.shared.escape import printable, printable_lines
 from chatq.shared.local_time import stamp_of
-from chatq.shared.log_repeats import Key, RepeatLimiter, Suppressed
+from chatq.shared.log_repeats import RepeatLimiter, Suppressed
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -232,17 +232,13 @@ def _line_writer(
     the count goes out as a line of its own when their window ends.
     """
     write = _line_sink(sink)
-    held: dict[Key, Record] = {}  # the last record held back, per message
-
     def hand_over(message: Message) -> None:
         record = message.record
         for report in repeats.due():
-            write(formatter(_repeated(held.pop(report.key), report)))
+            write(formatter(_repeated(cast("Record", report.last), report)))
         key = (record["level"].name, record["message"])
-        if repeats.admit(key):
+        if repeats.admit(key, record):
             write(formatter(record))
-        else:
-            held[key] = record
 
     return hand_over
 

@@ -27,6 +27,7 @@ class _Window:
     started: float
     seen: int = 0
     suppressed: int = 0
+    last: object = None  # the last record held back (what the report is made from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Suppressed:
     key: Key
     count: int
     window: float
+    last: object = None
 
 
 class RepeatLimiter:
@@ -55,8 +57,8 @@ class RepeatLimiter:
         self._windows: OrderedDict[Key, _Window] = OrderedDict()
         self._held: dict[Key, _Window] = {}  # windows with records not yet reported
 
-    def admit(self, key: Key) -> bool:
-        """True if a record with this key is to be written now."""
+    def admit(self, key: Key, record: object = None) -> bool:
+        """True if a record with this key is to be written now; else it is kept as the last."""
         now = self._clock()
         window = self._windows.get(key)
         if window is None:
@@ -67,6 +69,7 @@ class RepeatLimiter:
         if window.seen <= self._burst:
             return True
         window.suppressed += 1
+        window.last = record
         self._held[key] = window
         return False
 
@@ -82,8 +85,8 @@ class RepeatLimiter:
         reports = []
         for key in ended:
             window = self._held.pop(key)
-            reports.append(Suppressed(key, window.suppressed, self._window))
-            window.suppressed = 0
+            reports.append(Suppressed(key, window.suppressed, self._window, window.last))
+            window.suppressed, window.last = 0, None
         return reports
 
     def _remember(self, key: Key, now: float) -> _Window:

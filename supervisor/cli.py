@@ -455,7 +455,7 @@ def _redrive(args: argparse.Namespace, kind: str, ids: list[Any] | None) -> tupl
         raise UsageError(f"{args.command}: --chat goes with --failed, not with ids")
     from chatq.config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, secrets=False)  # paths only: no secret needed
     if all(t.id != args.tenant for t in config.tenants):
         raise NoSuchTenant(args.tenant)
     body: dict[str, Any] = {"ids": ids} if ids else {"failed": True}

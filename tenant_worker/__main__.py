@@ -1,4 +1,4 @@
-"""``python -m tenant_worker --config PATH --tenant ID``: one worker in the foreground."""
+"""``python -m chatq.tenant_worker --config PATH --tenant ID``: one worker in the foreground."""
 
 import sys
 

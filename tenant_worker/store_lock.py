@@ -3,7 +3,7 @@
 Two workers on one store would both replay its queued messages and answer
 them twice, and the second would take over the first one's socket. That can
 happen when a worker outlives its supervisor's record of it, or when
-``python -m tenant_worker`` is started by hand beside a supervised worker.
+``python -m chatq.tenant_worker`` is started by hand beside a supervised worker.
 The lock is flock(2) on ``<store>.lock``: the kernel drops it when its holder
 exits, however it exits, so a SIGKILLed worker never leaves a stale lock. The
 file holds the holder's pid, for the error message only. A starting worker

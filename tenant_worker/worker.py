@@ -1,6 +1,6 @@
 """One tenant's worker process: boot, replay, serve, heartbeat, drain.
 
-    python -m tenant_worker --config PATH --tenant ID     # standalone, foreground
+    python -m chatq.tenant_worker --config PATH --tenant ID     # standalone, foreground
 
 The supervisor calls ``run_worker`` in the child it spawns, with one end of a
 duplex pipe: heartbeats, log lines and the boot outcome go up; ``Stop`` comes
@@ -471,12 +471,12 @@ def _tune_gc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tenant_worker --config PATH --tenant ID``."""
+    """``python -m chatq.tenant_worker --config PATH --tenant ID``."""
     import argparse
 
     from chatq.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m tenant_worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m chatq.tenant_worker", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="tenants TOML file")
     parser.add_argument("--tenant", required=True, help="tenant id to run")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Shared test helpers: real worker processes, a unix-socket HTTP client, polling waits.
 
 - `worker_factory(**tenant_keys)` writes a config TOML into ``tmp_path`` and
-  returns a `WorkerProcess` for ``python -m tenant_worker``; every process it
+  returns a `WorkerProcess` for ``python -m chatq.tenant_worker``; every process it
   started is SIGKILLed (if still alive) and reaped in teardown.
 - `WorkerProcess.client()`: an aiohttp session over the worker's unix socket.
 - `wait_until(check, ...)`: poll with a deadline instead of sleeping a fixed time.
@@ -80,7 +80,7 @@ class WorkerProcess:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        """Launch ``python -m tenant_worker`` (the previous run must have ended)."""
+        """Launch ``python -m chatq.tenant_worker`` (the previous run must have ended)."""
         assert self.proc is None or self.proc.poll() is not None, "worker still running"
         self.runs += 1
         folder = self.config.parent

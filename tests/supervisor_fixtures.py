@@ -1,7 +1,7 @@
 """Helpers for tests that run a real supervisor with real workers.
 
 `SupervisorHarness` writes configs into a test's ``tmp_path``, starts
-``python -m supervisor.cli --config PATH run`` as a subprocess (its stderr,
+``python -m chatq.supervisor.cli --config PATH run`` as a subprocess (its stderr,
 where every log line goes, into a file), talks to it over the control socket
 and the tenants' ingest sockets, and -- whatever the test did -- kills the
 supervisor, its fork server and every worker it ever saw in `close()`.

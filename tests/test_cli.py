@@ -868,6 +868,8 @@ def test_history_and_reload_need_no_secret_from_this_shell(
     )
     code, _, err = run_cli(capsys, "--config", str(config), "reload")
     assert code == 1 and "supervisor is not running" in err  # the file itself passed
+    code, _, err = run_cli(capsys, "--config", str(config), "retry", "acme", "--failed")
+    assert "ACME_WA_TOKEN" not in err, err
 
 
 # -- logs ---------------------------------------------------------------------------------

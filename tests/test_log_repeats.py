@@ -48,3 +48,22 @@ def test_a_storm_of_one_error_writes_a_burst_only(lines: list[str]) -> None:
     logger.info("served again")
     assert sum("too many open files" in line for line in lines) == 10
     assert lines[-1].endswith("served again")
+
+
+def test_the_count_goes_out_as_a_line_once_the_window_ends(lines: list[str]) -> None:
+    from chatq.shared.log import _line_writer, _no_format, format_text
+
+    clock = FakeClock()
+    logger.remove()
+    sink = _line_writer(lines.append, format_text, RepeatLimiter(2, 10.0, clock))
+    logger.add(sink, format=_no_format)
+    for _ in range(5):
+        logger.error("disk full")
+    clock.advance(10.0)
+    logger.info("recovered")
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "disk full",
+        "disk full",
+        "(repeated 3 more times in 10 s) disk full",
+        "recovered",
+    ]

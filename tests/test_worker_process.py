@@ -1,4 +1,4 @@
-"""Real worker processes (`python -m tenant_worker`): parallel chats, restarts, drain, crashes.
+"""Real worker processes (`python -m chatq.tenant_worker`): chats, restarts, drain, crashes.
 
 Each test starts its workers through the `worker_factory` fixture, which
 SIGKILLs and reaps whatever is still running when the test ends. Waits poll
