@@ -232,6 +232,7 @@ def _line_writer(
     the count goes out as a line of its own when their window ends.
     """
     write = _line_sink(sink)
+
     def hand_over(message: Message) -> None:
         record = message.record
         for report in repeats.due():
