@@ -50,6 +50,7 @@ import aiosqlite
 from loguru import logger
 
 from chatq.shared.errors import RedriveRefused, StoreError, StoreUnavailable
+from chatq.tenant_worker.checkpoint import BACKSTOP_PAGES, Checkpointer
 from chatq.tenant_worker.delivery import advance
 from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
 from chatq.tenant_worker.store_errors import is_transient, one_line, store_error
@@ -188,6 +189,7 @@ class Store:
         clock: Callable[[], float],
         linger: float,
         max_batch: int,
+        busy_timeout: float = BUSY_TIMEOUT,
     ) -> None:
         self.path = path
         self.tenant_id = tenant_id
@@ -206,6 +208,7 @@ class Store:
         self.unavailable: str | None = None  # why writes fail for now, while they do
         self._unavailable_since = 0.0
         self._retry_delay = RETRY_INITIAL
+        self._checkpoints = Checkpointer(path, busy_timeout)
 
     @classmethod
     async def open(
@@ -228,7 +231,14 @@ class Store:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
         writer, reader = await _open_connections(path, tenant_id, busy_timeout)
         store = cls(
-            path, tenant_id, writer, reader, clock=clock, linger=linger, max_batch=max_batch
+            path,
+            tenant_id,
+            writer,
+            reader,
+            clock=clock,
+            linger=linger,
+            max_batch=max_batch,
+            busy_timeout=busy_timeout,
         )
         store._writer = asyncio.create_task(store._write_loop(), name=f"store-writer:{tenant_id}")
         return store
@@ -399,6 +409,7 @@ class Store:
     async def _shutdown(self) -> None:
         if self._writer is not None:
             await self._writer
+        await self._checkpoints.close()
         # The read-write connection last: the last one to close checkpoints
         # the WAL into the file and deletes it, which a read-only one cannot.
         await _close_quietly(self._reader)
@@ -450,6 +461,7 @@ class Store:
             return
         self._available_again()
         self.commits += 1
+        self._checkpoints.after_commit()
         for op in batch:
             op.settle(f"store {self.path}")
 
@@ -531,6 +543,8 @@ def _connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        # Checkpoints run beside the writer (checkpoint.py); its own is a backstop.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
     except BaseException:
         conn.close()
         raise
