@@ -117,6 +117,7 @@ def summary(latencies: list[float]) -> dict[str, float]:
         "calls": len(ordered),
         "p50_ms": statistics.median(ordered) * 1000,
         "p99_ms": ordered[int(len(ordered) * 0.99) - 1] * 1000,
+        "p999_ms": ordered[int(len(ordered) * 0.999) - 1] * 1000,
     }
 
 
@@ -191,6 +192,7 @@ def main() -> None:
         s = result[phase]
         print(
             f"{phase:>9}: {s['calls']:>6} calls  p50 {s['p50_ms']:.2f} ms  p99 {s['p99_ms']:.2f} ms"
+            f"  p99.9 {s['p999_ms']:.2f} ms"
         )
     print(f"p99 while pruning / p99 between prunes: {result['p99_ratio']:.2f}")
 

@@ -25,8 +25,8 @@ __all__ = ["BATCH", "PASS_EVERY", "Retention"]
 
 BATCH = 50  # messages per prune: about a millisecond of the writer's time
 # Seconds between prunes: ~450 messages/s. What ingest feels is the WAL the
-# deletes write (more checkpoints on the commit path), so the rate is kept
-# low: 1M old messages take ~40 minutes, a day's worth a few seconds.
+# deletes write (each deleted message touches pages of every index), so the
+# rate is kept low: 1M old messages take ~40 minutes, a day's worth a few seconds.
 PAUSE = 0.1
 PASS_EVERY = 3600.0
 DAY = 86_400.0
