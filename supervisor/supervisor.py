@@ -8,6 +8,7 @@ steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
     read frames -> reap exits -> serve control -> act on signals
     -> kill overdue stops -> kill hung workers -> watchdog -> start due workers
+       (a few per pass: a fleet's start is spread over many passes)
 
 Signal handlers only record the signal; the loop acts on it.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from loguru import logger
 
-from chatq.config import ChatqConfig
+from chatq.config import ChatqConfig, TenantConfig
 from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
 from chatq.shared.log import setup_logging
@@ -45,6 +46,11 @@ from chatq.supervisor.waiter import Waiter
 from chatq.supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
 MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
+# Spawns per loop pass, and the time they may take: a fleet starts a few at a
+# time, so the control socket and the running workers' beats are served in
+# between (2,000 spawned before the first pass held `list` up for a minute).
+STARTS_PER_PASS = 8
+START_BUDGET_S = 0.05
 COALESCE = 0.005  # seconds to let a wave of heartbeats finish arriving
 FULL_SAMPLE_EVERY = 6  # watchdog ticks between CPU/fd readings (30 s by default)
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
@@ -134,10 +140,10 @@ class Supervisor:
             logger.info(
                 "supervisor pid {} up; control socket {}", os.getpid(), self.config.control_socket
             )
-            for tenant in self.config.tenants:
-                self._add(self.config, tenant.id)
             if self.config.gateway is not None:
-                self._add_gateway(self.config)
+                self._add_gateway(self.config)  # first: it serves every tenant
+            for tenant in self.config.tenants:
+                self._add(self.config, tenant)
             while not (self._shutting_down and not any(h.alive for h in self.handles())):
                 self.step()
         except BaseException:
@@ -202,7 +208,7 @@ class Supervisor:
         deadlines = [now + MAX_WAIT, self._next_watchdog]
         timeout_s = self.config.supervisor.heartbeat_timeout_s
         for h in self.handles():
-            if h.start_at is not None and h.state is State.BACKOFF:
+            if h.start_at is not None and h.process is None:
                 deadlines.append(h.start_at)
             if h.kill_at is not None:
                 deadlines.append(h.kill_at)
@@ -319,13 +325,17 @@ class Supervisor:
             self._read_stats(handle, full=True)
 
     def _start_due(self) -> None:
+        """Start the programs whose (queued or backoff) start is due: a few per pass."""
         if self._shutting_down:
             return
         now = self._clock()
+        started, budget_end = 0, time.monotonic() + START_BUDGET_S
         for handle in self.handles():
-            due = handle.start_at is not None and handle.start_at <= now
-            if handle.state is State.BACKOFF and due and handle.process is None:
+            if handle.due(now):
                 handle.start(self._ctx)
+                started += 1
+                if started >= STARTS_PER_PASS or time.monotonic() >= budget_end:
+                    return
 
     def _publish(self) -> None:
         if not self.publishing:
@@ -337,11 +347,12 @@ class Supervisor:
 
     # -- operations (commands and signals) -----------------------------------
 
-    def _add(self, config: ChatqConfig, tenant_id: str) -> None:
-        handle = TenantHandle(config, config.tenant(tenant_id), clock=self._clock)
-        self._handles[tenant_id] = handle
-        if handle.tenant.enabled and not self._shutting_down:
-            handle.start(self._ctx)
+    def _add(self, config: ChatqConfig, tenant: TenantConfig) -> None:
+        """A new tenant's handle; an enabled one starts in a coming pass (`_start_due`)."""
+        handle = TenantHandle(config, tenant, clock=self._clock)
+        self._handles[tenant.id] = handle
+        if tenant.enabled and not self._shutting_down:
+            handle.queue_start()
 
     def _add_gateway(self, config: ChatqConfig) -> None:
         handle = GatewayHandle(config, clock=self._clock)
@@ -364,8 +375,8 @@ class Supervisor:
         handle.revive()
         if handle.alive:  # still draining after a stop: start again once it exits
             handle.stop("start requested", State.STARTING)
-        else:
-            handle.start(self._ctx)
+        else:  # in a coming pass: `start --all` on a large fleet must not hold the loop
+            handle.queue_start()
 
     def begin_shutdown(self, reason: str) -> None:
         if not self._shutting_down:
@@ -502,7 +513,7 @@ class Supervisor:
             self._removed.discard(tenant_id)
             draining = self._handles.get(tenant_id)
             if draining is None:
-                self._add(new, tenant_id)
+                self._add(new, new.tenant(tenant_id))
             else:  # removed earlier and still draining: one worker per store, so start it after
                 assert isinstance(draining, TenantHandle)
                 draining.use_config(new)

@@ -92,7 +92,9 @@ class FakeSpawner:
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     fail_with: OSError | None = None
 
-    def spawn(self, _ctx: object, _config: ChatqConfig, _tenant_id: str) -> tuple[Any, Connection]:
+    def spawn(
+        self, _ctx: object, _config: ChatqConfig, _tenant: TenantConfig
+    ) -> tuple[Any, Connection]:
         if self.fail_with is not None:
             raise self.fail_with
         ours, theirs = multiprocessing.Pipe(duplex=True)
@@ -486,7 +488,8 @@ def make_supervisor(
         sup = Supervisor(config, load, LogStream(stream=io.StringIO()), clock=clock)
         made.append(sup)
         for tenant in config.tenants:
-            sup._add(config, tenant.id)
+            sup._add(config, tenant)
+        sup._start_due()
         under_test = SupervisorUnderTest(sup, clock, spawner, reload_to)
         under_test.ready_all()
         return under_test
