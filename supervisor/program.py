@@ -163,6 +163,11 @@ class ProgramHandle:
     def alive(self) -> bool:
         return self.process is not None
 
+    @property
+    def booting(self) -> bool:
+        """Spawned and not ready yet."""
+        return self.process is not None and self.state is State.STARTING
+
     def due(self, now: float) -> bool:
         """No process, and a queued or backed-off start whose time has come."""
         waiting = self.state in (State.STARTING, State.BACKOFF) and self.process is None

@@ -966,3 +966,45 @@ def test_reload_adds_keeps_restarts_and_removes_the_gateway(
     assert t.sup.reload()["removed"] == ["gateway"]
     with pytest.raises(NoSuchTenant):
         t.sup.handle("gateway")
+
+
+class NoControl:
+    """The control server's part of `_wait_time`: no client waiting."""
+
+    def due_in(self) -> float | None:
+        return None
+
+
+def test_a_fleet_starts_a_few_per_pass_with_few_booting_at_once(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): every tenant was spawned before the loop's first pass, so
+    the control socket and heartbeats were dead for the whole start of a large fleet."""
+    monkeypatch.setattr(supervisor_module, "STARTS_PER_PASS", 3)
+    monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 5)
+    t: SupervisorUnderTest = make_supervisor(*tenants(*(f"t{n}" for n in range(12))))
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60  # no other deadline is near
+    spawned = [h for h in t.sup.handles() if h.pid is not None]
+    assert len(spawned) == 3  # one pass: a few; they are running (ready_all)
+    rows = {row["tenant"]: row for row in COMMANDS["list"](t.sup, {"cmd": "list"})}
+    assert [row["state"] for row in rows.values()].count("starting") == 9  # queued: no pid yet
+    assert rows["t11"]["pid"] is None
+    assert t.sup._wait_time() == 0  # starts are due: the next pass comes at once
+
+    t.sup._start_due()
+    t.sup._start_due()  # 3 then 2 more: five booting, the cap
+    booting = [h for h in t.sup.handles() if h.booting]
+    assert len(booting) == 5
+    t.sup._start_due()
+    assert len([h for h in t.sup.handles() if h.pid is not None]) == 8
+    assert t.sup._wait_time() > 0  # at the cap: no busy loop, a Ready frame wakes it
+
+    for handle in booting[:2]:
+        assert handle.pid is not None
+        handle.on_frame(protocol.Ready(pid=handle.pid))
+    t.sup._start_due()
+    assert len([h for h in t.sup.handles() if h.pid is not None]) == 10
+    t.ready_all()
+    t.sup._start_due()
+    assert all(h.pid is not None for h in t.sup.handles())
