@@ -21,7 +21,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
@@ -132,7 +131,7 @@ class Supervisor:
         self._subreaper = become_subreaper()  # see supervisor/child_watch.py
         if not self._subreaper:
             logger.warning("cannot become the child subreaper: a dead fork server orphans workers")
-        forkserver.ensure_running()  # before any thread exists; see supervisor/spawn.py
+        spawn.start_fork_server()  # before any thread exists; see supervisor/spawn.py
         for folder in (self.config.supervisor.run_dir, self.config.supervisor.data_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
         self.control = ControlServer(self.config.control_socket, self._dispatch)
