@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from chatq.shared.files import PRIVATE_UMASK, make_private_folder
     from chatq.supervisor.limits import raise_open_files
     from chatq.supervisor.run_lock import hold_run_dir
-    from chatq.supervisor.spawn import start_fork_server
+    from chatq.supervisor.spawn import ready_flag, start_fork_server
 
     config = load_config(args.config)
     settings = config.supervisor
@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     make_private_folder(settings.run_dir, "run_dir")
     make_private_folder(settings.data_dir, "data_dir")
     hold_run_dir(settings.run_dir)  # held until this process exits
-    start_fork_server()  # it preloads while we import the rest
+    start_fork_server(ready_flag(settings.run_dir))  # it preloads while we import the rest
 
     from chatq.shared.log import setup_logging
     from chatq.supervisor.logstream import LogStream

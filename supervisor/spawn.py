@@ -23,6 +23,7 @@ from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from setproctitle import setproctitle
@@ -32,7 +33,8 @@ from chatq.shared import stack_dump
 
 # Imported by the fork server only (never by the supervisor itself), in this
 # order: signal set-up, what workers and the gateway run (this module too: a
-# child unpickles its target from here), then freeze the lot (keep it last).
+# child unpickles its target from here), then freeze the lot, then say so
+# (keep those two last).
 # What a child imports itself costs it boot CPU and private memory.
 PRELOAD = [
     "chatq.supervisor.forkserver_setup",
@@ -40,7 +42,9 @@ PRELOAD = [
     "chatq.supervisor.gateway.main",
     "chatq.supervisor.spawn",
     "chatq.supervisor.forkserver_ready",
+    "chatq.supervisor.forkserver_up",
 ]
+READY_ENV = "CHATQ_FORKSERVER_READY"  # the file forkserver_up.py creates
 
 
 def context() -> ForkServerContext:
@@ -51,15 +55,44 @@ def context() -> ForkServerContext:
     return ctx
 
 
-def start_fork_server() -> None:
+def start_fork_server(ready_flag: Path | None = None) -> None:
     """Start the fork server now, if it is not running: call it early.
 
     It imports every preloaded module (~0.6 s of CPU) while the supervisor
-    goes on with its own start; the first spawn waits for it to finish, and
-    the loop, with the control socket, waits with it.
+    goes on with its own start, and creates `ready_flag` once done (see
+    supervisor/forkserver_up.py). A spawn before that waits for it.
     """
     context()
-    forkserver.ensure_running()
+    if ready_flag is None or fork_server_pid() is not None:
+        forkserver.ensure_running()
+        return
+    ready_flag.unlink(missing_ok=True)
+    os.environ[READY_ENV] = str(ready_flag)
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[READY_ENV]
+    _awaited.append(ready_flag)
+
+
+_awaited: list[Path] = []  # the flag of the fork server started with one (a process has one)
+
+
+def awaited_flag() -> Path | None:
+    """The ready flag of the fork server `start_fork_server` started, if it was given one."""
+    return _awaited[-1] if _awaited else None
+
+
+def ready_flag(run_dir: Path) -> Path:
+    """The file the fork server started by `chatq run` creates once it can fork."""
+    return run_dir / "forkserver.ready"
+
+
+def fork_server_pid() -> int | None:
+    """The fork server's pid, if one was started (it may have died since)."""
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 def _own_group(config: ChatqConfig, name: str, title: str) -> None:

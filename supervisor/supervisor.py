@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -55,6 +56,10 @@ START_BUDGET_S = 0.05
 # of CPU each with 300 at once on 2 cores, 26 with 8) and leave the
 # supervisor a smaller share. A few per core, for boots that wait on disk.
 MAX_BOOTING = max(8, 4 * (os.cpu_count() or 1))
+# How long the first spawn waits for the fork server to say it is ready
+# (polled between passes); past this, a spawn waits inside multiprocessing.
+FORK_SERVER_WAIT_S = 10.0
+FORK_SERVER_POLL_S = 0.02
 COALESCE = 0.005  # seconds to let a wave of heartbeats finish arriving
 FULL_SAMPLE_EVERY = 6  # watchdog ticks between CPU/fd readings (30 s by default)
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
@@ -107,6 +112,9 @@ class Supervisor:
         self.publishing = config.supervisor.metrics_port is not None
         self._metrics: MetricsServer | None = None
         self._next_publish = 0.0
+        self._fork_server_up = True  # `run` waits for the one `chatq run` started
+        self._ready_flag: Path | None = None
+        self._fork_server_wait_end = 0.0
 
     # -- lookups used by commands ------------------------------------------
 
@@ -132,6 +140,9 @@ class Supervisor:
         if not self._subreaper:
             logger.warning("cannot become the child subreaper: a dead fork server orphans workers")
         spawn.start_fork_server()  # before any thread exists; see supervisor/spawn.py
+        self._ready_flag = spawn.awaited_flag()
+        self._fork_server_up = self._ready_flag is None
+        self._fork_server_wait_end = self._clock() + FORK_SERVER_WAIT_S
         for folder in (self.config.supervisor.run_dir, self.config.supervisor.data_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # sockets and stores: ours only
         self.control = ControlServer(self.config.control_socket, self._dispatch)
@@ -211,7 +222,10 @@ class Supervisor:
         now = self._clock()
         deadlines = [now + MAX_WAIT, self._next_watchdog]
         timeout_s = self.config.supervisor.heartbeat_timeout_s
-        can_start = self._booting() < MAX_BOOTING  # else a Ready frame wakes us
+        if not self._fork_server_up:
+            deadlines.append(now + FORK_SERVER_POLL_S)
+        # At the cap a Ready frame wakes us; before the fork server is, the poll.
+        can_start = self._fork_server_up and self._booting() < MAX_BOOTING
         for h in self.handles():
             if can_start and h.start_at is not None and h.process is None:
                 deadlines.append(h.start_at)
@@ -331,7 +345,7 @@ class Supervisor:
 
     def _start_due(self) -> None:
         """Start the programs whose (queued or backoff) start is due: a few per pass."""
-        if self._shutting_down:
+        if self._shutting_down or not self._fork_server_ready():
             return
         now = self._clock()
         booting = self._booting()
@@ -345,6 +359,20 @@ class Supervisor:
                 booting += handle.booting
                 if started >= STARTS_PER_PASS or time.monotonic() >= budget_end:
                     return
+
+    def _fork_server_ready(self) -> bool:
+        """Whether the fork server has preloaded (its flag file is there), or we waited enough.
+
+        Spawning earlier would block this loop, and the control socket,
+        until it has.
+        """
+        flag = self._ready_flag
+        if self._fork_server_up or flag is None:
+            return True
+        if flag.exists() or self._clock() >= self._fork_server_wait_end:
+            flag.unlink(missing_ok=True)
+            self._fork_server_up = True
+        return self._fork_server_up
 
     def _booting(self) -> int:
         return sum(h.booting for h in self.handles())

@@ -676,6 +676,13 @@ def test_a_dead_fork_server_loses_no_worker(harness: SupervisorHarness) -> None:
     assert "worker exited (exit code 255)" not in run.log()
 
 
+def test_the_fork_server_flags_itself_ready(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    run = harness.start()
+    run.wait_all_running(timeout=5.0)  # not FORK_SERVER_WAIT_S (10 s) after a missed flag
+    assert not (harness.run_dir / "forkserver.ready").exists()  # seen, and removed
+
+
 def test_a_spawn_that_kills_the_fork_server_fails_alone(harness: SupervisorHarness) -> None:
     """A fork server out of file descriptors dies on the next spawn request (issue 15:
     EMFILE in recvfds). That spawn fails, and only it: the supervisor and the other

@@ -1008,3 +1008,40 @@ def test_a_fleet_starts_a_few_per_pass_with_few_booting_at_once(
     t.ready_all()
     t.sup._start_due()
     assert all(h.pid is not None for h in t.sup.handles())
+
+
+def test_nothing_is_spawned_until_the_fork_server_says_it_is_ready(
+    make_supervisor: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A spawn before the fork server has preloaded blocks the loop (and `list`) inside
+    multiprocessing for ~0.6 s; the loop polls its flag file instead."""
+    t: SupervisorUnderTest = make_supervisor()
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    flag = tmp_path / "forkserver.ready"
+    t.sup._ready_flag, t.sup._fork_server_up = flag, False
+    t.sup._fork_server_wait_end = t.clock.now + supervisor_module.FORK_SERVER_WAIT_S
+    t.sup._add(t.sup.config, TenantConfig(id="a"))
+
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is None
+    assert t.sup._wait_time() == pytest.approx(supervisor_module.FORK_SERVER_POLL_S)  # a poll
+
+    flag.touch()
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is not None
+    assert not flag.exists()
+
+
+def test_a_fork_server_that_never_says_ready_is_used_after_a_while(
+    make_supervisor: Callable[..., Any], tmp_path: Path
+) -> None:
+    t: SupervisorUnderTest = make_supervisor()
+    t.sup._ready_flag, t.sup._fork_server_up = tmp_path / "forkserver.ready", False
+    t.sup._fork_server_wait_end = t.clock.now + supervisor_module.FORK_SERVER_WAIT_S
+    t.sup._add(t.sup.config, TenantConfig(id="a"))
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is None
+    t.clock.advance(supervisor_module.FORK_SERVER_WAIT_S)
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is not None
