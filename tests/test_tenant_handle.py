@@ -1045,3 +1045,23 @@ def test_a_fork_server_that_never_says_ready_is_used_after_a_while(
     t.clock.advance(supervisor_module.FORK_SERVER_WAIT_S)
     t.sup._start_due()
     assert t.sup.handle("a").pid is not None
+
+
+def test_a_watchdog_round_is_spread_over_loop_passes(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): reading 1,000 workers in one pass held `list` up ~2 s."""
+    monkeypatch.setattr(supervisor_module, "WATCH_BUDGET_S", 0.0)  # one reading per pass
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    read: list[str] = []
+    monkeypatch.setattr(t.sup, "_read_stats", lambda handle, _full: read.append(handle.id))
+
+    t.sup._watchdog()
+    assert read == ["a"]
+    assert t.sup._wait_time() == 0  # the rest of the round comes next pass
+    t.sup._watchdog()
+    t.sup._watchdog()
+    t.sup._watchdog()
+    assert read == ["a", "b", "c"]
+    assert t.sup._wait_time() > 0
