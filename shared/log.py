@@ -33,6 +33,7 @@ with ``if debug_enabled():`` (a cached bool, set by `setup_logging`).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
@@ -265,6 +266,28 @@ def _repeated(record: Record, report: Suppressed) -> Record:
 def _no_format(_record: Record) -> str:
     # The sink formats from the record; loguru's own format output is unused.
     return ""
+
+
+def _remember_loguru_lib_dirs() -> None:
+    """Have loguru work out its library folders once per process tree, not per sink.
+
+    Every `logger.add` builds an exception formatter that expands 36
+    sysconfig paths to find them: ~5 ms, and ~20 ms in a worker just forked
+    (each expansion walks ~1,000 inherited config values, copying the pages
+    their reference counts live on), a third of a worker's boot. Our sinks
+    format tracebacks themselves and never use the folders. Done at import,
+    so the fork server does it once and every worker inherits the answer.
+    Another loguru without this helper just pays the cost.
+    """
+    try:
+        formatter: Any = importlib.import_module("loguru._better_exceptions").ExceptionFormatter
+        folders = list(formatter._get_lib_dirs())
+    except (ImportError, AttributeError):
+        return
+    formatter._get_lib_dirs = staticmethod(lambda: list(folders))
+
+
+_remember_loguru_lib_dirs()
 
 
 def _level_number(level: str) -> int:

@@ -176,11 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the supervisor in the foreground until SIGTERM/SIGINT."""
     from chatq.config import load_config
     from chatq.shared.files import PRIVATE_UMASK, make_private_folder
-    from chatq.shared.log import setup_logging
     from chatq.supervisor.limits import raise_open_files
-    from chatq.supervisor.logstream import LogStream
     from chatq.supervisor.run_lock import hold_run_dir
-    from chatq.supervisor.supervisor import Supervisor
+    from chatq.supervisor.spawn import ready_flag, start_fork_server
 
     config = load_config(args.config)
     settings = config.supervisor
@@ -189,6 +187,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     make_private_folder(settings.run_dir, "run_dir")
     make_private_folder(settings.data_dir, "data_dir")
     hold_run_dir(settings.run_dir)  # held until this process exits
+    start_fork_server(ready_flag(settings.run_dir))  # it preloads while we import the rest
+
+    from chatq.shared.log import setup_logging
+    from chatq.supervisor.logstream import LogStream
+    from chatq.supervisor.supervisor import Supervisor
+
     stream = LogStream(settings.log_file)
     setup_logging(
         settings.log_level, settings.log_format, tenant_id="supervisor", sink=stream.write_line

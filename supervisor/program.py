@@ -163,13 +163,31 @@ class ProgramHandle:
     def alive(self) -> bool:
         return self.process is not None
 
+    @property
+    def booting(self) -> bool:
+        """Spawned and not ready yet."""
+        return self.process is not None and self.state is State.STARTING
+
+    def due(self, now: float) -> bool:
+        """No process, and a queued or backed-off start whose time has come."""
+        waiting = self.state in (State.STARTING, State.BACKOFF) and self.process is None
+        return waiting and self.start_at is not None and self.start_at <= now
+
     # -- transitions --------------------------------------------------------
+
+    def queue_start(self) -> None:
+        """`starting` now, spawned by the supervisor's loop in a coming pass (`due`)."""
+        self.state = State.STARTING
+        self.start_at = self._clock()
 
     def start(self, ctx: ForkServerContext) -> None:
         """Spawn the worker now (a spawn that fails counts as a failed run)."""
         try:
             self.process, self.conn = self.spawn(ctx)
-        except OSError as exc:  # e.g. out of file descriptors: retry later, keep the rest up
+        except (OSError, EOFError) as exc:
+            # Out of file descriptors or processes, or the fork server died
+            # half-way (EOFError): retry later, keep the rest up. The next
+            # spawn starts a new fork server if this one is gone.
             logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
             self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
             self.boot_error = None

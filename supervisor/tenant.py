@@ -46,7 +46,7 @@ class TenantHandle(ProgramHandle):
         return self.tenant.memory_limit_mb
 
     def spawn(self, ctx: ForkServerContext) -> tuple[BaseProcess, Connection]:
-        return spawn_worker(ctx, self.config, self.id)
+        return spawn_worker(ctx, self.config, self.tenant)
 
     def summary(self) -> dict[str, Any]:
         """The program's row, with the outbox's counters and a paused sending's reason."""

@@ -80,7 +80,7 @@ def test_workers_boot_while_parent_threads_are_logging(config: ChatqConfig) -> N
     forkserver.ensure_running()
     ctx = spawn.context()
     for _ in range(5):
-        process, conn = spawn.spawn_worker(ctx, config, "t1")
+        process, conn = spawn.spawn_worker(ctx, config, config.tenant("t1"))
         try:
             ready = wait_ready(FrameReader(conn), within=20)
             assert ready.pid == process.pid

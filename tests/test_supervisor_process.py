@@ -676,6 +676,36 @@ def test_a_dead_fork_server_loses_no_worker(harness: SupervisorHarness) -> None:
     assert "worker exited (exit code 255)" not in run.log()
 
 
+def test_the_fork_server_flags_itself_ready(harness: SupervisorHarness) -> None:
+    harness.write_config({"a": {}})
+    run = harness.start()
+    run.wait_all_running(timeout=5.0)  # not FORK_SERVER_WAIT_S (10 s) after a missed flag
+    assert not (harness.run_dir / "forkserver.ready").exists()  # seen, and removed
+
+
+def test_a_spawn_that_kills_the_fork_server_fails_alone(harness: SupervisorHarness) -> None:
+    """A fork server out of file descriptors dies on the next spawn request (issue 15:
+    EMFILE in recvfds). That spawn fails, and only it: the supervisor and the other
+    workers go on, and the retry starts a new fork server."""
+    harness.write_config({"a": {}, "b": {}})
+    run = harness.start()
+    before = run.wait_all_running()
+    server = _fork_server(run)
+    open_now = server.num_fds()
+    server.rlimit(psutil.RLIMIT_NOFILE, (open_now, open_now))  # no room to accept a request
+
+    run.request("restart", tenant="b")
+    wait_for("the fork server to die", lambda: not alive(server), 10.0)
+    new_pid = run.wait_running("b", not_pid=before["b"], timeout=15.0)
+
+    assert _fork_server(run).pid != server.pid
+    assert run.pids()["a"] == before["a"]
+    assert (run.status("a")["state"], run.status("a")["restarts"]) == ("running", 0)
+    assert alive(psutil.Process(new_pid))
+    assert "supervisor failed" not in run.log()
+    assert run.post("a", "still here") == 202
+
+
 def chatq(harness: SupervisorHarness, *args: str) -> subprocess.CompletedProcess[str]:
     """The `chatq` command on the harness's config."""
     command = [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path)]

@@ -92,7 +92,9 @@ class FakeSpawner:
     signals: list[tuple[int, signal.Signals]] = field(default_factory=list)
     fail_with: OSError | None = None
 
-    def spawn(self, _ctx: object, _config: ChatqConfig, _tenant_id: str) -> tuple[Any, Connection]:
+    def spawn(
+        self, _ctx: object, _config: ChatqConfig, _tenant: TenantConfig
+    ) -> tuple[Any, Connection]:
         if self.fail_with is not None:
             raise self.fail_with
         ours, theirs = multiprocessing.Pipe(duplex=True)
@@ -486,7 +488,8 @@ def make_supervisor(
         sup = Supervisor(config, load, LogStream(stream=io.StringIO()), clock=clock)
         made.append(sup)
         for tenant in config.tenants:
-            sup._add(config, tenant.id)
+            sup._add(config, tenant)
+        sup._start_due()
         under_test = SupervisorUnderTest(sup, clock, spawner, reload_to)
         under_test.ready_all()
         return under_test
@@ -963,3 +966,102 @@ def test_reload_adds_keeps_restarts_and_removes_the_gateway(
     assert t.sup.reload()["removed"] == ["gateway"]
     with pytest.raises(NoSuchTenant):
         t.sup.handle("gateway")
+
+
+class NoControl:
+    """The control server's part of `_wait_time`: no client waiting."""
+
+    def due_in(self) -> float | None:
+        return None
+
+
+def test_a_fleet_starts_a_few_per_pass_with_few_booting_at_once(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): every tenant was spawned before the loop's first pass, so
+    the control socket and heartbeats were dead for the whole start of a large fleet."""
+    monkeypatch.setattr(supervisor_module, "STARTS_PER_PASS", 3)
+    monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 5)
+    t: SupervisorUnderTest = make_supervisor(*tenants(*(f"t{n}" for n in range(12))))
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60  # no other deadline is near
+    spawned = [h for h in t.sup.handles() if h.pid is not None]
+    assert len(spawned) == 3  # one pass: a few; they are running (ready_all)
+    rows = {row["tenant"]: row for row in COMMANDS["list"](t.sup, {"cmd": "list"})}
+    assert [row["state"] for row in rows.values()].count("starting") == 9  # queued: no pid yet
+    assert rows["t11"]["pid"] is None
+    assert t.sup._wait_time() == 0  # starts are due: the next pass comes at once
+
+    t.sup._start_due()
+    t.sup._start_due()  # 3 then 2 more: five booting, the cap
+    booting = [h for h in t.sup.handles() if h.booting]
+    assert len(booting) == 5
+    t.sup._start_due()
+    assert len([h for h in t.sup.handles() if h.pid is not None]) == 8
+    assert t.sup._wait_time() > 0  # at the cap: no busy loop, a Ready frame wakes it
+
+    for handle in booting[:2]:
+        assert handle.pid is not None
+        handle.on_frame(protocol.Ready(pid=handle.pid))
+    t.sup._start_due()
+    assert len([h for h in t.sup.handles() if h.pid is not None]) == 10
+    t.ready_all()
+    t.sup._start_due()
+    assert all(h.pid is not None for h in t.sup.handles())
+
+
+def test_nothing_is_spawned_until_the_fork_server_says_it_is_ready(
+    make_supervisor: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A spawn before the fork server has preloaded blocks the loop (and `list`) inside
+    multiprocessing for ~0.6 s; the loop polls its flag file instead."""
+    t: SupervisorUnderTest = make_supervisor()
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    flag = tmp_path / "forkserver.ready"
+    t.sup._ready_flag, t.sup._fork_server_up = flag, False
+    t.sup._fork_server_wait_end = t.clock.now + supervisor_module.FORK_SERVER_WAIT_S
+    t.sup._add(t.sup.config, TenantConfig(id="a"))
+
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is None
+    assert t.sup._wait_time() == pytest.approx(supervisor_module.FORK_SERVER_POLL_S)  # a poll
+
+    flag.touch()
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is not None
+    assert not flag.exists()
+
+
+def test_a_fork_server_that_never_says_ready_is_used_after_a_while(
+    make_supervisor: Callable[..., Any], tmp_path: Path
+) -> None:
+    t: SupervisorUnderTest = make_supervisor()
+    t.sup._ready_flag, t.sup._fork_server_up = tmp_path / "forkserver.ready", False
+    t.sup._fork_server_wait_end = t.clock.now + supervisor_module.FORK_SERVER_WAIT_S
+    t.sup._add(t.sup.config, TenantConfig(id="a"))
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is None
+    t.clock.advance(supervisor_module.FORK_SERVER_WAIT_S)
+    t.sup._start_due()
+    assert t.sup.handle("a").pid is not None
+
+
+def test_a_watchdog_round_is_spread_over_loop_passes(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): reading 1,000 workers in one pass held `list` up ~2 s."""
+    monkeypatch.setattr(supervisor_module, "WATCH_BUDGET_S", 0.0)  # one reading per pass
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    read: list[str] = []
+    monkeypatch.setattr(t.sup, "_read_stats", lambda handle, _full: read.append(handle.id))
+
+    t.sup._watchdog()
+    assert read == ["a"]
+    assert t.sup._wait_time() == 0  # the rest of the round comes next pass
+    t.sup._watchdog()
+    t.sup._watchdog()
+    t.sup._watchdog()
+    assert read == ["a", "b", "c"]
+    assert t.sup._wait_time() > 0
