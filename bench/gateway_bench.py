@@ -376,6 +376,12 @@ async def open_loop(
     return latencies, late
 
 
+def process_cpu() -> float:
+    """This process's CPU seconds (the client; its sampling threads are a small part)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def stored_messages(data: Path) -> int:
     total = 0
     for tenant in TENANTS:
@@ -403,10 +409,16 @@ def gateway_phases(args: argparse.Namespace) -> Result:
         with ResourceWatch(pid) as watch, contextlib.ExitStack() as stack:
             for worker_watch in workers:
                 stack.enter_context(worker_watch)
+            client_cpu = process_cpu()
             seconds = asyncio.run(closed_loop(url, singles, args.clients))
+            client_cpu = process_cpu() - client_cpu
         result["single_webhooks_per_s"] = len(singles) / seconds
         result["single_cpu_pct"] = 100 * watch.cpu_s / seconds
         result["workers_cpu_pct"] = 100 * sum(w.cpu_s for w in workers) / seconds
+        per_webhook = 1e6 / len(singles)  # CPU seconds -> us per webhook
+        result["client_us"] = client_cpu * per_webhook
+        result["gateway_us"] = watch.cpu_s * per_webhook
+        result["workers_us"] = sum(w.cpu_s for w in workers) * per_webhook
         peak = max(peak, watch.peak_rss)
         with ResourceWatch(pid) as watch:
             seconds = asyncio.run(closed_loop(url, batches, args.clients))
@@ -466,6 +478,9 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("single_webhooks_per_s", "gateway: 1-message webhooks (= msgs/s)", "{:,.0f} /s"),
     ("single_cpu_pct", "gateway CPU during the 1-message phase", "{:.0f} %"),
     ("workers_cpu_pct", "4 workers' CPU during the 1-message phase", "{:.0f} %"),
+    ("client_us", "CPU per 1-message webhook: the bench's client", "{:.0f} us"),
+    ("gateway_us", "CPU per 1-message webhook: the gateway", "{:.0f} us"),
+    ("workers_us", "CPU per 1-message webhook: the 4 workers", "{:.0f} us"),
     ("batch_webhooks_per_s", "gateway: 50-message webhooks", "{:,.0f} /s"),
     ("batch_msgs_per_s", "gateway: messages in 50-message webhooks", "{:,.0f} /s"),
     ("p50_ms", "p50 webhook -> 200 @500 webhooks/s", "{:.1f} ms"),
