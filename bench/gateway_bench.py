@@ -7,8 +7,11 @@ Four real workers (``python -m chatq.tenant_worker``: echo handler, local
 transport, limits out of the way) and the gateway (``python -m
 chatq.supervisor.gateway``) run in a temporary folder. Bodies are built and
 signed (HMAC-SHA256, as Meta does) before any clock starts; the numbers are
-spread round-robin over the four tenants. The client is aiohttp with
-keep-alive connections, on the same machine.
+spread round-robin over the four tenants. The client runs on the same 2
+cores as what it measures, so it is a lean one (`Client`): keep-alive
+HTTP/1.1 connections over asyncio protocols, each request's bytes (head with
+the signature, body) built before the clock, each answer's status line and
+Content-Length read (about a third of aiohttp's client CPU per webhook).
 
 1. single: --clients concurrent senders post --webhooks webhooks of one
    message each as fast as they are answered: webhooks/s (= messages/s).
@@ -231,50 +234,152 @@ def signed(prefix: str, webhooks: int, per_webhook: int) -> list[tuple[bytes, st
     return out
 
 
-async def post(client: aiohttp.ClientSession, url: str, item: tuple[bytes, str]) -> float:
-    body, signature = item
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": signature}
-    start = time.perf_counter()
-    async with client.post(url, data=body, headers=headers) as response:
-        answer = await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"webhook answered {response.status}: {answer[:200]!r}")
-    return time.perf_counter() - start
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: writes pre-built request bytes, reads a sized answer.
+
+    The load generator shares the 2 cores with what it measures, so it is kept
+    cheap: no headers built or parsed per request beyond the status line and
+    Content-Length (every answer here, aiohttp's, has one).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0 or self._waiter is None:
+            return
+        head = bytes(self._buffer[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
+            self._fail(RuntimeError(f"answer without Content-Length: {head[:200]!r}"))
+            return
+        line_end = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17 : line_end if line_end >= 0 else len(head)])
+        if len(self._buffer) < end + 4 + length:
+            return
+        body = bytes(self._buffer[end + 4 : end + 4 + length])
+        del self._buffer[: end + 4 + length]
+        waiter, self._waiter = self._waiter, None
+        waiter.set_result((int(head[9:12]), body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"connection closed mid-answer ({exc})"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        assert self._transport is not None and self._waiter is None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(request)
+        return await self._waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class Client:
+    """Keep-alive connections to one host:port, opened as needed and reused."""
+
+    def __init__(self, url: str) -> None:
+        rest = url.removeprefix("http://")
+        self._host, _, port_path = rest.partition(":")
+        port, _, self._path = port_path.partition("/")
+        self._port = int(port)
+        self._idle: list[_Connection] = []
+        self._all: list[_Connection] = []
+
+    def request(self, item: tuple[bytes, str]) -> bytes:
+        """The whole request of one signed webhook (built before any clock starts)."""
+        body, signature = item
+        head = (
+            f"POST /{self._path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
+            f"Content-Type: application/json\r\nX-Hub-Signature-256: {signature}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    async def post(self, request: bytes) -> float:
+        """Send one pre-built request; its seconds to the answer, which must be 200."""
+        start = time.perf_counter()
+        conn = self._idle.pop() if self._idle else await self._connect()
+        status, answer = await conn.exchange(request)
+        if status != 200:
+            raise RuntimeError(f"webhook answered {status}: {answer[:200]!r}")
+        self._idle.append(conn)
+        return time.perf_counter() - start
+
+    async def warm(self, connections: int) -> None:
+        """Open `connections` before the clock, as a warm keep-alive pool would be."""
+        for _ in range(connections):
+            self._idle.append(await self._connect())
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(_Connection, self._host, self._port)
+        self._all.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self._all:
+            conn.close()
 
 
 async def closed_loop(url: str, items: Sequence[tuple[bytes, str]], clients: int) -> float:
-    """Seconds for `clients` senders to get every item answered 200."""
-    todo = iter(items)
+    """Seconds for `clients` senders, one connection each, to get every item answered 200."""
+    client = Client(url)
+    requests = iter([client.request(item) for item in items])
+    try:
+        await client.warm(clients)
 
-    async def sender(client: aiohttp.ClientSession) -> None:
-        for item in todo:
-            await post(client, url, item)
+        async def sender() -> None:
+            for request in requests:
+                await client.post(request)
 
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(sender(client) for _ in range(clients)))
+        await asyncio.gather(*(sender() for _ in range(clients)))
         return time.perf_counter() - started
+    finally:
+        client.close()
 
 
 async def open_loop(
     url: str, items: Sequence[tuple[bytes, str]], rate: float
 ) -> tuple[list[float], float]:
     """Post at `rate`/s whatever the answers; each post's seconds and the worst lateness."""
-    latencies: list[float] = []
+    client = Client(url)
+    requests = [client.request(item) for item in items]
     late = 0.0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+    try:
         tasks = []
         start = time.perf_counter()
-        for n, item in enumerate(items):
+        for n, request in enumerate(requests):
             due = start + n / rate
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             late = max(late, time.perf_counter() - due)
-            tasks.append(asyncio.create_task(post(client, url, item)))
+            tasks.append(asyncio.create_task(client.post(request)))
         latencies = list(await asyncio.gather(*tasks))
+    finally:
+        client.close()
     return latencies, late
+
+
+def process_cpu() -> float:
+    """This process's CPU seconds (the client; its sampling threads are a small part)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def stored_messages(data: Path) -> int:
@@ -304,10 +409,16 @@ def gateway_phases(args: argparse.Namespace) -> Result:
         with ResourceWatch(pid) as watch, contextlib.ExitStack() as stack:
             for worker_watch in workers:
                 stack.enter_context(worker_watch)
+            client_cpu = process_cpu()
             seconds = asyncio.run(closed_loop(url, singles, args.clients))
+            client_cpu = process_cpu() - client_cpu
         result["single_webhooks_per_s"] = len(singles) / seconds
         result["single_cpu_pct"] = 100 * watch.cpu_s / seconds
         result["workers_cpu_pct"] = 100 * sum(w.cpu_s for w in workers) / seconds
+        per_webhook = 1e6 / len(singles)  # CPU seconds -> us per webhook
+        result["client_us"] = client_cpu * per_webhook
+        result["gateway_us"] = watch.cpu_s * per_webhook
+        result["workers_us"] = sum(w.cpu_s for w in workers) * per_webhook
         peak = max(peak, watch.peak_rss)
         with ResourceWatch(pid) as watch:
             seconds = asyncio.run(closed_loop(url, batches, args.clients))
@@ -367,6 +478,9 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("single_webhooks_per_s", "gateway: 1-message webhooks (= msgs/s)", "{:,.0f} /s"),
     ("single_cpu_pct", "gateway CPU during the 1-message phase", "{:.0f} %"),
     ("workers_cpu_pct", "4 workers' CPU during the 1-message phase", "{:.0f} %"),
+    ("client_us", "CPU per 1-message webhook: the bench's client", "{:.0f} us"),
+    ("gateway_us", "CPU per 1-message webhook: the gateway", "{:.0f} us"),
+    ("workers_us", "CPU per 1-message webhook: the 4 workers", "{:.0f} us"),
     ("batch_webhooks_per_s", "gateway: 50-message webhooks", "{:,.0f} /s"),
     ("batch_msgs_per_s", "gateway: messages in 50-message webhooks", "{:,.0f} /s"),
     ("p50_ms", "p50 webhook -> 200 @500 webhooks/s", "{:.1f} ms"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -104,6 +105,10 @@ class PipeLink:
                 request_stop(frame.reason)
 
         loop.add_reader(self.conn.fileno(), on_readable)
+        # uvloop's add_reader makes the fd non-blocking (libuv's poll handle);
+        # the sender thread's writes must block on a full pipe, not fail with
+        # EAGAIN and mark the link broken (no heartbeats: the child is "hung").
+        os.set_blocking(self.conn.fileno(), True)
 
     def flush(self, timeout: float) -> bool:
         """Wait up to `timeout` s until everything queued is written; True if it was."""

@@ -32,7 +32,7 @@ from loguru import logger
 from pydantic import SecretStr
 
 from chatq.config import ChatqConfig, TenantConfig
-from chatq.shared import protocol
+from chatq.shared import event_loop, protocol
 from chatq.shared.errors import ChatqError, ConfigError, StoreInUse, StoreUnavailable
 from chatq.shared.files import PRIVATE_UMASK
 from chatq.shared.log import setup_logging
@@ -439,7 +439,7 @@ def _run_worker(config: ChatqConfig, tenant_id: str, link: PipeLink | None) -> i
     if link is not None and (warning := stop_grace_warning(config, tenant)) is not None:
         logger.warning(warning)
     _tune_gc()
-    return asyncio.run(Worker(config, tenant, link).run())
+    return event_loop.run(Worker(config, tenant, link).run())
 
 
 def stop_grace_warning(config: ChatqConfig, tenant: TenantConfig) -> str | None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 
 import pytest
 
-from chatq.shared import protocol
+from chatq.shared import event_loop, protocol
 from chatq.shared.pipe_link import PipeLink
 
 
@@ -100,3 +101,32 @@ def test_a_closed_supervisor_end_marks_the_link_broken(
     assert link.flush(5.0)
     assert link.broken
     link.send(beat(2))  # a no-op now, not an error
+
+
+def test_a_watched_link_on_the_workers_loop_waits_out_a_full_pipe(
+    ends: tuple[Connection, Connection],
+) -> None:
+    """uvloop's reader makes the fd non-blocking; a full pipe must still not break the link."""
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end, max_lines=100)
+    stops: list[str] = []
+
+    async def main() -> None:
+        link.watch(stops.append)
+        for n in range(2_000):  # ~8 MB of lines: far past what the socket pair buffers
+            link.log_sink(f"{'x' * 4_000} {n}")
+        link.send(protocol.Ready(pid=7))
+        assert not link.flush(0.2)  # nobody reads: the sender waits, it does not give up
+        protocol.send(supervisor_end, protocol.Stop(reason="asked"))
+        for _ in range(200):
+            if stops:
+                break
+            await asyncio.sleep(0.01)
+
+    event_loop.run(main())
+    frames = drain(supervisor_end)
+    assert link.flush(5.0)
+    frames += drain(supervisor_end)
+    assert not link.broken  # a broken link sends no heartbeats: the child is called hung
+    assert protocol.Ready(pid=7) in frames
+    assert stops == ["asked"]

@@ -177,10 +177,7 @@ class GatewayApp:
 
     async def _forward_all(self, split: Split) -> tuple[int, dict[str, Any]]:
         tenants = list(split.parts)
-        outcomes = await asyncio.gather(
-            *(self._forward(tenant, split.parts[tenant]) for tenant in tenants),
-            return_exceptions=True,
-        )
+        outcomes = await self._outcomes(split, tenants)
         failed = {}
         for tenant, outcome in zip(tenants, outcomes, strict=True):
             if isinstance(outcome, ForwardError):
@@ -196,6 +193,19 @@ class GatewayApp:
             "statuses": sum(len(part.statuses) for part in split.parts.values()),
             "unknown_numbers": len(split.unknown) + len(split.foreign),
         }
+
+    async def _outcomes(self, split: Split, tenants: list[str]) -> list[BaseException | None]:
+        """Each tenant's forward: None once committed, else what it raised."""
+        if len(tenants) == 1:  # the usual webhook: no task and gather for one forward
+            try:
+                await self._forward(tenants[0], split.parts[tenants[0]])
+            except Exception as exc:
+                return [exc]
+            return [None]
+        return await asyncio.gather(
+            *(self._forward(tenant, split.parts[tenant]) for tenant in tenants),
+            return_exceptions=True,
+        )
 
     def _answer(self, code: int, error: str) -> web.Response:
         self.stats.answered(code)

@@ -25,7 +25,7 @@ from loguru import logger
 
 from chatq.config import ChatqConfig
 from chatq.config.settings import GatewaySettings
-from chatq.shared import protocol
+from chatq.shared import event_loop, protocol
 from chatq.shared.errors import ChatqError, ConfigError
 from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
@@ -163,7 +163,7 @@ def _run_gateway(config: ChatqConfig, link: PipeLink | None) -> int:
         if link is not None:
             link.send(protocol.BootFailed(reason=str(exc)))
         return EXIT_BOOT_FAILED
-    return asyncio.run(Gateway(config, link).run())
+    return event_loop.run(Gateway(config, link).run())
 
 
 def main(argv: list[str] | None = None) -> int:
