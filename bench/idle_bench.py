@@ -5,8 +5,9 @@
 
 Starts `chatq run` with N idle echo tenants (1 s heartbeats, the default),
 waits until all are `running` and then `--settle` seconds (first watchdog
-passes, first full samples), then reads from /proc (psutil) the CPU time
-(user + system, all threads) of the supervisor and of every worker over
+passes, first full samples), then reads from /proc the CPU time
+(/proc/PID/task/*/schedstat: all threads, user + system, in ns) of the
+supervisor and of every worker over
 `--seconds`, scaled to 60 s. Also the context switches per worker per
 second: how often an idle worker wakes. A worker that was restarted during
 the window fails the run (its CPU would be lost). Medians over `--repeat`
@@ -33,8 +34,15 @@ from supervisor_bench import all_running, start_chatq, tenants, wait_for, write_
 
 
 def cpu_s(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return float(times.user + times.system)
+    """CPU time of all its threads, from the scheduler's own count (ns), not clock ticks."""
+    total = 0
+    for task in os.listdir(f"/proc/{proc.pid}/task"):
+        try:
+            with open(f"/proc/{proc.pid}/task/{task}/schedstat") as file:
+                total += int(file.read().split()[0])
+        except FileNotFoundError:  # a thread that ended: its time is lost (idle: none end)
+            pass
+    return total / 1e9
 
 
 def switches(proc: psutil.Process) -> int:
