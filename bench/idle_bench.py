@@ -61,11 +61,11 @@ def one_run(count: int, seconds: float, settle: float) -> dict[str, float]:
             supervisor = psutil.Process(proc.pid)
             pids = sorted(t["pid"] for t in tenants(sock).values())
             workers = [psutil.Process(pid) for pid in pids]
-            sup_before = cpu_s(supervisor)
+            sup_before, sup_switched = cpu_s(supervisor), switches(supervisor)
             before = [cpu_s(w) for w in workers]
             switched = [switches(w) for w in workers]
             time.sleep(seconds)
-            sup_after = cpu_s(supervisor)
+            sup_after, sup_switched = cpu_s(supervisor), switches(supervisor) - sup_switched
             after = [cpu_s(w) for w in workers]
             switched = [switches(w) - s for w, s in zip(workers, switched, strict=True)]
             if sorted(t["pid"] for t in tenants(sock).values()) != pids:
@@ -77,6 +77,7 @@ def one_run(count: int, seconds: float, settle: float) -> dict[str, float]:
                 "workers_cpu_s_per_60s": sum(per_worker),
                 "worker_cpu_ms_per_60s_median": statistics.median(per_worker) * 1000,
                 "worker_switches_per_s_median": statistics.median(switched) / seconds,
+                "supervisor_switches_per_s": sup_switched / seconds,
             }
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -113,6 +114,7 @@ def main() -> None:
     print(
         f"per worker: {result['worker_cpu_ms_per_60s_median']:.1f} ms CPU per 60 s,"
         f" {result['worker_switches_per_s_median']:.1f} context switches/s;"
+        f" supervisor {result['supervisor_switches_per_s']:.1f} context switches/s;"
         f" load average {result['load_average'][0]:.2f}"
     )
 
