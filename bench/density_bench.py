@@ -1,12 +1,15 @@
 """Density: what one more idle tenant costs in memory, driving the real `chatq run`.
 
-    .venv/bin/python bench/density_bench.py [--tenants 100] [--settle 10] [--json]
+    .venv/bin/python bench/density_bench.py [--tenants 100] [--settle 10] [--repeat 3] [--json]
 
 Starts `chatq run` with N idle echo tenants, waits until all are `running`
 and then `--settle` seconds (first heartbeats, first watchdog passes), and
 reads every worker's USS (private memory: what the kernel frees if that one
 worker goes) and PSS (its fair share of the pages it shares) from
 /proc/PID/smaps via psutil.
+
+Each run is a fresh `chatq run`; the figures are medians over `--repeat`
+runs (the bracketed lists: each run's median).
 
 Anchor, in the same run: one separately started Python process with the
 same imports as a worker (``import chatq.tenant_worker.worker``), idle: what
@@ -77,9 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=100)
     parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result: dict[str, Any] = fleet(args.tenants, args.settle)
+    runs = [fleet(args.tenants, args.settle) for _ in range(args.repeat)]
+    result: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    result["runs_uss_mb"] = [round(run["uss_mb_median"], 2) for run in runs]
+    result["runs_pss_mb"] = [round(run["pss_mb_median"], 2) for run in runs]
+    result["load_average"] = os.getloadavg()
     result["anchor_uss_mb"] = anchor_uss() / MB
     result["uss_vs_anchor"] = result["uss_mb_median"] / result["anchor_uss_mb"]
     if args.json:
@@ -89,10 +97,12 @@ def main() -> None:
         f"{result['tenants']} idle tenants, all running in {result['all_running_s']:.1f} s:"
         f" worker USS median {result['uss_mb_median']:.1f} MB (max {result['uss_mb_max']:.1f}),"
         f" PSS median {result['pss_mb_median']:.1f} MB, PSS total {result['pss_gb_total']:.2f} GB"
+        f" (medians of {args.repeat}: USS {result['runs_uss_mb']}, PSS {result['runs_pss_mb']})"
     )
     print(
         f"anchor: a separate Python process with a worker's imports, USS"
-        f" {result['anchor_uss_mb']:.1f} MB; worker/anchor {result['uss_vs_anchor']:.2f}"
+        f" {result['anchor_uss_mb']:.1f} MB; worker/anchor {result['uss_vs_anchor']:.2f};"
+        f" load average {result['load_average'][0]:.2f}"
     )
 
 

@@ -5,7 +5,7 @@ Each frame is one JSON object sent with `Connection.send_bytes` and read with
 unpickle what a (possibly broken or compromised) worker hands it, and a frame
 must be checkable field by field.
 
-    worker -> supervisor   Ready, Heartbeat, BootFailed, LogRecord
+    worker -> supervisor   Ready, Heartbeat, Beat, BootFailed, LogRecord
     supervisor -> worker   Stop
 
 On the wire a frame is its fields plus ``"kind"``, e.g.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from typing import Any, ClassVar, Literal, TypeAlias
 
@@ -36,6 +36,7 @@ from chatq.shared.errors import ChatqError
 __all__ = [
     "MAX_BUSIEST",
     "MAX_FRAME_BYTES",
+    "Beat",
     "BootFailed",
     "Frame",
     "Heartbeat",
@@ -48,6 +49,7 @@ __all__ = [
     "decode",
     "encode",
     "recv",
+    "same_counters",
     "send",
 ]
 
@@ -104,6 +106,16 @@ class Heartbeat:
 
 
 @dataclass(frozen=True, slots=True)
+class Beat:
+    """Worker -> supervisor: a heartbeat whose counters are those of the last
+    `Heartbeat` sent (an idle worker's beats: a few bytes instead of a few
+    hundred, and nothing to check field by field)."""
+
+    kind: ClassVar[Literal["beat"]] = "beat"
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class BootFailed:
     """Worker -> supervisor: could not start (bad handler, store); do not restart."""
 
@@ -132,7 +144,7 @@ class Stop:
     reason: str
 
 
-WorkerFrame: TypeAlias = Ready | Heartbeat | BootFailed | LogRecord
+WorkerFrame: TypeAlias = Ready | Heartbeat | Beat | BootFailed | LogRecord
 SupervisorFrame: TypeAlias = Stop
 Frame: TypeAlias = WorkerFrame | SupervisorFrame
 
@@ -212,6 +224,7 @@ _SCHEMAS: dict[str, tuple[type[Frame], dict[str, _Check]]] = {
             "oldest_at": _optional_number,
         },
     ),
+    Beat.kind: (Beat, {"seq": _count}),
     BootFailed.kind: (BootFailed, {"reason": _text}),
     LogRecord.kind: (LogRecord, {"line": _text, "level": _name}),
     Stop.kind: (Stop, {"reason": _text}),
@@ -259,15 +272,33 @@ def _refuse_constant(constant: str) -> None:
     raise ProtocolError(f"frame holds {constant}, which is not JSON")
 
 
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls, _ in _SCHEMAS.values()}
+# What a `Beat` repeats from the last full heartbeat: all but its seq and time.
+_COUNTER_FIELDS = tuple(name for name in _FIELDS[Heartbeat] if name not in ("seq", "time"))
+
+
+def same_counters(one: Heartbeat, other: Heartbeat) -> bool:
+    """Whether two heartbeats differ only in seq and time (the second can go as a `Beat`)."""
+    return all(getattr(one, name) == getattr(other, name) for name in _COUNTER_FIELDS)
+
+
 # One decoder for all frames: json.loads with options builds a new one per call.
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
+# A Beat on the wire, written and read without json: an idle worker sends one a second.
+_BEAT_HEAD, _BEAT_TAIL = b'{"kind":"beat","seq":', b"}"
+
+
 def encode(frame: Frame) -> bytes:
     """The frame as UTF-8 JSON; ProtocolError if a field is bad or the result is too big."""
-    if type(frame) not in {cls for cls, _ in _SCHEMAS.values()}:
+    if type(frame) is Beat and type(frame.seq) is int and frame.seq >= 0:
+        return b"%s%d%s" % (_BEAT_HEAD, frame.seq, _BEAT_TAIL)
+    if type(frame) not in _FIELDS:
         raise ProtocolError(f"not a frame: {type(frame).__name__}")
-    obj = {"kind": frame.kind, **asdict(frame)}
+    obj: dict[str, Any] = {"kind": frame.kind}
+    for name in _FIELDS[type(frame)]:  # not asdict: it deep-copies every value
+        obj[name] = getattr(frame, name)
     _build(obj)  # the receiver's checks, run here so a bug fails in the sender
     data = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     encoded = data.encode()
@@ -280,6 +311,10 @@ def decode(data: bytes) -> Frame:
     """The frame in `data`; ProtocolError naming what is wrong with it."""
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"frame is {len(data)} bytes, over {MAX_FRAME_BYTES}")
+    if data.startswith(_BEAT_HEAD) and data.endswith(_BEAT_TAIL):
+        digits = data[len(_BEAT_HEAD) : -len(_BEAT_TAIL)]
+        if digits.isdigit() and len(digits) < 20 and (digits[0] != 0x30 or len(digits) == 1):
+            return Beat(seq=int(digits))  # else json says what is wrong with it
     try:
         obj = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError

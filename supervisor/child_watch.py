@@ -119,10 +119,19 @@ def reap_orphans(watched: set[int]) -> list[int]:
 
     Skips the workers (their pidfds report them) and the fork server
     (multiprocessing waits for it, and restarts it on the next spawn).
+    First a peek (``waitid(WNOWAIT)``): no exited child, the usual case, costs
+    one system call; psutil's list of children reads the stat file of every
+    process on the host.
     """
     keep = watched | {pid for pid in (_forkserver_pid(),) if pid is not None}
     reaped = []
-    with contextlib.suppress(psutil.Error):
+    while (pid := _exited_child()) is not None and pid not in keep:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+            reaped.append(pid)
+    if pid is None:
+        return reaped
+    with contextlib.suppress(psutil.Error):  # one of ours is first in line: look at each
         for child in psutil.Process().children():
             if child.pid in keep:
                 continue
@@ -131,3 +140,12 @@ def reap_orphans(watched: set[int]) -> list[int]:
                     os.waitpid(child.pid, os.WNOHANG)
                     reaped.append(child.pid)
     return reaped
+
+
+def _exited_child() -> int | None:
+    """The pid of an exited child, left unreaped; None if there is none."""
+    try:
+        found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # no children at all
+        return None
+    return found.si_pid if found is not None else None

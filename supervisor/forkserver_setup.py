@@ -1,5 +1,9 @@
 """Imported by the fork server process at start (see ``spawn.PRELOAD``), nowhere else.
 
+It also imports what each child needs before its own code runs
+(setproctitle, in ``spawn._own_group``): imported after the fork, it cost
+every worker ~0.9 MB of private memory; imported here, its pages are shared.
+
 The fork server must outlive any signal meant for the supervisor: if a
 SIGTERM or SIGHUP sent to the whole process group killed it, every worker's
 sentinel would close and the supervisor would take live workers for dead
@@ -8,6 +12,8 @@ already ignores SIGINT.)
 """
 
 import signal
+
+import setproctitle  # noqa: F401  (preloaded, see above)
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -110,6 +110,7 @@ class ProgramHandle:
         self.manual_restarts = 0  # asked for: `chatq restart`, a reload's config change
         self.heartbeat: protocol.Heartbeat | None = None
         self.heartbeat_at = 0.0
+        self.heartbeat_seq = 0  # of the last beat, full or short
         self.last_exit: ExitInfo | None = None
         self.boot_error: str | None = None
         self.start_at: float | None = None  # when a backoff ends
@@ -213,8 +214,11 @@ class ProgramHandle:
         if isinstance(frame, protocol.LogRecord):
             self.log_tail.append(frame.line)
             return frame.line
-        if isinstance(frame, protocol.Heartbeat):
+        if isinstance(frame, protocol.Beat):  # counters as in the last Heartbeat
+            self.heartbeat_at, self.heartbeat_seq = self._clock(), frame.seq
+        elif isinstance(frame, protocol.Heartbeat):
             self.heartbeat, self.heartbeat_at = frame, self._clock()
+            self.heartbeat_seq = frame.seq
         elif isinstance(frame, protocol.Ready):
             if self.state is State.STARTING:
                 self.state = State.RUNNING
@@ -425,7 +429,7 @@ class ProgramHandle:
             "manual_restarts": self.manual_restarts,
             # None without a live worker: a stopped tenant's age would only grow (and alert).
             "last_heartbeat_age_s": round(now - self.heartbeat_at, 3) if beat and live else None,
-            "heartbeat_seq": beat.seq if beat else None,
+            "heartbeat_seq": self.heartbeat_seq if beat else None,
             "queued": beat.queued if beat else 0,
             "in_flight": beat.in_flight if beat else 0,
             "processed": beat.processed if beat else 0,

@@ -111,6 +111,11 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self.control: ControlServer | None = None
         self._waiter = Waiter()
+        # What the next pass waits on and until when; None: build it afresh.
+        self._view: tuple[dict[Any, ProgramHandle], dict[int, ProgramHandle], list[Any]] | None
+        self._view = None
+        self._due = 0.0
+        self._news = False  # this pass read a frame that changes a program's state
         # What other threads (the metrics server) may read: replaced, never mutated.
         self.published: list[dict[str, Any]] = []
         self.publishing = config.supervisor.metrics_port is not None
@@ -193,23 +198,42 @@ class Supervisor:
             handle.reap_or_kill(max(0.0, deadline - self._clock()))
 
     def step(self) -> None:
-        """One pass: wait for something to happen, then repair."""
+        """One pass: wait for something to happen, then repair.
+
+        A pass that only read frames (heartbeats, log lines) before anything
+        is due is *quiet*: frames only push deadlines later, so it skips the
+        repair steps, and the next pass reuses what this one waited on. An
+        idle fleet's passes are nearly all quiet, and cost what was read,
+        not the number of workers.
+        """
         assert self.control is not None
-        conns = {h.conn: h for h in self.handles() if h.conn is not None}
-        sentinels = {h.sentinel: h for h in self.handles() if h.process is not None}
-        waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
+        view = self._view
+        if view is None:
+            view = self._view = self._make_view()
+            self._due = self._clock() + self._wait_time()
+        conns, sentinels, waitables = view
         writers = self.control.writables()
-        ready = self._waiter.wait(waitables, self._wait_time(), writers)
-        if ready and all(obj in conns for obj in ready):
-            # Only worker pipes: most likely the start of a heartbeat wave
-            # (workers beat on the same wall-clock instants). Let the rest of
-            # it land and take it in one pass rather than one pass per worker.
+        timeout = max(0.0, self._due - self._clock())
+        ready = self._waiter.wait(waitables, timeout, writers)
+        only_pipes = bool(ready) and all(obj in conns for obj in ready)
+        if only_pipes:
+            # Most likely the start of a heartbeat wave (workers beat on the
+            # same wall-clock instants). Let the rest of it land and take it
+            # in one pass rather than one pass per worker.
             time.sleep(COALESCE)
             ready = self._waiter.wait(waitables, 0, writers)
+            only_pipes = all(obj in conns for obj in ready)
+        dropped = False
+        self._news = False
+        for obj in ready:
+            handle = conns.get(obj)
+            if handle is not None:
+                dropped |= not self._read_frames(handle)
+        quiet = only_pipes and not dropped and not self._news and not writers
+        if quiet and self._clock() < self._due:
+            return
+        self._view = None  # handles may change below: wait on them afresh next pass
         ready_set = set(ready)
-        for conn, handle in conns.items():
-            if conn in ready_set:
-                self._read_frames(handle)
         for sentinel, handle in sentinels.items():
             if sentinel in ready_set:
                 self._reap(handle)
@@ -221,12 +245,22 @@ class Supervisor:
         self._start_due()
         self._publish()
 
+    def _make_view(self) -> tuple[dict[Any, ProgramHandle], dict[int, ProgramHandle], list[Any]]:
+        """What a pass waits on: worker pipes, sentinels, the wake-up pipe, the control socket."""
+        assert self.control is not None
+        conns = {h.conn: h for h in self.handles() if h.conn is not None}
+        sentinels = {h.sentinel: h for h in self.handles() if h.process is not None}
+        waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
+        return conns, sentinels, waitables
+
     def _wait_time(self) -> float:
         assert self.control is not None
         now = self._clock()
         deadlines = [now + MAX_WAIT, self._next_watchdog]
         if self._watch_due:
             deadlines.append(now)
+        if self.publishing:
+            deadlines.append(self._next_publish)
         timeout_s = self.config.supervisor.heartbeat_timeout_s
         if not self._fork_server_up:
             deadlines.append(now + FORK_SERVER_POLL_S)
@@ -246,22 +280,28 @@ class Supervisor:
 
     # -- repair steps --------------------------------------------------------
 
-    def _read_frames(self, handle: ProgramHandle) -> None:
+    def _read_frames(self, handle: ProgramHandle) -> bool:
+        """Take in what the pipe holds; False if the pipe was dropped (EOF, bad frame)."""
         conn, reader = handle.conn, handle.reader
-        assert conn is not None and reader is not None
+        if conn is None or reader is None:  # dropped earlier in this pass
+            return False
         try:
             frames = reader.read()
         except protocol.ProtocolError as exc:
             logger.error("{}: bad frame from worker ({}); stopping it", handle.id, exc)
             self._drop_conn(handle, conn)
             handle.stop(f"protocol error: {exc}", State.STARTING)
-            return
+            return False
         for frame in frames:
+            if isinstance(frame, protocol.Ready | protocol.BootFailed):
+                self._news = True  # a boot ended: the next start may be due (MAX_BOOTING)
             line = handle.on_frame(frame)
             if line is not None:
                 self._stream.write_line(line, source=handle.id)
         if reader.eof:
             self._drop_conn(handle, conn)
+            return False
+        return True
 
     def _catch_up(self, handle: ProgramHandle) -> None:
         """Read what the worker's pipe holds now, beats included."""

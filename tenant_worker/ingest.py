@@ -272,6 +272,13 @@ class Ingest:
             await site.start()
         self._unix = (site, path, _inode(path))
 
+    def socket_replaced(self) -> bool:
+        """Whether the unix socket's file was deleted or replaced (one stat call)."""
+        if self._unix is None:
+            return False
+        _site, path, inode = self._unix
+        return _inode(path) != inode
+
     async def keep_socket(self) -> bool:
         """Bind the unix socket again if its file was deleted or replaced; True if it was.
 

@@ -104,6 +104,10 @@ class Worker:
         self._ingest: Ingest | None = None  # idem
         self._store: Store | None = None  # idem
         self._retention: Retention | None = None  # idem
+        self._serving: Ingest | None = None  # whose socket file the beats' timer checks
+        self._next_socket_check = 0.0
+        self._rebinding: asyncio.Task[None] | None = None
+        self._store_size = (-1, 0)  # (store.commits, bytes): the size changes with commits
 
     def request_stop(self, reason: str, code: int = EXIT_OK) -> None:
         if not self._stop.is_set():
@@ -288,12 +292,17 @@ class Worker:
         if self.link is not None:
             self.link.send(protocol.Ready(pid=os.getpid()))
         logger.info("ready on {}", self.config.socket_path(self.tenant.id))
-        keeper = asyncio.create_task(self._keep_socket(service.ingest))
+        # Supervised, the beats' timer checks the socket too: one wake-up a second.
+        keeper = asyncio.create_task(self._keep_socket(service.ingest)) if not self.link else None
+        self._serving = service.ingest
         pruning = asyncio.create_task(service.retention.run(), name="retention")
         try:
             await self._stop.wait()
         finally:
-            keeper.cancel()
+            self._serving = None
+            for task in (keeper, self._rebinding):
+                if task is not None:
+                    task.cancel()
             pruning.cancel()  # a batch already submitted still commits before the store closes
         logger.info("draining ({})", self._stop_reason)
         service.ingest.state = IngestState.DRAINING
@@ -314,9 +323,41 @@ class Worker:
             except OSError as exc:  # e.g. run_dir itself is gone: try again next time
                 logger.error("cannot listen again on the socket: {}", exc)
 
+    def _check_socket(self) -> None:
+        """On the beats' timer: at most every SOCKET_CHECK_S, what `_keep_socket` does."""
+        ingest, now = self._serving, time.monotonic()
+        rebinding = self._rebinding is not None and not self._rebinding.done()
+        if ingest is None or rebinding or now < self._next_socket_check:
+            return
+        self._next_socket_check = now + SOCKET_CHECK_S
+        try:
+            replaced = ingest.socket_replaced()
+        except OSError as exc:  # e.g. run_dir itself is gone: try again next time
+            logger.error("cannot check the socket file: {}", exc)
+            return
+        if replaced:
+            self._rebinding = asyncio.create_task(self._rebind(ingest))
+
+    async def _rebind(self, ingest: Ingest) -> None:
+        try:
+            if await ingest.keep_socket():
+                logger.warning("socket file was deleted or replaced: listening again")
+        except OSError as exc:  # e.g. run_dir itself is gone: try again next time
+            logger.error("cannot listen again on the socket: {}", exc)
+
     async def _heartbeats(self) -> None:
         if self.link is not None:
-            await beat(self.link, self.config.supervisor.heartbeat_interval_s, self._heartbeat)
+            interval = self.config.supervisor.heartbeat_interval_s
+            await beat(self.link, interval, self._heartbeat, also=self._check_socket)
+
+    def _store_bytes(self) -> int:
+        """The store's size on disk, read again only after a commit (two stat calls)."""
+        store = self._store
+        if store is None:
+            return 0
+        if self._store_size[0] != store.commits:
+            self._store_size = (store.commits, store.size_bytes())
+        return self._store_size[1]
 
     def _heartbeat(self, seq: int) -> protocol.Heartbeat:
         pipeline = self._pipeline
@@ -351,7 +392,7 @@ class Worker:
             replies_failed=stats.send_failed,
             replies_retried=stats.retried,
             replies_pending=outbox.unsent() if outbox is not None else 0,
-            store_bytes=self._store.size_bytes() if self._store is not None else 0,
+            store_bytes=self._store_bytes(),
             oldest_at=self._retention.oldest_at if self._retention is not None else None,
             paused=pause.reason if pause else None,
             paused_since=pause.since if pause else None,

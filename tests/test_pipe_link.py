@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
@@ -11,6 +12,7 @@ import pytest
 
 from chatq.shared import event_loop, protocol
 from chatq.shared.pipe_link import PipeLink
+from chatq.shared.pipe_link import beat as beat_forever
 
 
 def beat(seq: int) -> protocol.Heartbeat:
@@ -130,3 +132,70 @@ def test_a_watched_link_on_the_workers_loop_waits_out_a_full_pipe(
     assert not link.broken  # a broken link sends no heartbeats: the child is called hung
     assert protocol.Ready(pid=7) in frames
     assert stops == ["asked"]
+
+
+def test_beats_to_a_reading_supervisor_start_no_thread(
+    ends: tuple[Connection, Connection],
+) -> None:
+    """An idle child wakes once per beat: the frame is written at once, no sender thread wakes."""
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end)
+    threads = threading.active_count()
+    for seq in range(1, 50):
+        link.send(beat(seq) if seq % 2 else protocol.Beat(seq=seq))
+        link.log_sink(f"2026-11-29 00:00:00.000 INFO  [t pid=1] line {seq}")
+    assert threading.active_count() == threads
+    frames = drain(supervisor_end)
+    assert len(frames) == 98 and frames[-1] == protocol.LogRecord(
+        line="2026-11-29 00:00:00.000 INFO  [t pid=1] line 49", level="INFO"
+    )
+
+
+def test_a_short_beat_queued_behind_a_full_one_keeps_its_counters(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end, max_lines=10)
+    stall = "2026-11-29 00:00:00.000 INFO  [t pid=1] " + "x" * 60_000
+    for _ in range(30):  # ~2 MB: far past what the socket pair buffers; nobody reads yet
+        link.log_sink(stall)
+    link.send(protocol.Heartbeat(3, 0.0, 7, 0, 0, 0, 0, 0, 0))  # queued: counters changed
+    link.send(protocol.Beat(seq=4))  # queued after it: must not lose them
+    frames = drain(supervisor_end)
+    assert link.flush(5.0)
+    frames += drain(supervisor_end)
+    beats = [f for f in frames if isinstance(f, protocol.Heartbeat | protocol.Beat)]
+    assert beats == [protocol.Heartbeat(4, 0.0, 7, 0, 0, 0, 0, 0, 0)]
+
+
+async def test_beats_go_short_while_the_counters_stay_the_same(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end)
+    queued = [0]
+    ticks: list[int] = []
+    fifth = asyncio.Event()
+
+    def heartbeat(seq: int) -> protocol.Heartbeat:
+        return protocol.Heartbeat(seq, 0.0, queued[0], 0, 0, 0, 0, 0, 0)
+
+    def also() -> None:
+        ticks.append(len(ticks))
+        if len(ticks) == 3:
+            queued[0] = 5
+        if len(ticks) == 5:
+            fifth.set()
+
+    task = asyncio.create_task(beat_forever(link, 0.01, heartbeat, also=also))
+    await asyncio.wait_for(fifth.wait(), 5.0)
+    task.cancel()
+    frames = [f for f in drain(supervisor_end) if isinstance(f, protocol.Heartbeat | protocol.Beat)]
+    kinds = [(type(f).__name__, f.seq) for f in frames[:5]]
+    assert kinds == [
+        ("Heartbeat", 1),
+        ("Beat", 2),
+        ("Beat", 3),
+        ("Heartbeat", 4),  # queued went 0 -> 5 after the third tick
+        ("Beat", 5),
+    ]

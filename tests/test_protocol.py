@@ -13,6 +13,7 @@ import pytest
 from chatq.shared.errors import ChatqError
 from chatq.shared.protocol import (
     MAX_FRAME_BYTES,
+    Beat,
     BootFailed,
     Frame,
     Heartbeat,
@@ -23,6 +24,7 @@ from chatq.shared.protocol import (
     decode,
     encode,
     recv,
+    same_counters,
     send,
 )
 
@@ -49,6 +51,8 @@ FRAMES: list[Frame] = [
     BootFailed(reason="cannot import mybot.handlers:reply"),
     LogRecord(line="2026-01-01 00:00:00.000 INFO  [acme pid=1] hé {braces}", level="INFO"),
     Stop(reason="reload"),
+    Beat(seq=0),
+    Beat(seq=12345),
 ]
 
 
@@ -232,3 +236,30 @@ def test_a_heartbeat_from_an_older_worker_decodes_with_defaults() -> None:
     del raw["queued"]  # the original fields stay required
     with pytest.raises(ProtocolError, match="missing field 'queued'"):
         decode(json.dumps(raw).encode())
+
+
+def test_a_beat_is_a_few_bytes_of_json() -> None:
+    data = encode(Beat(seq=42))
+    assert json.loads(data) == {"kind": "beat", "seq": 42}
+    assert len(data) < 32  # a full heartbeat is ~400
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (b'{"kind":"beat","seq":-1}', "non-negative integer"),
+        (b'{"kind":"beat","seq":1.5}', "non-negative integer"),
+        (b'{"kind":"beat","seq":01}', "not JSON"),
+        (b'{"kind":"beat","seq":1,"x":2}', "unknown field"),
+    ],
+)
+def test_bad_beats_are_refused_like_any_frame(data: bytes, needle: str) -> None:
+    with pytest.raises(ProtocolError, match=needle):
+        decode(data)
+
+
+def test_same_counters_ignores_only_seq_and_time() -> None:
+    base = Heartbeat(1, 1.0, 3, 1, 0, 0, 0, 0, 0)
+    assert same_counters(Heartbeat(9, 9.0, 3, 1, 0, 0, 0, 0, 0), base)
+    assert not same_counters(Heartbeat(9, 9.0, 3, 1, 1, 0, 0, 0, 0), base)
+    assert not same_counters(Heartbeat(1, 1.0, 3, 1, 0, 0, 0, 0, 0, paused="190"), base)

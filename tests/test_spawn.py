@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import signal
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import forkserver
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -93,3 +97,25 @@ def test_workers_boot_while_parent_threads_are_logging(config: ChatqConfig) -> N
                 process.join(5)
             conn.close()
         assert process.exitcode == 0
+
+
+def _exit_at_once(conn: Connection) -> None:
+    conn.close()
+
+
+def test_children_do_not_run_the_parents_main_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """multiprocessing's default re-runs __main__ (our CLI, under `python -m`) in every
+    child: ~2.3 MB of each worker's private memory."""
+    marker = Path(tempfile.gettempdir()) / f"chatq-main-marker-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    monkeypatch.setattr(
+        sys.modules["__main__"], "__spec__", importlib.util.find_spec("main_marker")
+    )
+    process, conn = spawn._spawn(spawn.context(), _exit_at_once, (), "chatq-test-main")
+    try:
+        process.join(10)
+        assert process.exitcode == 0
+        assert not marker.exists()
+    finally:
+        conn.close()
+        marker.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from chatq.supervisor import program as program_module
 from chatq.supervisor import supervisor as supervisor_module
 from chatq.supervisor import tenant as tenant_module
 from chatq.supervisor.commands import COMMANDS
+from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway import handle as gateway_handle_module
 from chatq.supervisor.logstream import LogStream
 from chatq.supervisor.pipes import FrameReader
@@ -1065,3 +1066,90 @@ def test_a_watchdog_round_is_spread_over_loop_passes(
     t.sup._watchdog()
     assert read == ["a", "b", "c"]
     assert t.sup._wait_time() > 0
+
+
+def test_passes_that_only_read_beats_skip_the_repair_steps_until_a_deadline(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An idle fleet's passes cost what they read; a silent worker is still called hung on time."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    t.sup.control = ControlServer(tmp_path / "c.sock", t.sup._dispatch)
+    scans: list[float] = []
+    stop_hung = t.sup._stop_hung
+    monkeypatch.setattr(t.sup, "_stop_hung", lambda: (scans.append(t.clock.now), stop_hung()))
+    a, b = (t.sup.handle(name) for name in ("a", "b"))
+    alive_r, alive_w = os.pipe()  # a sentinel that stays quiet: both workers live on
+    for handle in (a, b):
+        assert isinstance(handle.process, FakeProcess)
+        handle.process.sentinel = alive_r
+    try:
+        for handle in (a, b):
+            assert handle.pid is not None
+            protocol.send(t.spawner.worker_ends[handle.pid], heartbeat())
+        t.sup.step()  # the first pass builds what it waits on
+        assert a.heartbeat is not None and b.heartbeat is not None
+        scans.clear()
+
+        t.clock.advance(HB_TIMEOUT / 2)
+        assert b.pid is not None
+        protocol.send(t.spawner.worker_ends[b.pid], protocol.Beat(seq=2))
+        t.sup.step()
+        assert b.heartbeat_seq == 2 and scans == []  # only a beat, nothing due: quiet
+
+        t.clock.advance(HB_TIMEOUT / 2 + 0.02)  # a's deadline has passed; b beats on
+        protocol.send(t.spawner.worker_ends[b.pid], protocol.Beat(seq=3))
+        t.sup.step()
+        assert scans == [t.clock.now]
+        assert t.spawner.sent(a.pid) == [signal.SIGUSR1]  # hung: stacks, then SIGKILL
+        assert t.spawner.sent(b.pid) == []
+    finally:
+        t.sup.control.close()
+        os.close(alive_r)
+        os.close(alive_w)
+
+
+def test_a_ready_frame_at_the_booting_cap_starts_the_next_tenant_in_that_pass(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A pass that reads only frames is quiet, unless one ends a boot: at the cap, that is
+    what lets the next tenant start (found when the quiet passes met the capped starts)."""
+    monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 1)
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    t.sup.control = ControlServer(tmp_path / "c.sock", t.sup._dispatch)
+    t.sup._next_watchdog = t.clock.now + 60
+    alive_r, alive_w = os.pipe()  # a sentinel that stays quiet: the workers live on
+    a_process = t.sup.handle("a").process
+    assert isinstance(a_process, FakeProcess)
+    a_process.sentinel = alive_r
+    try:
+        t.sup.step()  # b is due and one may boot: it is spawned
+        b, c = t.sup.handle("b"), t.sup.handle("c")
+        assert b.pid is not None and c.pid is None
+        for handle in t.sup.handles():
+            if isinstance(handle.process, FakeProcess):
+                handle.process.sentinel = alive_r
+        t.sup.step()  # at the cap: nothing more starts
+        assert c.pid is None
+        protocol.send(t.spawner.worker_ends[b.pid], protocol.Ready(pid=b.pid))
+        t.sup.step()
+        assert c.pid is not None
+    finally:
+        t.sup.control.close()
+        os.close(alive_r)
+        os.close(alive_w)
+
+
+def test_a_short_beat_keeps_the_counters_of_the_last_heartbeat(
+    spawner: FakeSpawner, clock: FakeClock
+) -> None:
+    handle = running_handle(clock)
+    handle.on_frame(heartbeat(seq=1, queued=4, processed=9))
+    clock.advance(0.2)
+    handle.on_frame(protocol.Beat(seq=2))
+    summary = handle.summary()
+    assert summary["last_heartbeat_age_s"] == 0.0
+    assert (summary["heartbeat_seq"], summary["queued"], summary["processed"]) == (2, 4, 9)
+    clock.advance(HB_TIMEOUT)
+    assert not handle.is_hung()
+    clock.advance(0.01)
+    assert handle.is_hung()
