@@ -36,6 +36,7 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/queue_bench.py
 	$(PY) bench/worker_bench.py
+	$(PY) bench/tenants_bench.py
 	$(PY) bench/supervisor_bench.py
 	$(PY) bench/whatsapp_bench.py
 	$(PY) bench/gateway_bench.py

@@ -15,6 +15,10 @@ How it stays cheap (bench/queue_bench.py, BENCHMARKS.md):
   handler suspends, the pump becomes that chat's *driver* -- the coroutine goes
   on in the same Task, so ``current_task()`` and ``asyncio.timeout`` stay
   consistent -- and a fresh pump takes the chats still waiting to start.
+* ``execute`` may return a plain ``asyncio.Future`` instead of a coroutine:
+  the chat is *parked* on it, with no Task, until it is done (its outcome is
+  the message's). Many chats can wait so on one shared future (a group
+  commit) for the price of a callback each.
 * A chat's state is a deque only while messages wait behind the one in
   flight; an in-flight chat with nothing waiting holds the shared ``()``. A
   chat whose last message completes is deleted: an idle manager holds nothing.
@@ -30,6 +34,7 @@ import heapq
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
+from functools import partial
 from typing import Any, TypeVar
 
 from loguru import logger
@@ -46,6 +51,7 @@ _Pending = deque[_Item] | tuple[()]
 
 # Sync completions a pump runs before it lets the rest of the loop run.
 _PUMP_SLICE = 256
+_PARKED = object()  # `_step`: the chat waits on a future, not in a task
 
 
 class ChatFuture(asyncio.Future[T]):
@@ -147,6 +153,8 @@ class ChatQueueManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self._debug = debug_enabled()
+        self._parked: dict[str, ChatFuture[Any]] = {}  # chat -> its message, waiting on a future
+        self._epoch = 0  # bumped by cancel_all: a park from before is void
 
     # -- the contract -------------------------------------------------------
 
@@ -186,6 +194,11 @@ class ChatQueueManager:
         """Messages of this chat waiting behind the one in flight."""
         pending = self._chats.get(chat_id)
         return len(pending) if pending else 0
+
+    def peek(self, chat_id: str) -> Execute | None:
+        """What the chat runs next after the message in flight, if anything waits."""
+        pending = self._chats.get(chat_id)
+        return pending[0][1] if pending else None
 
     def get_total_queued(self) -> int:
         """Messages waiting over all chats (in-flight ones not counted)."""
@@ -240,6 +253,11 @@ class ChatQueueManager:
         """
         for task in self._tasks:
             task.cancel()
+        parked, self._parked = self._parked, {}
+        self._epoch += 1
+        for chat_id, fut in parked.items():
+            fut.cancel()
+            self._abandon(chat_id)
         # A pump cancelled before its first step never runs its clean-up, so
         # the chats waiting to start are failed here rather than left hanging.
         ready = self._ready
@@ -297,13 +315,15 @@ class ChatQueueManager:
                 while item is not None:
                     fut, execute = item
                     suspended = self._step(chat_id, fut, execute)
-                    if suspended is not None:
+                    if isinstance(suspended, tuple):
                         self._hand_off()
                         return chat_id, fut, resume(*suspended)
                     done += 1
+                    if suspended is _PARKED:
+                        chat_id = ""  # it waits on its future now, not on this pump
                     if done % _PUMP_SLICE == 0:
                         await asyncio.sleep(0)
-                    item = self._next(chat_id)
+                    item = self._next(chat_id) if chat_id else None
         except BaseException:
             # Cancelled (the loop is closing) or a fatal error: nothing of
             # this pump's will run, so fail its callers rather than hang them.
@@ -326,17 +346,25 @@ class ChatQueueManager:
 
     def _step(
         self, chat_id: str, fut: ChatFuture[Any], execute: Execute
-    ) -> tuple[Coroutine[Any, Any, Any], Any] | None:
+    ) -> tuple[Coroutine[Any, Any, Any], Any] | object | None:
         """Run ``execute`` up to its first suspension.
 
-        Returns None when it finished (the future is settled), else the
-        coroutine and what it yielded, for ``resume``.
+        Returns None when it finished (the future is settled), `_PARKED` when
+        the chat waits on the future it returned, else the coroutine and what
+        it yielded, for ``resume``.
         """
         if self._debug:
             logger.debug("processing chat={}", chat_id)
         try:
             aw = execute()
-            coro = aw if type(aw) is types.CoroutineType else _await(aw)
+            coro: Coroutine[Any, Any, Any]
+            if type(aw) is types.CoroutineType:
+                coro = aw
+            elif isinstance(aw, asyncio.Future) and not isinstance(aw, ChatFuture):
+                self._park(chat_id, fut, aw)
+                return _PARKED
+            else:
+                coro = _await(aw)
             yielded = coro.send(None)
         except StopIteration as stop:
             _settle(fut, stop.value)
@@ -345,6 +373,29 @@ class ChatQueueManager:
             self._failed(chat_id, fut, exc)
             return None
         return coro, yielded
+
+    def _park(self, chat_id: str, fut: ChatFuture[Any], on: asyncio.Future[Any]) -> None:
+        self._parked[chat_id] = fut
+        on.add_done_callback(partial(self._unpark, chat_id, fut, self._epoch))
+
+    def _unpark(
+        self, chat_id: str, fut: ChatFuture[Any], epoch: int, on: asyncio.Future[Any]
+    ) -> None:
+        """The future a chat was parked on is done: settle its message, start the next."""
+        if epoch != self._epoch:
+            return  # cancel_all gave this chat up
+        del self._parked[chat_id]
+        if on.cancelled():
+            fut.cancel()
+        elif (exc := on.exception()) is not None:
+            self._failed(chat_id, fut, exc)
+        else:
+            _settle(fut, on.result())
+        item = self._next(chat_id)
+        if item is not None:
+            self._ready.append((chat_id, *item))
+            if not self._pumping:
+                self._start_pump()
 
     async def _drive(self, chat_id: str, fut: ChatFuture[Any], awaitable: Awaitable[Any]) -> None:
         """Run one chat's messages, in order, until it has none left."""

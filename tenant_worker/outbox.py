@@ -146,6 +146,7 @@ class Outbox:
         self.paused: Pause | None = None  # the provider refused all sending (see _pause)
         self._pair_strikes: dict[str, int] = {}  # chat -> consecutive pair-rate refusals
         self._unsent = 0  # submitted, neither sent nor failed for good (paused ones too)
+        self._marking: asyncio.Future[None] | None = None  # the last mark-sent write watched
 
     def submit(self, replies: Iterable[Reply]) -> None:
         """Queue stored replies for delivery (from the running loop)."""
@@ -232,7 +233,10 @@ class Outbox:
             if len(sent) < len(parts):  # paused meanwhile: the reply stays pending
                 return
             self._pair_strikes.pop(reply.chat_id, None)
-            self._store.mark_sent_soon(reply.id, sent[-1]).add_done_callback(self._check)
+            marked = self._store.mark_sent_soon(reply.id, sent[-1])
+            if marked is not self._marking:  # shared by the marks gathered into one write
+                self._marking = marked
+                marked.add_done_callback(self._check)
             self._stats.sent += 1
             self._unsent -= 1
             return

@@ -463,3 +463,54 @@ async def test_cancel_all_right_after_enqueue_leaves_nothing_hanging() -> None:
     await asyncio.wait_for(manager.wait_idle(), 1)
     assert first.cancelled()
     assert await asyncio.wait_for(manager.enqueue("b", rec.handler("b", 2)), 1) == 2
+
+
+async def test_a_chat_parked_on_a_future_waits_for_it_without_a_task() -> None:
+    manager = ChatQueueManager("t", max_queue_size=10)
+    loop = asyncio.get_running_loop()
+    commit: asyncio.Future[str] = loop.create_future()  # one future, many chats (a commit)
+    ran: list[str] = []
+
+    def parked(name: str) -> Callable[[], asyncio.Future[str]]:
+        def execute() -> asyncio.Future[str]:
+            ran.append(name)
+            return commit
+
+        return execute
+
+    async def after() -> str:
+        ran.append("a2")
+        return "a2 done"
+
+    first = manager.enqueue("a", parked("a1"))
+    other = manager.enqueue("b", parked("b1"))
+    second = manager.enqueue("a", after)
+    await asyncio.sleep(0.01)
+    assert ran == ["a1", "b1"]  # a2 waits behind a1 until its future is done
+    assert manager.is_busy("a") and manager.is_busy("b")
+    assert len(manager._tasks) == 0  # parked, not driven
+    commit.set_result("committed")
+    assert await first == "committed" and await other == "committed"
+    assert await second == "a2 done"
+    await manager.wait_idle()
+    assert manager.in_flight() == 0
+
+
+async def test_a_parked_chat_fails_with_its_future_and_cancel_all_gives_it_up() -> None:
+    manager = ChatQueueManager("t", max_queue_size=10)
+    loop = asyncio.get_running_loop()
+    failing: asyncio.Future[None] = loop.create_future()
+    never: asyncio.Future[None] = loop.create_future()
+    failed = manager.enqueue("a", lambda: failing)
+    stuck = manager.enqueue("b", lambda: never)
+    behind = manager.enqueue("b", lambda: never)
+    await asyncio.sleep(0)
+    failing.set_exception(ChatqError("write failed"))
+    with pytest.raises(ChatqError, match="write failed"):
+        await failed
+    manager.cancel_all()
+    await manager.wait_idle()
+    assert stuck.cancelled() and behind.cancelled()
+    never.set_result(None)  # a late outcome of a chat given up changes nothing
+    await asyncio.sleep(0)
+    assert manager.in_flight() == 0

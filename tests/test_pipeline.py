@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from chatq.tenant_worker.messages import Message, Reply
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Accepted, Pipeline, handler_backoff
 from chatq.tenant_worker.stats import WorkerStats
-from chatq.tenant_worker.store import Store
+from chatq.tenant_worker.store import Progress, Store
 from chatq.tenant_worker.transports import MemoryTransport
 
 Behaviour = Callable[[Message, HandlerContext], Awaitable[list[str]]]
@@ -634,19 +635,25 @@ class FlakyStore:
         self.fail_next_add = False
         self.fail_complete = False
 
-    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+    async def add_messages(
+        self, messages: Sequence[Message], status: str = "queued", *, begun: Collection[str] = ()
+    ) -> list[bool]:
         if self.fail_next_add:
             self.fail_next_add = False
             raise StoreError("store: disk I/O error")
-        return await self.store.add_messages(messages, status)
+        return await self.store.add_messages(messages, status, begun=begun)
 
     async def begin_attempt(self, message_id: str) -> int:
         return await self.store.begin_attempt(message_id)
 
-    async def complete(self, message_id: str, replies: Sequence[str]) -> list[Reply]:
+    def complete_soon(
+        self, message_id: str, replies: Sequence[str], *, begin_next: str | None = None
+    ) -> asyncio.Future[Progress]:
         if self.fail_complete:
-            raise StoreError("store: database is locked")
-        return await self.store.complete(message_id, replies)
+            failed: asyncio.Future[Progress] = asyncio.get_running_loop().create_future()
+            failed.set_exception(StoreError("store: database is locked"))
+            return failed
+        return self.store.complete_soon(message_id, replies, begin_next=begin_next)
 
     async def fail(self, message_id: str, error: str, *, final: bool) -> None:
         await self.store.fail(message_id, error, final=final)
@@ -734,9 +741,11 @@ class GatedAdd(FlakyStore):
         self.release_add = asyncio.Event()
         self.release_add.set()
 
-    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+    async def add_messages(
+        self, messages: Sequence[Message], status: str = "queued", *, begun: Collection[str] = ()
+    ) -> list[bool]:
         await self.release_add.wait()
-        return await self.store.add_messages(messages, status)
+        return await self.store.add_messages(messages, status, begun=begun)
 
 
 async def test_a_message_stored_during_a_drain_waits_behind_the_cleared_backlog(
@@ -778,11 +787,13 @@ class SlowFailingAdd(FlakyStore):
         super().__init__(store)
         self.let_go = asyncio.Event()
 
-    async def add_messages(self, messages: Sequence[Message], status: str = "queued") -> list[bool]:
+    async def add_messages(
+        self, messages: Sequence[Message], status: str = "queued", *, begun: Collection[str] = ()
+    ) -> list[bool]:
         if not self.let_go.is_set():
             await self.let_go.wait()
             raise StoreError("store: disk I/O error")
-        return await self.store.add_messages(messages, status)
+        return await self.store.add_messages(messages, status, begun=begun)
 
 
 async def test_a_resend_during_a_failing_first_write_is_not_acknowledged(
@@ -805,3 +816,97 @@ async def test_a_resend_during_a_failing_first_write_is_not_acknowledged(
         with pytest.raises(StoreError):
             await task
     assert await rig.pipeline.accept([msg("m1")]) == Accepted(1, 0, 0)
+
+
+# -- attempts counted without writes of their own --------------------------------
+
+
+def committed_row(store: Store, message_id: str) -> tuple[str, int]:
+    """The message's status and attempts as committed (another connection's view)."""
+    with sqlite3.connect(f"{store.path.resolve().as_uri()}?mode=ro", uri=True) as db:
+        row = db.execute(
+            "SELECT status, attempts FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+    return str(row[0]), int(row[1])
+
+
+async def test_each_attempt_is_committed_before_its_handler_runs_in_fewer_writes(
+    make_rig: RigFactory,
+) -> None:
+    """The first of a chat is stored begun; each next one is begun by its predecessor's commit."""
+    holder: list[Rig] = []
+    seen: dict[str, tuple[str, int]] = {}
+
+    async def check(message: Message, ctx: HandlerContext) -> list[str]:
+        seen[message.id] = committed_row(holder[0].store, message.id)
+        assert ctx.attempt == 1
+        return [f"re:{message.text}"]
+
+    rig = await make_rig(FakeHandler(check))
+    holder.append(rig)
+    await rig.pipeline.accept([msg("m1"), msg("m2"), msg("m3")])  # one chat: a backlog
+    await rig.settle()
+
+    assert seen == dict.fromkeys(["m1", "m2", "m3"], ("processing", 1))
+    assert [committed_row(rig.store, m) for m in ("m1", "m2", "m3")] == [("processed", 1)] * 3
+    # The add, one per completion (beginning the next), the last mark-sent: no
+    # write of their own for the attempts (one each before).
+    assert rig.store.commits <= 5
+
+
+class DrainOnFirstCompletion(FlakyStore):
+    """Starts a drain right after the first completion is queued (its commit still due)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.pipeline: Pipeline | None = None
+        self.drain: asyncio.Task[bool] | None = None
+
+    def complete_soon(
+        self, message_id: str, replies: Sequence[str], *, begin_next: str | None = None
+    ) -> asyncio.Future[Progress]:
+        done = super().complete_soon(message_id, replies, begin_next=begin_next)
+        if self.drain is None and self.pipeline is not None:
+            self.drain = asyncio.ensure_future(self.pipeline.drain(grace=10))
+        return done
+
+
+async def test_a_drain_gives_back_an_attempt_begun_for_a_message_it_cleared(
+    make_rig: RigFactory,
+) -> None:
+    holder: list[DrainOnFirstCompletion] = []
+
+    def wrap(real: Store) -> DrainOnFirstCompletion:
+        holder.append(DrainOnFirstCompletion(real))
+        return holder[0]
+
+    rig = await make_rig(store=wrap)
+    holder[0].pipeline = rig.pipeline
+    await rig.pipeline.accept([msg("m1"), msg("m2")])  # m1's completion begins m2
+    await wait_for(lambda: holder[0].drain is not None and holder[0].drain.done())
+
+    assert rig.handler.ids() == ["m1"]
+    assert committed_row(rig.store, "m1") == ("processed", 1)
+    assert committed_row(rig.store, "m2") == ("queued", 0)  # not a suspect: it never ran
+
+
+async def test_a_message_stored_begun_during_a_drain_gets_its_attempt_back(
+    make_rig: RigFactory,
+) -> None:
+    holder: list[GatedAdd] = []
+
+    def wrap(real: Store) -> GatedAdd:
+        holder.append(GatedAdd(real))
+        return holder[0]
+
+    rig = await make_rig(store=wrap)
+    holder[0].release_add.clear()
+    late = asyncio.create_task(rig.pipeline.accept([msg("m1", chat_id="c2")]))  # an idle chat
+    await asyncio.sleep(0.01)
+    drain = asyncio.create_task(rig.pipeline.drain(grace=10))
+    await asyncio.sleep(0.01)
+    holder[0].release_add.set()
+    assert await late == Accepted(1, 0, 0)
+    assert await drain is True
+    assert rig.handler.ids() == []
+    assert committed_row(rig.store, "m1") == ("queued", 0)

@@ -528,7 +528,10 @@ def test_a_stderr_nobody_reads_stalls_neither_workers_nor_the_control_socket(
 
 def test_a_stopped_supervisor_does_not_stall_its_workers(harness: SupervisorHarness) -> None:
     """SIGSTOP the supervisor: nobody reads the workers' pipes, and they serve on."""
-    harness.write_config({"a": {"rate_limit_per_minute": 100_000}})  # a reply line each
+    # At DEBUG the local transport logs every reply (at INFO only a few a second).
+    harness.write_config(
+        {"a": {"rate_limit_per_minute": 100_000}}, supervisor={"log_level": "DEBUG"}
+    )
     run = harness.start()
     os.kill(run.pid, signal.SIGSTOP)
     try:

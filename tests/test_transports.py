@@ -19,6 +19,7 @@ from chatq.tenant_worker.transports import (
     WebhookTransport,
     make_transport,
 )
+from chatq.tenant_worker.transports.local import INFO_PER_WINDOW, WINDOW_S
 
 
 @pytest.fixture
@@ -76,6 +77,38 @@ async def test_local_logs_the_reply_and_returns_a_fresh_id(log_lines: list[str])
         "INFO reply to c1: again",
         "INFO reply to c1: later",
     ]
+
+
+async def test_local_logs_replies_past_a_few_a_second_at_debug_and_counts_them(
+    log_lines: list[str],
+) -> None:
+    now = [100.0]
+    transport = LocalTransport(monotonic=lambda: now[0])
+    for n in range(INFO_PER_WINDOW + 5):
+        await transport.send("c1", f"r{n}")
+    now[0] += WINDOW_S  # the next window: its first reply is shown again
+    await transport.send("c2", "next")
+    await transport.send("c2", "last")  # past the cap? no: the window has room
+    await transport.aclose()
+    info = [line.rstrip("\n") for line in log_lines if line.startswith("INFO")]
+    assert info == [
+        *(f"INFO reply to c1: r{n}" for n in range(INFO_PER_WINDOW)),
+        f"INFO 5 more replies sent in {WINDOW_S:g} s (one line each at DEBUG)",
+        "INFO reply to c2: next",
+        "INFO reply to c2: last",
+    ]
+
+
+async def test_local_reports_the_count_when_the_window_ends_without_more_replies(
+    log_lines: list[str],
+) -> None:
+    transport = LocalTransport(window=0.05)
+    for n in range(INFO_PER_WINDOW + 2):
+        await transport.send("c1", f"r{n}")
+    await asyncio.sleep(0.1)  # the report's own timer, nothing else to wait on
+    report = "INFO 2 more replies sent in 0.05 s (one line each at DEBUG)"
+    assert log_lines[-1].rstrip("\n") == report
+    await transport.aclose()
 
 
 # --- webhook ----------------------------------------------------------------------
