@@ -91,14 +91,18 @@ class Checkpointer:
         elif not self._failing:  # once per streak: the writer reports the store's faults
             self._failing = True
             logger.warning(
-                "store checkpoint failed ({}); the WAL grows until one works", one_line(exc)
+                "store checkpoint failed ({}); the writer checkpoints by itself meanwhile",
+                one_line(exc),
             )
 
     def _checkpoint(self) -> None:
         """On the checkpoint thread."""
         if self._conn is None:
-            self._conn = sqlite3.connect(
-                self._path, isolation_level=None, timeout=self._busy_timeout
+            self._conn = sqlite3.connect(  # mode=rw: a store gone is an error, not a new file
+                f"{self._path.resolve().as_uri()}?mode=rw",
+                uri=True,
+                isolation_level=None,
+                timeout=self._busy_timeout,
             )
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")

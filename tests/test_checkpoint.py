@@ -106,7 +106,8 @@ async def test_a_failing_checkpoint_warns_once_and_the_next_one_works(
 ) -> None:
     path = tmp_path / "s.sqlite3"
     clock = Clock()
-    cp = Checkpointer(tmp_path / "missing" / "s.sqlite3", 1.0, every=0.5, clock=clock)
+    gone = tmp_path / "gone.sqlite3"  # a store removed under the worker
+    cp = Checkpointer(gone, 1.0, every=0.5, clock=clock)
     lines: list[str] = []
     sink = logger.add(lines.append, level="WARNING", format="{message}")
     try:
@@ -118,7 +119,7 @@ async def test_a_failing_checkpoint_warns_once_and_the_next_one_works(
                     await asyncio.sleep(0.005)
     finally:
         logger.remove(sink)
-    assert cp.done == 0
+    assert cp.done == 0 and not gone.exists()  # no empty store made in its place
     assert len(lines) == 1 and "store checkpoint failed" in lines[0]
     await cp.close()
 
