@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from conftest import wait_until
@@ -665,6 +665,20 @@ class FlakyStore:
         return await self.store.add_reply(message_id, chat_id, text)
 
 
+W = TypeVar("W", bound="FlakyStore")
+
+
+def wrapped(kind: Callable[[Store], W]) -> tuple[list[W], Callable[[Store], W]]:
+    """A `store=` wrapper for make_rig, and the list that will hold the wrapped store."""
+    holder: list[W] = []
+
+    def wrap(real: Store) -> W:
+        holder.append(kind(real))
+        return holder[0]
+
+    return holder, wrap
+
+
 async def test_failed_store_write_accepts_nothing_and_a_retry_is_not_a_duplicate(
     make_rig: RigFactory,
 ) -> None:
@@ -751,11 +765,7 @@ class GatedAdd(FlakyStore):
 async def test_a_message_stored_during_a_drain_waits_behind_the_cleared_backlog(
     make_rig: RigFactory,
 ) -> None:
-    holder: list[GatedAdd] = []
-
-    def wrap(real: Store) -> GatedAdd:
-        holder.append(GatedAdd(real))
-        return holder[0]
+    holder, wrap = wrapped(GatedAdd)
 
     gate = Gate()
     rig = await make_rig(FakeHandler(gate), store=wrap)
@@ -799,11 +809,7 @@ class SlowFailingAdd(FlakyStore):
 async def test_a_resend_during_a_failing_first_write_is_not_acknowledged(
     make_rig: RigFactory,
 ) -> None:
-    holder: list[SlowFailingAdd] = []
-
-    def wrap(real: Store) -> SlowFailingAdd:
-        holder.append(SlowFailingAdd(real))
-        return holder[0]
+    holder, wrap = wrapped(SlowFailingAdd)
 
     rig = await make_rig(store=wrap)
     first = asyncio.create_task(rig.pipeline.accept([msg("m1")]))
@@ -874,11 +880,7 @@ class DrainOnFirstCompletion(FlakyStore):
 async def test_a_drain_gives_back_an_attempt_begun_for_a_message_it_cleared(
     make_rig: RigFactory,
 ) -> None:
-    holder: list[DrainOnFirstCompletion] = []
-
-    def wrap(real: Store) -> DrainOnFirstCompletion:
-        holder.append(DrainOnFirstCompletion(real))
-        return holder[0]
+    holder, wrap = wrapped(DrainOnFirstCompletion)
 
     rig = await make_rig(store=wrap)
     holder[0].pipeline = rig.pipeline
@@ -893,11 +895,7 @@ async def test_a_drain_gives_back_an_attempt_begun_for_a_message_it_cleared(
 async def test_a_message_stored_begun_during_a_drain_gets_its_attempt_back(
     make_rig: RigFactory,
 ) -> None:
-    holder: list[GatedAdd] = []
-
-    def wrap(real: Store) -> GatedAdd:
-        holder.append(GatedAdd(real))
-        return holder[0]
+    holder, wrap = wrapped(GatedAdd)
 
     rig = await make_rig(store=wrap)
     holder[0].release_add.clear()
