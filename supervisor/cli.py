@@ -311,7 +311,13 @@ def _wait(
             f" {settle.describe_late(goals, late)}"
         )
     if not quiet:
-        print(f"done: {', '.join(f'{name} {goal}' for name, goal in goals.items())}")
+        reached = dict(goals)
+        if settle.SETTLED in reached.values():  # say which of the two it became
+            now = {str(row.get("tenant")): str(row.get("state")) for row in rows()}
+            reached = {
+                t: now.get(t, goal) if goal == settle.SETTLED else goal for t, goal in goals.items()
+            }
+        print(f"done: {', '.join(f'{name} {state}' for name, state in reached.items())}")
     return EXIT_OK
 
 

@@ -606,6 +606,13 @@ def test_reload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             ),
         )
         assert after["initech"]["state"] == "running"
+
+        sup.config.write_text(sup.config.read_text().replace("max_queue_size = 7", ""))
+        code, out, _ = run_cli(capsys, "--config", config, "reload")
+        assert (code, out) == (  # waited: says which of running or stopped it became
+            0,
+            "added:     -\nremoved:   -\nchanged:   acme\nunchanged: initech\ndone: acme running\n",
+        )
     finally:
         sup.close()
 
