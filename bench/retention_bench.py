@@ -10,7 +10,8 @@
    (the call ingest awaits before its 202), one message per call, paced to
    --rate messages/s in all, from start to end; each call's latency is kept.
 3. Meanwhile windows of --window seconds alternate: pruning (Retention's own
-   batches and pauses, retention_days 30) and idle, until every old row is
+   steps, retention_days 30: under this load, its `BUSY` pace, or --batch
+   and --pause) and idle, until every old row is
    gone (or --max-prune-seconds of pruning: finding the oldest rows is an
    index range, so a window costs the same early or late in a long prune).
    Alternating makes both sides share the machine's drift and noise.
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from chatq.tenant_worker.messages import Message
-from chatq.tenant_worker.retention import BATCH, DAY, PAUSE, Retention
+from chatq.tenant_worker.retention import BUSY, DAY, Pace, Retention
 from chatq.tenant_worker.store import Store
 
 CHUNK = 50_000
@@ -93,20 +94,20 @@ async def prune_in_windows(
 
     Returns the messages deleted and the seconds spent in pruning windows.
     """
-    retention = Retention(store, 30, batch=args.batch, pause=args.pause)
+    busy = Pace(args.batch, args.pause)
+    retention = Retention(store, 30, busy=busy)
     deleted, pruning_s = 0, 0.0
     while True:
         on[0] = True
         started = time.perf_counter()
         window_end = started + args.window
-        gone = args.batch
-        while gone == args.batch and time.perf_counter() < window_end:
-            gone = await retention.prune_batch()
+        more = True
+        while more and time.perf_counter() < window_end:
+            gone, more = await retention.step()
             deleted += gone
-            await asyncio.sleep(args.pause)
         pruning_s += time.perf_counter() - started
         on[0] = False
-        if gone < args.batch or pruning_s >= args.max_prune_seconds:
+        if not more or pruning_s >= args.max_prune_seconds:
             return deleted, pruning_s
         await asyncio.sleep(args.window)
 
@@ -174,8 +175,12 @@ def main() -> None:
         default=float("inf"),
         help="stop after this long pruning (the rest stays): a sample of a long prune",
     )
-    parser.add_argument("--batch", type=int, default=BATCH, help="messages per prune")
-    parser.add_argument("--pause", type=float, default=PAUSE, help="seconds between prunes")
+    parser.add_argument(
+        "--batch", type=int, default=BUSY.batch, help="messages per prune under load"
+    )
+    parser.add_argument(
+        "--pause", type=float, default=BUSY.pause, help="seconds between prunes under load"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

@@ -235,6 +235,7 @@ class Store:
         self.path = path
         self.tenant_id = tenant_id
         self.commits = 0  # committed write transactions; tests read it to see batching
+        self.writes = 0  # callers' writes committed (not housekeeping): retention's pace
         self._db = writer
         self._reader = reader
         self._clock = clock
@@ -558,6 +559,7 @@ class Store:
             return
         self._available_again()
         self.commits += 1
+        self.writes += sum(not op.BACKGROUND for op in batch)
         self._checkpoints.after_commit()
         for op in batch:
             op.settle(f"store {self.path}")

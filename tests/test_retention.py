@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatq.tenant_worker.messages import Message
-from chatq.tenant_worker.retention import DAY, Retention
+from chatq.tenant_worker.retention import DAY, Pace, Retention
 from chatq.tenant_worker.store import Store
 
 NOW = 1_800_000_000.0
@@ -50,7 +50,8 @@ async def test_only_old_finished_messages_go_with_their_replies(store: Store) ->
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    retention = Retention(store, 30, batch=2, clock=lambda: NOW, sleep=sleep)
+    quiet = Pace(2, 0.1)
+    retention = Retention(store, 30, quiet=quiet, busy=quiet, clock=lambda: NOW, sleep=sleep)
     assert await retention.prune_once() == 6
     assert await ids(store) == ["old-queued", "old-pending", "young"]
     assert len(sleeps) == 3  # batches of 2, 2, 2 (then 0): a pause between full ones
@@ -87,3 +88,57 @@ async def test_an_older_store_is_switched_to_incremental_vacuum(tmp_path: Path) 
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     conn.close()
+
+
+class Backlog:
+    """A store with `due` old messages, whose callers write `load` times per pause."""
+
+    def __init__(self, due: int) -> None:
+        self.due = due
+        self.writes = 0
+        self.load = 0
+        self.batches: list[int] = []
+
+    async def prune(self, cutoff: float, limit: int) -> int:
+        gone = min(limit, self.due)
+        self.due -= gone
+        self.batches.append(limit)
+        return gone
+
+    async def oldest_received_at(self) -> float | None:
+        return None
+
+    async def sleep(self, seconds: float) -> None:
+        self.writes += self.load  # what ingest committed meanwhile
+
+
+async def test_the_pace_follows_the_load() -> None:
+    backlog = Backlog(due=100)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await backlog.sleep(seconds)
+
+    quiet, busy = Pace(20, 0.1), Pace(5, 0.5)
+    retention = Retention(backlog, 30, quiet=quiet, busy=busy, clock=lambda: NOW, sleep=sleep)
+    assert await retention.step() == (20, True)  # nothing written: the quiet pace
+    backlog.load = 3
+    assert await retention.step() == (20, True)  # the load shows from the next step on
+    assert await retention.step() == (5, True)
+    assert await retention.step() == (5, True)
+    backlog.load = 0
+    assert await retention.prune_once() == 50  # quiet again after one busy batch
+    assert backlog.batches == [20, 20, 5, 5, 5, 20, 20, 20]
+    assert pauses == [0.1, 0.1, 0.5, 0.5, 0.5, 0.1, 0.1]  # none after the last, partial batch
+    assert backlog.due == 0
+
+
+async def test_the_store_counts_callers_writes_not_its_prunes(store: Store) -> None:
+    await store.add_messages([msg("old", OLD)])
+    await finish(store, "old")
+    before = store.writes
+    assert await store.prune(NOW, 10) == 1
+    assert store.writes == before  # a prune is not load
+    await store.add_messages([msg("new", NOW)])
+    assert store.writes == before + 1
