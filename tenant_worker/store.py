@@ -634,9 +634,12 @@ class _Writer:
 
 
 def _connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    _prepare_file(path, busy_timeout)
+    _make_folder(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
     try:
+        if not _is_current(conn):
+            _prepare_file(conn, path)
+        _make_private(path)
         # FULL: a commit is on disk before we acknowledge it, even across power loss.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -682,21 +685,34 @@ async def _open_connections(
     return writer, reader
 
 
-def _prepare_file(path: Path, busy_timeout: float) -> None:
-    """Create the file if missing, switch it to WAL (a lasting setting), migrate it."""
+def _make_folder(path: Path) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # chat content: ours only
     except OSError as exc:
         kind = StoreUnavailable if is_transient(exc) else StoreError
         raise kind(f"store {path}: cannot create folder {path.parent}: {exc.strerror}") from exc
-    connect = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
-    with contextlib.closing(connect) as conn:
-        _incremental_vacuum(conn)
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
-        _make_private(path)
-        _migrate(conn, path)
+
+
+def _is_current(conn: sqlite3.Connection) -> bool:
+    """Whether the file is already what `_prepare_file` makes it (three reads, no write).
+
+    The usual start: a worker's boot then needs no second connection, no
+    write transaction and no checkpoint of it.
+    """
+    return bool(
+        conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        and conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        and conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    )
+
+
+def _prepare_file(conn: sqlite3.Connection, path: Path) -> None:
+    """Switch a new or older file to WAL (a lasting setting) and migrate it."""
+    _incremental_vacuum(conn)
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
+    _migrate(conn, path)
 
 
 def _incremental_vacuum(conn: sqlite3.Connection) -> None:
