@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,20 @@ async def test_opening_a_current_store_writes_nothing_to_it(
     await store.close()
     assert os.stat(db_path).st_mtime_ns == 1_000_000_000
     assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+
+
+async def test_reads_share_the_writers_thread_and_see_every_commit(
+    open_store: OpenStore,
+) -> None:
+    """One thread per store (an idle worker's memory): no reader connection of its own."""
+    before = set(threading.enumerate())
+    store = await open_store()
+    assert await store.counts() == dict.fromkeys(MESSAGE_STATUSES, 0)
+    writes = [store.add_messages([msg(f"m{n}", chat=f"c{n}")]) for n in range(20)]
+    await asyncio.gather(*writes)
+    assert (await store.counts())["queued"] == 20
+    assert len(await store.unfinished_messages()) == 20
+    assert [t.name for t in set(threading.enumerate()) - before] == ["store-writer:acme_0"]
 
 
 async def test_a_store_made_readable_to_others_is_private_again_once_opened(
