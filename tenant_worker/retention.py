@@ -71,19 +71,28 @@ class Retention:
 
     async def prune_batch(self) -> int:
         """Delete one batch of what is due; how many messages went."""
-        return await self._store.prune(self._clock() - self._days * DAY, self._batch)
+        return await self._store.prune(self._cutoff(), self._batch)
 
     async def prune_once(self) -> int:
-        """Delete what is due, batch by batch; returns how many messages went."""
+        """Delete what is due, batch by batch; returns how many messages went.
+
+        A store whose oldest message is younger than the cutoff is left
+        alone: a read instead of a write transaction (every worker's start).
+        """
         total = 0
-        if self._days:
+        oldest = await self._store.oldest_received_at()
+        if self._days and oldest is not None and oldest < self._cutoff():
             while True:
                 gone = await self.prune_batch()
                 total += gone
                 if gone < self._batch:
                     break
                 await self._sleep(self._pause)
+            oldest = await self._store.oldest_received_at()
         if total:
             logger.info("retention: deleted {} messages older than {} days", total, self._days)
-        self.oldest_at = await self._store.oldest_received_at()
+        self.oldest_at = oldest
         return total
+
+    def _cutoff(self) -> float:
+        return self._clock() - self._days * DAY
