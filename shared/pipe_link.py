@@ -74,7 +74,8 @@ class PipeLink:
         self._sock = _socket_of(conn)  # for writes that must not block; None: a plain pipe
         if self._sock is not None:
             weakref.finalize(self, self._sock.close)  # the copy goes with the link
-        self._wake = threading.Condition()
+        self._lock = threading.RLock()  # entered as is on the beat's path (no Python frame)
+        self._wake = threading.Condition(self._lock)
         self._rest = b""  # what a non-blocking write left of its frame: it goes first
         self._control: deque[protocol.WorkerFrame] = deque()
         self._beat: BeatFrame | None = None
@@ -86,7 +87,7 @@ class PipeLink:
         """Write `frame` now if that cannot block, else queue it; never blocks on the pipe."""
         if self.broken:
             return
-        with self._wake:
+        with self._lock:
             if self._sock is not None and not self._pending():
                 data = _framed(frame)
                 if data is not None:
@@ -103,6 +104,16 @@ class PipeLink:
                 self._control.append(frame)
             self._start()
             self._wake.notify()
+
+    def send_beat(self, seq: int) -> None:
+        """``send(Beat(seq=seq))``; when it can be written at once, without the frame object."""
+        if self._sock is not None and not self.broken:
+            with self._lock:
+                if not self._pending():
+                    data = protocol.encode_beat(seq)
+                    self._write_now(_HEADER.pack(len(data)) + data)
+                    return
+        self.send(protocol.Beat(seq=seq))
 
     def log_sink(self, line: str) -> None:
         """A log sink (shared/log.py): one formatted line as a LogRecord frame."""
@@ -265,6 +276,7 @@ async def beat(
     interval: float,
     heartbeat: Callable[[int], protocol.Heartbeat],
     also: Callable[[], None] | None = None,
+    counters: Callable[[], object] | None = None,
 ) -> None:
     """Send ``heartbeat(seq)`` every `interval` s until cancelled; run `also` on the same timer.
 
@@ -273,13 +285,23 @@ async def beat(
     After the first beat, beats fall on multiples of the interval in wall
     time: every child beats at the same instants, and the supervisor wakes
     once per interval for all of them instead of once per child.
+
+    `counters`, if given, returns the heartbeat's counters in some cheap
+    form (e.g. a tuple) that compares equal exactly when they are the same:
+    while it equals its value at the last full heartbeat, a tick sends a
+    short `Beat` without building a heartbeat (an idle child's whole second).
     """
-    ticker = _Ticker(asyncio.get_running_loop(), link, interval, heartbeat, also)
+    ticker = _Ticker(
+        asyncio.get_running_loop(), link, interval, heartbeat, also=also, counters=counters
+    )
     ticker.tick()
     try:
         await asyncio.get_running_loop().create_future()  # only ever cancelled
     finally:
         ticker.stop()
+
+
+_UNSET = object()
 
 
 class _Ticker:
@@ -291,29 +313,42 @@ class _Ticker:
         link: PipeLink,
         interval: float,
         heartbeat: Callable[[int], protocol.Heartbeat],
+        *,
         also: Callable[[], None] | None,
+        counters: Callable[[], object] | None,
     ) -> None:
         self._loop, self._link, self._interval = loop, link, interval
-        self._heartbeat, self._also = heartbeat, also
+        self._heartbeat, self._also, self._counters = heartbeat, also, counters
         self._seq = 0
         self._last: protocol.Heartbeat | None = None  # the last full heartbeat sent
+        self._key: object = _UNSET  # `counters()` when it was built
         self._timer: asyncio.TimerHandle | None = None
 
     def tick(self) -> None:
         # An exception here ends the beats, as it ended the task that sent them:
         # the supervisor then sees a silent child and restarts it.
         self._seq += 1
+        counters = self._counters
+        if counters is None:
+            self._tick_by_heartbeat()
+        elif (key := counters()) == self._key:
+            self._link.send_beat(self._seq)
+        else:
+            self._key = key
+            self._link.send(self._heartbeat(self._seq))
+        if self._also is not None:
+            self._also()
+        interval = self._interval
+        self._timer = self._loop.call_later(interval - time.time() % interval, self.tick)
+
+    def _tick_by_heartbeat(self) -> None:
         full = self._heartbeat(self._seq)
         last = self._last
         if last is not None and protocol.same_counters(full, last):
-            self._link.send(protocol.Beat(seq=self._seq))
+            self._link.send_beat(self._seq)
         else:
             self._last = full
             self._link.send(full)
-        if self._also is not None:
-            self._also()
-        delay = self._interval - time.time() % self._interval
-        self._timer = self._loop.call_later(delay, self.tick)
 
     def stop(self) -> None:
         if self._timer is not None:

@@ -48,6 +48,8 @@ __all__ = [
     "WorkerFrame",
     "decode",
     "encode",
+    "encode_beat",
+    "heartbeat_of",
     "recv",
     "same_counters",
     "send",
@@ -277,9 +279,20 @@ _FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls, _ in _SCHEMAS.values
 _COUNTER_FIELDS = tuple(name for name in _FIELDS[Heartbeat] if name not in ("seq", "time"))
 
 
+assert _FIELDS[Heartbeat][:2] == ("seq", "time")  # `heartbeat_of` relies on it
+
+
 def same_counters(one: Heartbeat, other: Heartbeat) -> bool:
     """Whether two heartbeats differ only in seq and time (the second can go as a `Beat`)."""
     return all(getattr(one, name) == getattr(other, name) for name in _COUNTER_FIELDS)
+
+
+def heartbeat_of(seq: int, time: float, counters: tuple[Any, ...]) -> Heartbeat:
+    """A heartbeat from its counters: every field but seq and time, in declaration
+    order (queued, in_flight, ..., oldest_at)."""
+    if len(counters) != len(_COUNTER_FIELDS):
+        raise ValueError(f"a heartbeat has {len(_COUNTER_FIELDS)} counters, got {len(counters)}")
+    return Heartbeat(seq, time, *counters)
 
 
 # One decoder for all frames: json.loads with options builds a new one per call.
@@ -288,6 +301,13 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 # A Beat on the wire, written and read without json: an idle worker sends one a second.
 _BEAT_HEAD, _BEAT_TAIL = b'{"kind":"beat","seq":', b"}"
+
+
+def encode_beat(seq: int) -> bytes:
+    """``encode(Beat(seq=seq))`` without the frame object (an idle child's every second)."""
+    if type(seq) is not int or seq < 0:
+        return encode(Beat(seq=seq))  # raises, naming what is wrong
+    return b"%s%d%s" % (_BEAT_HEAD, seq, _BEAT_TAIL)
 
 
 def encode(frame: Frame) -> bytes:

@@ -187,7 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     make_private_folder(settings.run_dir, "run_dir")
     make_private_folder(settings.data_dir, "data_dir")
     hold_run_dir(settings.run_dir)  # held until this process exits
-    start_fork_server(ready_flag(settings.run_dir))  # it preloads while we import the rest
+    # It preloads while we import the rest, and sets up the children's logging once.
+    start_fork_server(ready_flag(settings.run_dir), (settings.log_level, settings.log_format))
 
     from chatq.shared.log import setup_logging
     from chatq.supervisor.logstream import LogStream

@@ -33,18 +33,20 @@ from chatq.shared import stack_dump
 
 # Imported by the fork server only (never by the supervisor itself), in this
 # order: signal set-up, what workers and the gateway run (this module too: a
-# child unpickles its target from here), then freeze the lot, then say so
-# (keep those two last).
+# child unpickles its target from here), their logging, then freeze the lot,
+# then say so (keep those two last).
 # What a child imports itself costs it boot CPU and private memory.
 PRELOAD = [
     "chatq.supervisor.forkserver_setup",
     "chatq.tenant_worker.worker",
     "chatq.supervisor.gateway.main",
     "chatq.supervisor.spawn",
+    "chatq.supervisor.forkserver_logging",
     "chatq.supervisor.forkserver_ready",
     "chatq.supervisor.forkserver_up",
 ]
 READY_ENV = "CHATQ_FORKSERVER_READY"  # the file forkserver_up.py creates
+LOG_ENV = "CHATQ_FORKSERVER_LOG"  # "LEVEL FORMAT": the logging forkserver_logging.py sets up
 
 
 def context() -> ForkServerContext:
@@ -55,24 +57,32 @@ def context() -> ForkServerContext:
     return ctx
 
 
-def start_fork_server(ready_flag: Path | None = None) -> None:
+def start_fork_server(ready_flag: Path | None = None, log: tuple[str, str] | None = None) -> None:
     """Start the fork server now, if it is not running: call it early.
 
     It imports every preloaded module (~0.6 s of CPU) while the supervisor
     goes on with its own start, and creates `ready_flag` once done (see
-    supervisor/forkserver_up.py). A spawn before that waits for it.
+    supervisor/forkserver_up.py). A spawn before that waits for it. `log`
+    (level, format): the children's logging, set up there once
+    (supervisor/forkserver_logging.py).
     """
     context()
-    if ready_flag is None or fork_server_pid() is not None:
+    if fork_server_pid() is not None:
         forkserver.ensure_running()
         return
-    ready_flag.unlink(missing_ok=True)
-    os.environ[READY_ENV] = str(ready_flag)
+    if ready_flag is not None:
+        ready_flag.unlink(missing_ok=True)
+    told = {READY_ENV: str(ready_flag)} if ready_flag is not None else {}
+    if log is not None:
+        told[LOG_ENV] = " ".join(log)
+    os.environ.update(told)
     try:
         forkserver.ensure_running()
     finally:
-        del os.environ[READY_ENV]
-    _awaited.append(ready_flag)
+        for name in told:
+            del os.environ[name]
+    if ready_flag is not None:
+        _awaited.append(ready_flag)
 
 
 _awaited: list[Path] = []  # the flag of the fork server started with one (a process has one)

@@ -235,6 +235,8 @@ class ChatQueueManager:
 
     def busiest(self, n: int = 5) -> list[tuple[str, int]]:
         """The ``n`` chats with the most pending messages, deepest first."""
+        if not self._chats:  # idle: every heartbeat asks
+            return []
         depths = ((chat_id, len(p)) for chat_id, p in self._chats.items() if p)
         return heapq.nlargest(n, depths, key=lambda item: item[1])
 

@@ -102,19 +102,30 @@ class Retention:
         Returns how many messages went, and whether more may be due (the batch was full).
         """
         pace = self.pace()
-        gone = await self._store.prune(self._clock() - self._days * DAY, pace.batch)
+        gone = await self._store.prune(self._cutoff(), pace.batch)
         if gone < pace.batch:
             return gone, False
         await self._sleep(pace.pause)
         return gone, True
 
     async def prune_once(self) -> int:
-        """Delete what is due, batch by batch; returns how many messages went."""
-        total, more = 0, self._days > 0
-        while more:
-            gone, more = await self.step()
-            total += gone
+        """Delete what is due, batch by batch; returns how many messages went.
+
+        A store whose oldest message is younger than the cutoff is left
+        alone: a read instead of a write transaction (every worker's start).
+        """
+        total = 0
+        oldest = await self._store.oldest_received_at()
+        if self._days and oldest is not None and oldest < self._cutoff():
+            more = True
+            while more:
+                gone, more = await self.step()
+                total += gone
+            oldest = await self._store.oldest_received_at()
         if total:
             logger.info("retention: deleted {} messages older than {} days", total, self._days)
-        self.oldest_at = await self._store.oldest_received_at()
+        self.oldest_at = oldest
         return total
+
+    def _cutoff(self) -> float:
+        return self._clock() - self._days * DAY

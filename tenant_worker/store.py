@@ -13,10 +13,9 @@ fails only its own caller.
 
 The writer's connection lives on a thread of its own, and a whole
 transaction (BEGIN, one statement per kind of operation, COMMIT) is one hop
-to it. aiosqlite, which the reads use, makes every statement a round trip
-through the event loop: under load each one queued behind the loop's
-callbacks while SQLite sat idle (measured: the two threads together never
-used more than one core).
+to it. (aiosqlite makes every statement a round trip through the event
+loop: under load each one queued behind the loop's callbacks while SQLite
+sat idle.)
 
 Operations waiting together are concurrent (no caller has its result yet), so
 the writer may group them by kind, unless two of them touch the same row; then
@@ -31,8 +30,11 @@ operation nothing else on its table was queued after, and not one that
 already touches its row, so the submission order the writer keeps is the
 same as if each entry were an operation of its own.
 
-Reads use a second, read-only connection: they never wait behind the writer
-and see exactly what is committed.
+Reads run on the writer's connection and thread too, between transactions,
+so they see exactly what is committed. They are few and none is in a hurry
+(the replay at start, retention's oldest message once a pass): a second
+connection with a thread of its own cost every idle worker ~0.4 MB of
+private memory for them.
 
 A transient failure (disk full, locked, I/O error; tenant_worker/store_errors.py)
 fails no caller that can be answered "later": new messages and delivery
@@ -55,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
-import aiosqlite
 from loguru import logger
 
 from chatq.shared.errors import RedriveRefused, StoreError, StoreUnavailable
@@ -225,7 +226,6 @@ class Store:
         path: Path,
         tenant_id: str,
         writer: _Writer,
-        reader: aiosqlite.Connection,
         *,
         clock: Callable[[], float],
         linger: float,
@@ -237,7 +237,6 @@ class Store:
         self.commits = 0  # committed write transactions; tests read it to see batching
         self.writes = 0  # callers' writes committed (not housekeeping): retention's pace
         self._db = writer
-        self._reader = reader
         self._clock = clock
         self._linger = linger
         self._max_batch = max_batch
@@ -273,12 +272,11 @@ class Store:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch!r}")
-        writer, reader = await _open_connections(path, tenant_id, busy_timeout)
+        writer = await _open_writer(path, tenant_id, busy_timeout)
         store = cls(
             path,
             tenant_id,
             writer,
-            reader,
             clock=clock,
             linger=linger,
             max_batch=max_batch,
@@ -489,7 +487,7 @@ class Store:
         if self._closing:
             raise StoreError(f"store {self.path}: closed")
         try:
-            return [tuple(row) for row in await self._reader.execute_fetchall(sql)]
+            return await self._db.run(_fetch_all, sql)
         except sqlite3.Error as exc:
             raise store_error(self.path, exc) from exc
 
@@ -506,8 +504,7 @@ class Store:
             await self._writer
         await self._checkpoints.close()
         # The read-write connection last: the last one to close checkpoints
-        # the WAL into the file and deletes it, which a read-only one cannot.
-        await _close_quietly(self._reader)
+        # the WAL into the file and deletes it.
         await self._db.close()
 
     async def _write_loop(self) -> None:
@@ -636,9 +633,12 @@ class _Writer:
 
 
 def _connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
-    _prepare_file(path, busy_timeout)
+    _make_folder(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
     try:
+        if not _is_current(conn):
+            _prepare_file(conn, path)
+        _make_private(path)
         # FULL: a commit is on disk before we acknowledge it, even across power loss.
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -663,42 +663,52 @@ def _transaction(db: sqlite3.Connection, batch: list[_Op[Any]], now: float) -> N
         raise
 
 
-async def _open_connections(
-    path: Path, tenant_id: str, busy_timeout: float
-) -> tuple[_Writer, aiosqlite.Connection]:
-    """Writer and reader connections, schema migrated; any failure is one StoreError line."""
+async def _open_writer(path: Path, tenant_id: str, busy_timeout: float) -> _Writer:
+    """The writer's connection, schema migrated; any failure is one StoreError line."""
     writer = _Writer(tenant_id)
-    reader: aiosqlite.Connection | None = None
     try:
-        # The writer first, with sync sqlite3: it reports a bad file cleanly,
-        # whereas a failed aiosqlite connect leaves its thread calling back.
         await writer.connect(path, busy_timeout)
-        reader = await aiosqlite.connect(read_only_uri(path), uri=True, timeout=busy_timeout)
-        await reader.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     except BaseException as exc:
         await writer.close()
-        await _close_quietly(reader)
         if isinstance(exc, OSError | sqlite3.Error):
             raise store_error(path, exc) from exc
         raise
-    return writer, reader
+    return writer
 
 
-def _prepare_file(path: Path, busy_timeout: float) -> None:
-    """Create the file if missing, switch it to WAL (a lasting setting), migrate it."""
+def _fetch_all(db: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
+    """On the writer's thread, between its transactions: a read."""
+    return [tuple(row) for row in db.execute(sql).fetchall()]
+
+
+def _make_folder(path: Path) -> None:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # chat content: ours only
     except OSError as exc:
         kind = StoreUnavailable if is_transient(exc) else StoreError
         raise kind(f"store {path}: cannot create folder {path.parent}: {exc.strerror}") from exc
-    connect = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
-    with contextlib.closing(connect) as conn:
-        _incremental_vacuum(conn)
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
-        _make_private(path)
-        _migrate(conn, path)
+
+
+def _is_current(conn: sqlite3.Connection) -> bool:
+    """Whether the file is already what `_prepare_file` makes it (three reads, no write).
+
+    The usual start: a worker's boot then needs no second connection, no
+    write transaction and no checkpoint of it.
+    """
+    return bool(
+        conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        and conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        and conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    )
+
+
+def _prepare_file(conn: sqlite3.Connection, path: Path) -> None:
+    """Switch a new or older file to WAL (a lasting setting) and migrate it."""
+    _incremental_vacuum(conn)
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise StoreError(f"store {path}: cannot use WAL journal mode (got {mode})")
+    _migrate(conn, path)
 
 
 def _incremental_vacuum(conn: sqlite3.Connection) -> None:
@@ -741,13 +751,6 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     except BaseException:
         conn.rollback()
         raise
-
-
-async def _close_quietly(*connections: aiosqlite.Connection | None) -> None:
-    for connection in connections:
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
 
 
 def read_only_uri(path: Path) -> str:

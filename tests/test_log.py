@@ -7,14 +7,16 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 from loguru import logger
 
+from chatq.shared import log
 from chatq.shared.errors import ConfigError
-from chatq.shared.log import bind_message, debug_enabled, setup_logging
+from chatq.shared.log import bind_message, debug_enabled, preset_logging, setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +25,7 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     saved_level, saved_handlers = root.level, root.handlers[:]
     yield
+    log._current.preset = log._current.relay_to = None
     logger.remove()
     logger.configure(extra={})
     logger.add(sys.stderr)
@@ -245,3 +248,46 @@ def test_a_json_line_renders_as_the_text_format_would_write_it() -> None:
         assert log_line(as_json)[23:] == text[23:]
     assert log_line("plain text {not json") == "plain text {not json"
     assert log_line('{"some": "json"}') == '{"some": "json"}'
+
+
+def test_a_child_of_a_preset_fork_server_only_points_the_sink_at_its_pipe(
+    lines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each worker skips: loguru's handler and the stdlib intercept (boot CPU, memory)."""
+    preset_logging("WARNING", "text")
+    added: list[object] = []
+    monkeypatch.setattr(logger, "add", lambda *a, **k: added.append(a))
+    setup_logging("warning", "text", tenant_id="acme", sink=lines.append)
+    logger.info("below the level")
+    logger.warning("kept")
+    logging.getLogger("aiohttp.server").error("stdlib too")
+    assert added == []
+    assert len(lines) == 2 and "[acme pid=" in lines[0] and lines[0].endswith(" kept")
+
+
+def test_other_settings_than_the_preset_set_up_afresh(lines: list[str]) -> None:
+    preset_logging("WARNING", "text")
+    setup_logging("DEBUG", "json", tenant_id="acme", sink=lines.append)
+    logger.debug("now shown")
+    assert json.loads(lines[0])["tenant_id"] == "acme"
+    setup_logging("WARNING", "text", tenant_id="beta", sink=lines.append)  # the preset is gone
+    logger.warning("afresh")
+    assert "[beta pid=" in lines[1]
+
+
+def run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", code]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_the_fork_server_presets_the_logging_it_is_told() -> None:
+    code = (
+        "import os; import chatq.supervisor.forkserver_logging; from chatq.shared import log;"
+        " print(log._current.preset, 'CHATQ_FORKSERVER_LOG' in os.environ)"
+    )
+    env = {**os.environ, "CHATQ_FORKSERVER_LOG": "ERROR json"}
+    out = run(code, env)
+    assert out.stdout.split() == ["(40,", "'json')", "False"], out.stderr
+    env["CHATQ_FORKSERVER_LOG"] = "LOUD text"  # a bad level: each child reports it itself
+    out = run(code, env)
+    assert out.stdout.split() == ["None", "False"], out.stderr

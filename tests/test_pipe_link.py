@@ -199,3 +199,64 @@ async def test_beats_go_short_while_the_counters_stay_the_same(
         ("Heartbeat", 4),  # queued went 0 -> 5 after the third tick
         ("Beat", 5),
     ]
+
+
+async def test_a_heartbeat_is_built_only_when_the_counters_change(
+    ends: tuple[Connection, Connection],
+) -> None:
+    """An idle child's tick compares a tuple and writes a short beat: nothing else."""
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end)
+    queued = [0]
+    built: list[int] = []
+    sixth = asyncio.Event()
+
+    def heartbeat(seq: int) -> protocol.Heartbeat:
+        built.append(seq)
+        return protocol.Heartbeat(seq, 0.0, queued[0], 0, 0, 0, 0, 0, 0)
+
+    ticks: list[int] = []
+
+    def also() -> None:
+        ticks.append(len(ticks))
+        if len(ticks) == 2:
+            queued[0] = 0  # written again, the same value: not a change
+        if len(ticks) == 4:
+            queued[0] = 5
+        if len(ticks) == 6:
+            sixth.set()
+
+    task = asyncio.create_task(
+        beat_forever(link, 0.01, heartbeat, also=also, counters=lambda: (queued[0],))
+    )
+    await asyncio.wait_for(sixth.wait(), 5.0)
+    task.cancel()
+    frames = [f for f in drain(supervisor_end) if isinstance(f, protocol.Heartbeat | protocol.Beat)]
+    assert [(type(f).__name__, f.seq) for f in frames[:6]] == [
+        ("Heartbeat", 1),
+        ("Beat", 2),
+        ("Beat", 3),
+        ("Beat", 4),
+        ("Heartbeat", 5),  # queued went 0 -> 5 after the fourth tick
+        ("Beat", 6),
+    ]
+    assert [seq for seq in built if seq <= 6] == [1, 5]
+
+
+def test_send_beat_writes_what_send_writes_and_queues_behind_a_stall(
+    ends: tuple[Connection, Connection],
+) -> None:
+    supervisor_end, worker_end = ends
+    link = PipeLink(worker_end, max_lines=10)
+    link.send_beat(7)
+    assert supervisor_end.recv_bytes() == protocol.encode(protocol.Beat(seq=7))
+    stall = "2026-11-29 00:00:00.000 INFO  [t pid=1] " + "x" * 60_000
+    for _ in range(30):  # ~2 MB: far past what the socket pair buffers; nobody reads yet
+        link.log_sink(stall)
+    link.send(protocol.Heartbeat(8, 0.0, 7, 0, 0, 0, 0, 0, 0))  # queued: counters changed
+    link.send_beat(9)  # queued after it: keeps its counters
+    frames = drain(supervisor_end)
+    assert link.flush(5.0)
+    frames += drain(supervisor_end)
+    beats = [f for f in frames if isinstance(f, protocol.Heartbeat | protocol.Beat)]
+    assert beats == [protocol.Heartbeat(9, 0.0, 7, 0, 0, 0, 0, 0, 0)]

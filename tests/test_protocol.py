@@ -23,6 +23,8 @@ from chatq.shared.protocol import (
     Stop,
     decode,
     encode,
+    encode_beat,
+    heartbeat_of,
     recv,
     same_counters,
     send,
@@ -263,3 +265,39 @@ def test_same_counters_ignores_only_seq_and_time() -> None:
     assert same_counters(Heartbeat(9, 9.0, 3, 1, 0, 0, 0, 0, 0), base)
     assert not same_counters(Heartbeat(9, 9.0, 3, 1, 1, 0, 0, 0, 0), base)
     assert not same_counters(Heartbeat(1, 1.0, 3, 1, 0, 0, 0, 0, 0, paused="190"), base)
+
+
+def test_encode_beat_is_encode_of_a_beat() -> None:
+    assert encode_beat(42) == encode(Beat(seq=42))
+    with pytest.raises(ProtocolError, match="non-negative"):
+        encode_beat(-1)
+
+
+def test_heartbeat_of_takes_every_counter_in_declaration_order() -> None:
+    counters = (3, 1, 10, 2, 1, 4, 5, [("c1", 3)], 7, 1, 2, "190", 5.0, 6, 8, "disk full", 9)
+    beat = heartbeat_of(4, 2.0, (*counters, 4096, 1.5))
+    assert beat == Heartbeat(
+        seq=4,
+        time=2.0,
+        queued=3,
+        in_flight=1,
+        processed=10,
+        failed=2,
+        rejected=1,
+        duplicates=4,
+        rate_limited=5,
+        busiest=[("c1", 3)],
+        replies_sent=7,
+        replies_failed=1,
+        replies_retried=2,
+        paused="190",
+        paused_since=5.0,
+        ingest_refused=6,
+        ingest_timeouts=8,
+        store_unavailable="disk full",
+        replies_pending=9,
+        store_bytes=4096,
+        oldest_at=1.5,
+    )
+    with pytest.raises(ValueError, match="19 counters, got 17"):
+        heartbeat_of(4, 2.0, counters)

@@ -62,6 +62,18 @@ async def test_only_old_finished_messages_go_with_their_replies(store: Store) ->
     assert await Retention(store, 0).prune_once() == 0  # 0 days: keep everything
 
 
+async def test_a_pass_with_nothing_old_enough_writes_nothing(store: Store) -> None:
+    """Every worker's start: one read, no write transaction (boot CPU, memory)."""
+    retention = Retention(store, 30, clock=lambda: NOW)
+    assert await retention.prune_once() == 0
+    assert store.commits == 0 and retention.oldest_at is None
+    await store.add_messages([msg("young", NOW - 29 * DAY)], "rejected")
+    commits = store.commits
+    assert await retention.prune_once() == 0
+    assert store.commits == commits and retention.oldest_at == NOW - 29 * DAY
+    assert await Retention(store, 28, clock=lambda: NOW).prune_once() == 1
+
+
 async def test_the_file_shrinks(store: Store) -> None:
     await store.add_messages([msg(f"m{n}", OLD, "x" * 2000) for n in range(600)])
     for n in range(600):
@@ -106,7 +118,7 @@ class Backlog:
         return gone
 
     async def oldest_received_at(self) -> float | None:
-        return None
+        return OLD if self.due else None
 
     async def sleep(self, seconds: float) -> None:
         self.writes += self.load  # what ingest committed meanwhile

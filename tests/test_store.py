@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,47 @@ async def test_migrations_run_once(
     await (await open_store()).close()
     await (await open_store()).close()
     assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS) + 1,)]
+
+
+async def test_opening_a_current_store_writes_nothing_to_it(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    """A worker's usual boot: no write transaction, no checkpoint of one (boot CPU)."""
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    await store.close()
+    os.utime(db_path, ns=(1_000_000_000, 1_000_000_000))
+    store = await open_store()
+    assert [s.message.id for s in await store.unfinished_messages()] == ["m1"]
+    await store.close()
+    assert os.stat(db_path).st_mtime_ns == 1_000_000_000
+    assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+
+
+async def test_reads_share_the_writers_thread_and_see_every_commit(
+    open_store: OpenStore,
+) -> None:
+    """One thread per store (an idle worker's memory): no reader connection of its own."""
+    before = set(threading.enumerate())
+    store = await open_store()
+    assert await store.counts() == dict.fromkeys(MESSAGE_STATUSES, 0)
+    writes = [store.add_messages([msg(f"m{n}", chat=f"c{n}")]) for n in range(20)]
+    await asyncio.gather(*writes)
+    assert (await store.counts())["queued"] == 20
+    assert len(await store.unfinished_messages()) == 20
+    assert [t.name for t in set(threading.enumerate()) - before] == ["store-writer:acme_0"]
+
+
+async def test_a_store_made_readable_to_others_is_private_again_once_opened(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    await (await open_store()).close()
+    os.chmod(db_path, 0o644)
+    store = await open_store()
+    assert os.stat(db_path).st_mode & 0o777 == 0o600
+    for suffix in ("-wal", "-shm"):
+        assert os.stat(f"{db_path}{suffix}").st_mode & 0o077 == 0
+    await store.close()
 
 
 async def test_newer_schema_version_is_refused(db_path: Path) -> None:

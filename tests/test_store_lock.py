@@ -28,6 +28,24 @@ async def test_a_held_store_is_refused_with_the_holders_pid_until_released(tmp_p
     (await StoreLock.acquire(store)).release()
 
 
+@pytest.mark.parametrize("left", ["9" * 12 + "\n", "1\n", "same-length\n"])
+async def test_the_lock_file_holds_exactly_our_pid_and_is_cut_only_if_longer(
+    tmp_path: Path, left: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last holder's line is replaced; truncating (the journal: ~130 us) only when needed."""
+    store = tmp_path / "acme.sqlite3"
+    ours = f"{os.getpid()}\n"
+    if left == "same-length\n":
+        left = "7" * (len(ours) - 1) + "\n"
+    lock_path(store).write_text(left)
+    cuts: list[int] = []
+    truncate = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, size: (cuts.append(size), truncate(fd, size)))
+    (await StoreLock.acquire(store)).release()
+    assert lock_path(store).read_text() == ours
+    assert cuts == ([len(ours)] if len(left) > len(ours) else [])
+
+
 async def test_other_stores_are_not_affected(tmp_path: Path) -> None:
     held = await StoreLock.acquire(tmp_path / "acme.sqlite3")
     (await StoreLock.acquire(tmp_path / "globex.sqlite3")).release()
