@@ -5,7 +5,7 @@ process's `tenant_id` ("-" in the supervisor) and its pid; inside
 `bind_message()` it also carries `chat_id` and `message_id`, across awaits in
 the same task (a contextvar, copied into a record by a patcher only when one
 is written: the worker binds every message, and most log nothing). Records that
-libraries write through stdlib `logging` (aiohttp, asyncio, aiosqlite) are
+libraries write through stdlib `logging` (aiohttp, asyncio) are
 routed into loguru, so one process has one format.
 
 Two line formats, built by plain functions of a loguru record so that other

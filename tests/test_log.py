@@ -142,7 +142,7 @@ def test_stdlib_records_are_routed_with_level_and_caller(lines: list[str]) -> No
 
 def test_stdlib_debug_passes_when_level_is_debug(lines: list[str]) -> None:
     setup_logging("DEBUG", sink=lines.append)
-    logging.getLogger("aiosqlite").debug("executing")
+    logging.getLogger("aiohttp.client").debug("executing")
     assert len(lines) == 1
     assert " DEBUG [- pid=" in lines[0] and lines[0].endswith(" executing")
 
