@@ -392,6 +392,57 @@ async def test_linger_gathers_a_late_write(open_store: OpenStore) -> None:
     assert store.commits == 1
 
 
+async def test_owed_writes_wait_for_a_callers_write_and_share_its_commit(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    store = await open_store(hold=60.0)  # held until a caller's write comes (or close)
+    await store.add_messages([msg("m1", "c1")], begun={"m1"})
+    commits = store.commits
+    completed = store.complete_soon("m1", ["r1"])  # nobody is held up by it: owed
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert not completed.done()
+    assert store.commits == commits
+    assert await store.add_messages([msg("m2", "c2")]) == [True]  # a caller waits: no hold
+    reply = (await completed).replies_of("m1")[0]
+    assert store.commits == commits + 1  # the completion rode along
+    marked = store.mark_sent_soon(reply.id, "prov-1")  # owed too
+    await asyncio.sleep(0.01)
+    assert not marked.done()
+    await store.add_messages([msg("m3", "c3")])
+    await marked
+    assert store.commits == commits + 2
+    assert query(db_path, "SELECT status, provider_id FROM replies") == [("sent", "prov-1")]
+
+
+async def test_a_lone_owed_write_commits_within_the_hold(open_store: OpenStore) -> None:
+    store = await open_store(hold=0.01)
+    await store.add_messages([msg("m1")], begun={"m1"})
+    progress = await asyncio.wait_for(store.complete_soon("m1", ["r1"]), timeout=2)
+    assert [r.text for r in progress.replies_of("m1")] == ["r1"]
+
+
+async def test_an_attempt_begun_is_never_held(open_store: OpenStore) -> None:
+    store = await open_store(hold=60.0)
+    await store.add_messages([msg("m1"), msg("m2"), msg("m3")], begun={"m1"})
+    # The chat's next message waits to start: its begin commits at once,
+    # with the completion it rides on.
+    progress = await asyncio.wait_for(store.complete_soon("m1", [], begin_next="m2"), 2)
+    assert progress.attempts_of("m2") == 1
+    assert await asyncio.wait_for(store.begin_attempt("m3"), 2) == 1
+
+
+async def test_close_commits_held_writes_at_once(open_store: OpenStore, db_path: Path) -> None:
+    store = await open_store(hold=60.0)
+    await store.add_messages([msg("m1")], begun={"m1"})
+    completed = store.complete_soon("m1", ["r1"])
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(store.close(), timeout=2)
+    assert completed.done()
+    assert query(db_path, "SELECT status FROM messages") == [("processed",)]
+
+
 async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) -> None:
     store = await open_store(linger=5.0)
     write = asyncio.create_task(store.add_messages([msg("m1")]))

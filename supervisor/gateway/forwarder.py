@@ -9,6 +9,13 @@ the next parts wait and then go together, as one post and one commit (the
 worker's dedup makes a part that appears twice harmless). Every part's
 caller gets the outcome of the post that carried it.
 
+When a post comes back, the senders of its parts were just answered and
+tend to send again at once: the next post waits up to `LINGER` for as many
+parts as the last one carried plus those already waiting, so a steady load
+travels in fewer, larger posts (each post costs the worker a request and a
+commit whatever it carries). A part that finds that many waiting, or comes
+after a quiet spell, goes at once: a lone webhook never waits.
+
 A worker that restarted drops its keep-alive connections: a post that fails
 on such a connection is sent once more (re-sending is safe, it is deduped).
 """
@@ -32,6 +39,7 @@ __all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
 
 MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
 MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
+LINGER = 0.002  # seconds a free link may wait for the parts of senders just answered
 
 _Waiting = tuple[Routed, "asyncio.Future[None]"]
 
@@ -39,7 +47,15 @@ _Waiting = tuple[Routed, "asyncio.Future[None]"]
 class TenantLink:
     """One tenant's worker socket."""
 
-    def __init__(self, tenant_id: str, socket: Path, timeout: float, stats: GatewayStats) -> None:
+    def __init__(
+        self,
+        tenant_id: str,
+        socket: Path,
+        timeout: float,
+        stats: GatewayStats,
+        *,
+        linger: float = LINGER,
+    ) -> None:
         self.tenant_id = tenant_id
         self._timeout = timeout
         self._stats = stats
@@ -47,6 +63,10 @@ class TenantLink:
         self._waiting: list[_Waiting] = []
         self._sending = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._linger = linger
+        self._expected = 0  # parts worth waiting for (see the module doc)
+        self._until = 0.0  # loop time the wait for them ends
+        self._timer: asyncio.TimerHandle | None = None
 
     async def forward(self, part: Routed) -> None:
         """Return once `part` is committed by the worker; ForwardError if it is not."""
@@ -56,12 +76,15 @@ class TenantLink:
         await done
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._linger_over()  # what waits goes now
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
 
     def _pump(self) -> None:
-        while self._waiting and self._sending < MAX_IN_FLIGHT:
+        while self._waiting and self._sending < MAX_IN_FLIGHT and not self._lingering():
             batch: list[_Waiting] = []
             size = 0
             while self._waiting and (
@@ -74,11 +97,34 @@ class TenantLink:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _lingering(self) -> bool:
+        """Whether to wait (a timer set) for more parts before the next post."""
+        loop = asyncio.get_running_loop()
+        if (
+            len(self._waiting) >= self._expected
+            or loop.time() >= self._until
+            or sum(_items(part) for part, _ in self._waiting) >= MAX_BATCH_ITEMS
+        ):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return False
+        if self._timer is None:
+            self._timer = loop.call_at(self._until, self._linger_over)
+        return True
+
+    def _linger_over(self) -> None:
+        self._timer = None
+        self._expected = 0
+        self._pump()
+
     async def _send(self, batch: list[_Waiting]) -> None:
         try:
             await self._deliver(batch)
         finally:
             self._sending -= 1
+            self._expected = len(batch) + len(self._waiting)
+            self._until = asyncio.get_running_loop().time() + self._linger
             self._pump()
 
     async def _deliver(self, batch: list[_Waiting]) -> None:
