@@ -534,13 +534,13 @@ def test_hung_worker_is_dumped_then_killed_and_restarted(
     t.clock.advance(HB_TIMEOUT / 2 + 0.01)
 
     a_pid, b_pid = t.pid("a"), t.pid("b")
-    t.sup._stop_hung()
+    t.sup._check_due()
     assert t.spawner.sent(a_pid) == [signal.SIGUSR1]
     assert t.spawner.sent(b_pid) == []
 
     t.clock.advance(program_module.HANG_KILL_AFTER)
-    t.sup._kill_overdue()
-    t.sup._stop_hung()  # regression: must not stop it again under another reason
+    t.sup._check_due()
+    t.sup._check_due()  # regression: must not stop it again under another reason
     assert t.spawner.sent(a_pid) == [signal.SIGUSR1, signal.SIGKILL]
     t.exit("a", -signal.SIGKILL)
     handle = t.sup.handle("a")
@@ -559,7 +559,7 @@ def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
     assert handle.pid is not None
     protocol.send(t.spawner.worker_ends[handle.pid], heartbeat(seq=2))  # not read yet
 
-    t.sup._stop_hung()
+    t.sup._check_due()
     assert t.spawner.signals == []
     assert handle.heartbeat is not None and handle.heartbeat.seq == 2
 
@@ -583,7 +583,7 @@ def test_the_hung_check_works_on_pipes_numbered_past_1023(
         t.clock.advance(HB_TIMEOUT + 0.01)  # silent: hung
 
         try:
-            t.sup._stop_hung()
+            t.sup._check_due()
             assert t.spawner.sent(handle.pid) == [signal.SIGUSR1]
         finally:
             high.close()
@@ -597,8 +597,8 @@ def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any])
     t.sup.handle("a").on_frame(heartbeat())
     t.sup.stop_tenant("a")
     t.clock.advance(GRACE)  # past heartbeat_timeout too
-    t.sup._kill_overdue()
-    t.sup._stop_hung()
+    t.sup._check_due()
+    t.sup._check_due()
     t.sup._watchdog()
     t.exit("a", -signal.SIGKILL)
     t.sup._start_due()
@@ -614,7 +614,7 @@ def test_operator_stop_during_a_hung_restart_ends_stopped(
     t: SupervisorUnderTest = make_supervisor(*tenants("a"))
     t.sup.handle("a").on_frame(heartbeat())
     t.clock.advance(HB_TIMEOUT + 0.01)
-    t.sup._stop_hung()  # a restart is on its way
+    t.sup._check_due()  # a restart is on its way
     t.sup.stop_tenant("a")  # the operator wants it stopped
     t.exit("a", 0)
     t.clock.advance(60)
@@ -657,7 +657,7 @@ def test_watchdog_restarts_a_worker_over_its_memory_limit(
     t.clock.advance(SETTINGS.watchdog_interval)
     t.sup._watchdog()  # due, but fat is already stopping
     t.clock.advance(GRACE)
-    t.sup._kill_overdue()
+    t.sup._check_due()
     t.clock.advance(SETTINGS.watchdog_interval)
     t.sup._watchdog()  # regression: after SIGKILL it is still the same stop
     assert t.spawner.sent(fat) == [signal.SIGTERM, signal.SIGKILL]
@@ -1075,8 +1075,8 @@ def test_passes_that_only_read_beats_skip_the_repair_steps_until_a_deadline(
     t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
     t.sup.control = ControlServer(tmp_path / "c.sock", t.sup._dispatch)
     scans: list[float] = []
-    stop_hung = t.sup._stop_hung
-    monkeypatch.setattr(t.sup, "_stop_hung", lambda: (scans.append(t.clock.now), stop_hung()))
+    check_due = t.sup._check_due
+    monkeypatch.setattr(t.sup, "_check_due", lambda: (scans.append(t.clock.now), check_due()))
     a, b = (t.sup.handle(name) for name in ("a", "b"))
     alive_r, alive_w = os.pipe()  # a sentinel that stays quiet: both workers live on
     for handle in (a, b):
