@@ -523,3 +523,12 @@ def test_peer_rule() -> None:
     assert not peer_allowed(1001, 1000)
     assert peer_allowed(0, 0)
     assert not peer_allowed(1000, 0)
+
+
+def test_answers_carry_any_text_as_json_escapes_or_utf8() -> None:
+    """Answers are encoded without ensure_ascii (faster for a large `list`): text outside
+    ASCII, control characters and even a lone surrogate must still arrive unchanged."""
+    texts = ["plain", "é 日本 😀", "lone \udc80 surrogate", 'ctrl \x01\n"q" \\']
+    data = control._encode_answer({"ok": True, "result": texts})
+    assert data.endswith(b"\n") and b"\n" not in data[:-1]
+    assert json.loads(data) == {"ok": True, "result": texts}

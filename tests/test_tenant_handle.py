@@ -1153,3 +1153,81 @@ def test_a_short_beat_keeps_the_counters_of_the_last_heartbeat(
     assert not handle.is_hung()
     clock.advance(0.01)
     assert handle.is_hung()
+
+
+def test_a_pass_looks_only_at_the_workers_whose_deadline_came(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): every pass that was not quiet looked at every handle (hang,
+    kill, start, booting), and a fleet's start has thousands of such passes."""
+    monkeypatch.setattr(supervisor_module, "STARTS_PER_PASS", 1000)
+    monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 1000)
+    t: SupervisorUnderTest = make_supervisor(*tenants(*(f"t{n}" for n in range(300))))
+    assert all(handle.pid is not None for handle in t.sup.handles())
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    for handle in t.sup.handles():
+        handle.on_frame(heartbeat())
+    looked_at: list[str] = []
+    is_hung = program_module.ProgramHandle.is_hung
+
+    def counted(handle: program_module.ProgramHandle) -> bool:
+        looked_at.append(handle.id)
+        return is_hung(handle)
+
+    monkeypatch.setattr(program_module.ProgramHandle, "is_hung", counted)
+    t.clock.advance(HB_TIMEOUT / 2)
+    t.sup._check_due()
+    t.sup._start_due()
+    assert looked_at == []
+    assert t.sup._wait_time() == pytest.approx(HB_TIMEOUT / 2 + supervisor_module.HANG_SLACK)
+
+    for handle in t.sup.handles():  # all beat on, but t7
+        if handle.id != "t7":
+            handle.on_frame(protocol.Beat(seq=2))
+    t.clock.advance(HB_TIMEOUT / 2 + supervisor_module.HANG_SLACK)
+    t.sup._check_due()
+    assert set(looked_at) == {"t7"}  # twice: before and after reading its pipe
+    assert t.spawner.sent(t.pid("t7")) == [signal.SIGUSR1]
+    assert t.spawner.signals == [(t.pid("t7"), signal.SIGUSR1)]
+
+
+def test_a_stop_asked_for_brings_its_sigkill_into_the_wait(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))  # ready, no heartbeat yet
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    assert t.sup._wait_time() == supervisor_module.MAX_WAIT
+    t.sup.stop_tenant("a")
+    assert t.sup._wait_time() == pytest.approx(GRACE + supervisor_module.HANG_SLACK)
+    t.clock.advance(GRACE)
+    t.sup._check_due()
+    assert t.spawner.sent(t.pid("a")) == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_a_reload_that_shortens_the_heartbeat_timeout_applies_to_running_workers(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"), heartbeat_timeout_ms=5000)
+    t.sup.handle("a").on_frame(heartbeat())
+    t.reload_to.append(make_config(*tenants("a"), heartbeat_timeout_ms=500))
+    assert t.sup.reload()["unchanged"] == ["a"]
+    t.clock.advance(0.51)
+    t.sup._check_due()
+    assert t.spawner.sent(t.pid("a")) == [signal.SIGUSR1]
+
+
+def test_a_backoff_made_longer_starts_at_its_new_time(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    t.exit("a", 70)  # a first crash: due again at once
+    assert handle.state is State.BACKOFF and handle.start_at == t.clock.now
+    handle.start_at = t.clock.now + 1.0  # later, as a longer backoff would set it
+    t.sup._start_due()
+    assert handle.pid is None
+    t.clock.advance(1.0)
+    t.sup._start_due()
+    assert handle.pid is not None
