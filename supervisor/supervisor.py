@@ -608,7 +608,10 @@ class Supervisor:
         if not self._shutting_down:
             logger.info("shutting down ({}): draining all workers", reason)
         self._shutting_down = True
-        for handle in self.handles():
+        handles = self.handles()
+        for handle in handles:  # first, so that the first ones to drain do not hold up the rest
+            handle.drain_behind_us()
+        for handle in handles:
             handle.stop(reason, State.STOPPED)
 
     def reload(self, force: bool = False) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -1162,6 +1163,7 @@ def test_a_pass_looks_only_at_the_workers_whose_deadline_came(
     kill, start, booting), and a fleet's start has thousands of such passes."""
     monkeypatch.setattr(supervisor_module, "STARTS_PER_PASS", 1000)
     monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 1000)
+    monkeypatch.setattr(supervisor_module, "START_BUDGET_S", 60.0)
     t: SupervisorUnderTest = make_supervisor(*tenants(*(f"t{n}" for n in range(300))))
     assert all(handle.pid is not None for handle in t.sup.handles())
     t.sup.control = NoControl()  # type: ignore[assignment]
@@ -1231,3 +1233,44 @@ def test_a_backoff_made_longer_starts_at_its_new_time(
     t.clock.advance(1.0)
     t.sup._start_due()
     assert handle.pid is not None
+
+
+def test_a_fleet_wide_stop_lowers_every_workers_priority_before_signalling(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): each SIGTERM woke a worker that preempted the supervisor,
+    so signalling 1,000 workers took ~7 s, the last ones stopping only then."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    events: list[tuple[str, int | None, int]] = []
+
+    def renice(which: int, who: int, value: int) -> None:
+        assert which == os.PRIO_PGRP  # the worker's group: every thread of it
+        events.append(("nice", who, value))
+
+    def signal_and_record(process: FakeProcess, signum: int) -> None:
+        events.append(("signal", process.pid, signum))
+        t.spawner.record_signal(process, signum)
+
+    monkeypatch.setattr(os, "setpriority", renice)
+    monkeypatch.setattr(program_module, "_signal", signal_and_record)
+    t.sup.begin_shutdown("SIGTERM received")
+    pids = [t.pid(name) for name in ("a", "b", "c")]
+    assert events == [("nice", pid, program_module.DRAIN_NICE) for pid in pids] + [
+        ("signal", pid, signal.SIGTERM) for pid in pids
+    ]
+
+
+def test_draining_behind_us_lowers_a_real_process_groups_priority(clock: FakeClock) -> None:
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)  # leads its own group
+    try:
+        handle = make_handle(clock)
+        process = FakeProcess()
+        process.pid = child.pid
+        handle.process = process  # type: ignore[assignment]
+        handle.drain_behind_us()
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == program_module.DRAIN_NICE
+        handle.process = None
+        handle.drain_behind_us()  # no process: nothing, no error
+    finally:
+        child.kill()
+        child.wait(10)
