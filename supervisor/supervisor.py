@@ -61,11 +61,12 @@ MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
 # between (2,000 spawned before the first pass held `list` up for a minute).
 STARTS_PER_PASS = 8
 START_BUDGET_S = 0.05
-# Workers booting at once (spawned, not yet ready). A boot is mostly CPU, so
-# more at once start the fleet no sooner: they make each boot dearer (34 ms
-# of CPU each with 300 at once on 2 cores, 26 with 8) and leave the
-# supervisor a smaller share. A few per core, for boots that wait on disk.
-MAX_BOOTING = max(8, 4 * (os.cpu_count() or 1))
+# Workers booting at once (spawned, not yet ready). A boot is CPU and waits
+# (its new store's fsyncs, the loop noticing Ready): with 8 at once, 2,000
+# tenants took 89 s with the two cores half idle; with 32, 69 s, and each
+# boot took less CPU, not more (31 ms against 36). Far more at once (300)
+# made each boot dearer and left the supervisor a smaller share.
+MAX_BOOTING = max(8, 16 * (os.cpu_count() or 1))
 # How long the first spawn waits for the fork server to say it is ready
 # (polled between passes); past this, a spawn waits inside multiprocessing.
 FORK_SERVER_WAIT_S = 10.0
