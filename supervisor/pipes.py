@@ -13,6 +13,8 @@ big-endian signed length, or -1 followed by an 8-byte length for huge frames.
 from __future__ import annotations
 
 import os
+import struct
+import threading
 from multiprocessing.connection import Connection
 
 from chatq.shared import protocol
@@ -20,6 +22,18 @@ from chatq.shared import protocol
 READ_CHUNK = 256 * 1024
 _SHORT = 4
 _LONG = 12
+_HEADER = struct.Struct("!i")
+# Reads land in one buffer per thread, kept: `os.read(fd, 256 KiB)` allocates
+# (mmap, page faults, munmap) 256 KiB per call and shrinks it to the ~30 bytes
+# of a beat: 27 us against 4 for the read itself, 500 times a second at idle.
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> memoryview:
+    view: memoryview | None = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(READ_CHUNK))
+    return view
 
 
 class FrameReader:
@@ -37,16 +51,21 @@ class FrameReader:
         Raises ``ProtocolError`` on a malformed or oversized frame: the pipe
         cannot be trusted after that.
         """
+        scratch = _scratch_buffer()
         try:
-            chunk = os.read(self._fd, READ_CHUNK)
+            size = os.readv(self._fd, [scratch])
         except BlockingIOError:
             return []
         except OSError:
-            chunk = b""
-        if not chunk:
+            size = 0
+        if not size:
             self.eof = True
             return []
-        self._buffer += chunk
+        if not self._buffer and size > _SHORT:  # exactly one whole frame (a beat): no copying
+            length = _HEADER.unpack_from(scratch)[0]
+            if length == size - _SHORT:
+                return [protocol.decode(bytes(scratch[_SHORT:size]))]
+        self._buffer += scratch[:size]
         return self._frames()
 
     def _frames(self) -> list[protocol.Frame]:

@@ -52,6 +52,7 @@ HANG_KILL_AFTER = 0.2
 # `chatq list` shows a program `hung` once it has missed this many beats, while
 # the heartbeat timeout (5 beats by default) runs out, not `running`.
 LATE_BEATS = 3
+DRAIN_NICE = 10  # a worker's nice value while the whole fleet stops: the loop signals first
 
 
 class State(Enum):
@@ -96,6 +97,9 @@ class ProgramHandle:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        # Called with this handle whenever a deadline of it may have come nearer
+        # (start_at, kill_at, a first heartbeat): the supervisor's timers.
+        self.on_change: Callable[[ProgramHandle], None] | None = None
         self.config = config
         self._clock = clock
         self._wall = wall
@@ -108,18 +112,76 @@ class ProgramHandle:
         self.started_at = 0.0
         self.restarts = 0  # after failures (crash, hang, memory): what alerts watch
         self.manual_restarts = 0  # asked for: `chatq restart`, a reload's config change
-        self.heartbeat: protocol.Heartbeat | None = None
+        self._heartbeat: protocol.Heartbeat | None = None
         self.heartbeat_at = 0.0
         self.heartbeat_seq = 0  # of the last beat, full or short
         self.last_exit: ExitInfo | None = None
         self.boot_error: str | None = None
-        self.start_at: float | None = None  # when a backoff ends
-        self.kill_at: float | None = None  # when a stopping worker gets SIGKILL
+        self._start_at: float | None = None
+        self._kill_at: float | None = None
         self.stopping_reason: str | None = None
         self.after_exit: State | None = None  # what an asked-for exit leads to
         self.hung = False  # being killed for a hang: stacks dumped, SIGKILL due
         self.proc_stats: ProcStats | None = None
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL)
+
+    # -- what the supervisor's timers follow ---------------------------------
+
+    @property
+    def start_at(self) -> float | None:
+        """When a queued or backed-off start is due."""
+        return self._start_at
+
+    @start_at.setter
+    def start_at(self, value: float | None) -> None:
+        self._start_at = value
+        self._changed()
+
+    @property
+    def kill_at(self) -> float | None:
+        """When a stopping worker gets SIGKILL."""
+        return self._kill_at
+
+    @kill_at.setter
+    def kill_at(self, value: float | None) -> None:
+        self._kill_at = value
+        self._changed()
+
+    @property
+    def heartbeat(self) -> protocol.Heartbeat | None:
+        """The last full heartbeat (None until the first; the hang timeout starts with it)."""
+        return self._heartbeat
+
+    @heartbeat.setter
+    def heartbeat(self, value: protocol.Heartbeat | None) -> None:
+        first = value is not None and self._heartbeat is None
+        self._heartbeat = value
+        if first:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def check_at(self) -> float | None:
+        """When it next needs looking at: its SIGKILL, or when it turns hung if silent."""
+        if self.process is None:
+            return None
+        kill_at = self._kill_at
+        hang_at = self.hang_at()
+        if kill_at is None or (hang_at is not None and hang_at < kill_at):
+            return hang_at
+        return kill_at
+
+    def hang_at(self) -> float | None:
+        """When `is_hung` turns true if no beat comes first (None: it cannot)."""
+        if self.process is None or self.hung:
+            return None
+        if self.stopping_reason is not None and self._kill_at is None:
+            return None  # already SIGKILLed: its exit decides
+        if self._heartbeat is not None:
+            return self.heartbeat_at + self.config.supervisor.heartbeat_timeout_s
+        return self.heartbeat_at + BOOT_TIMEOUT
 
     @property
     def id(self) -> str:
@@ -249,6 +311,19 @@ class ProgramHandle:
             _signal(self.process, signal.SIGTERM)
             self._send_stop(reason)
 
+    def drain_behind_us(self) -> None:
+        """Lower its CPU priority (nice DRAIN_NICE, all its threads) for a fleet-wide stop.
+
+        Each SIGTERM wakes a worker that then preempts the supervisor: stopping
+        1,000 workers, the loop that signals them took ~7 s, the last one
+        signalled only then. A worker not yet in its own process group (forked a
+        moment ago) is left as it is.
+        """
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(OSError):  # gone, or no group of its own yet
+                os.setpriority(os.PRIO_PGRP, pid, DRAIN_NICE)
+
     def _send_stop(self, reason: str) -> None:
         """The same request by pipe: a worker forked a moment ago still ignores
         SIGTERM (inherited from the fork server) but reads this once it is up."""
@@ -298,10 +373,10 @@ class ProgramHandle:
         """
         if self.process is None or self.hung:
             return False
-        if self.stopping_reason is not None and self.kill_at is None:
+        if self.stopping_reason is not None and self._kill_at is None:
             return False  # already SIGKILLed: its exit decides
         silent = self._clock() - self.heartbeat_at
-        if self.heartbeat is not None:
+        if self._heartbeat is not None:
             return silent > self.config.supervisor.heartbeat_timeout_s
         return silent > BOOT_TIMEOUT
 

@@ -2,13 +2,20 @@
 
 The loop waits on everything at once -- every worker's pipe and process
 sentinel, the control socket and a wake-up pipe for signals -- like
-``multiprocessing.connection.wait`` but with a poll set kept between passes
+``multiprocessing.connection.wait`` but with an epoll set kept between passes
 (supervisor/waiter.py), then runs a fixed series of repair
 steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
     read frames -> reap exits -> serve control -> act on signals
-    -> kill overdue stops -> kill hung workers -> watchdog -> start due workers
+    -> due checks (overdue stops: SIGKILL; silent workers: hung)
+    -> watchdog -> start due workers
        (a few per pass: a fleet's start is spread over many passes)
+
+A pass costs what happened, not the size of the fleet: workers are added to
+and taken out of the wait set as they start and exit, and every deadline
+(a start, a SIGKILL, a hang) sits in a heap (`_Timers`) that its handle
+feeds when the deadline comes nearer (`ProgramHandle.on_change`). Starting
+2,000 tenants took ~4,000 passes that each looked at every handle.
 
 Signal handlers only record the signal; the loop acts on it.
 """
@@ -16,6 +23,8 @@ Signal handlers only record the signal; the loop acts on it.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import os
 import signal
 import time
@@ -52,11 +61,12 @@ MAX_WAIT = 5.0  # every timed event is a deadline anyway; this is a safety net
 # between (2,000 spawned before the first pass held `list` up for a minute).
 STARTS_PER_PASS = 8
 START_BUDGET_S = 0.05
-# Workers booting at once (spawned, not yet ready). A boot is mostly CPU, so
-# more at once start the fleet no sooner: they make each boot dearer (34 ms
-# of CPU each with 300 at once on 2 cores, 26 with 8) and leave the
-# supervisor a smaller share. A few per core, for boots that wait on disk.
-MAX_BOOTING = max(8, 4 * (os.cpu_count() or 1))
+# Workers booting at once (spawned, not yet ready). A boot is CPU and waits
+# (its new store's fsyncs, the loop noticing Ready): with 8 at once, 2,000
+# tenants took 89 s with the two cores half idle; with 32, 69 s, and each
+# boot took less CPU, not more (31 ms against 36). Far more at once (300)
+# made each boot dearer and left the supervisor a smaller share.
+MAX_BOOTING = max(8, 16 * (os.cpu_count() or 1))
 # How long the first spawn waits for the fork server to say it is ready
 # (polled between passes); past this, a spawn waits inside multiprocessing.
 FORK_SERVER_WAIT_S = 10.0
@@ -67,6 +77,71 @@ WATCH_BUDGET_S = 0.01  # watchdog readings per pass: a tick's round is spread ov
 PUBLISH_EVERY = 1.0  # seconds between snapshots for the metrics thread
 CATCH_UP_READS = 16  # pipe reads (256 KiB each) before calling a silent worker hung
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANG_SLACK = 0.01  # wake this long after a hang deadline: the worker is then past it
+
+
+class _Timers:
+    """Handles by when they next need looking at: a heap kept against `deadline`.
+
+    `push` is called when a handle's deadline may have come nearer; one that
+    moved later (a beat), or went, is found out when its entry comes to the
+    top, and moved or dropped there. So the entry at the top is always a
+    handle's real deadline, and nothing is done per beat.
+    """
+
+    def __init__(self, deadline: Callable[[ProgramHandle], float | None]) -> None:
+        self._deadline = deadline
+        self._heap: list[tuple[float, int, ProgramHandle]] = []
+        self._at: dict[ProgramHandle, float] = {}  # each handle's live entry
+        self._order = itertools.count()  # ties: first pushed, first out
+
+    def push(self, handle: ProgramHandle) -> None:
+        """Put `handle` in at its deadline, unless an entry at or before it is there."""
+        when = self._deadline(handle)
+        current = self._at.get(handle)
+        if when is None or (current is not None and current <= when):
+            return
+        self._put(handle, when)
+
+    def first(self) -> float | None:
+        """The earliest deadline."""
+        heap = self._heap
+        while heap:
+            when, _, handle = heap[0]
+            if self._at.get(handle) != when:
+                heapq.heappop(heap)  # superseded by an earlier entry
+                continue
+            now_due = self._deadline(handle)
+            if now_due == when:
+                return when
+            heapq.heappop(heap)
+            del self._at[handle]
+            if now_due is not None:  # moved (later, by a beat): in again where it is now
+                self._put(handle, now_due)
+        return None
+
+    def pop(self) -> ProgramHandle:
+        """Take out the handle with the earliest deadline (`first` must have found one)."""
+        _, _, handle = heapq.heappop(self._heap)
+        del self._at[handle]
+        return handle
+
+    def pop_due(self, now: float) -> list[ProgramHandle]:
+        """Take out the handles whose deadline is `now` or earlier, earliest first."""
+        due = []
+        while (first := self.first()) is not None and first <= now:
+            due.append(self.pop())
+        return due
+
+    def _put(self, handle: ProgramHandle, when: float) -> None:
+        self._at[handle] = when
+        heapq.heappush(self._heap, (when, next(self._order), handle))
+
+
+def _start_deadline(handle: ProgramHandle) -> float | None:
+    """When a queued or backed-off start is due (None: none is waiting)."""
+    waiting = handle.process is None and handle.state in (State.STARTING, State.BACKOFF)
+    return handle.start_at if waiting else None
 
 
 def _worker_view(config: ChatqConfig) -> tuple[Any, ...]:
@@ -111,10 +186,16 @@ class Supervisor:
         os.set_blocking(self._wake_w, False)
         self.control: ControlServer | None = None
         self._waiter = Waiter()
-        # What the next pass waits on and until when; None: build it afresh.
-        self._view: tuple[dict[Any, ProgramHandle], dict[int, ProgramHandle], list[Any]] | None
-        self._view = None
-        self._due = 0.0
+        self._waiter.add(self._wake_r)
+        # Live workers' pipes and sentinels (as waited on), and which handle each is.
+        self._conns: dict[Connection, ProgramHandle] = {}
+        self._sentinels: dict[int, ProgramHandle] = {}
+        self._sentinel_of: dict[ProgramHandle, int] = {}
+        self._live: set[ProgramHandle] = set()  # with a process
+        self._boot: set[ProgramHandle] = set()  # spawned, maybe still booting
+        self._checks = _Timers(ProgramHandle.check_at)  # SIGKILLs and hang deadlines
+        self._starts = _Timers(_start_deadline)  # queued and backed-off starts
+        self._due: float | None = None  # when the next pass is due; None: work it out
         self._news = False  # this pass read a frame that changes a program's state
         # What other threads (the metrics server) may read: replaced, never mutated.
         self.published: list[dict[str, Any]] = []
@@ -168,7 +249,7 @@ class Supervisor:
                 self._add_gateway(self.config)  # first: it serves every tenant
             for tenant in self.config.tenants:
                 self._add(self.config, tenant)
-            while not (self._shutting_down and not any(h.alive for h in self.handles())):
+            while not (self._shutting_down and not self._live):
                 self.step()
         except BaseException:
             logger.exception("supervisor failed: stopping every worker")
@@ -179,6 +260,7 @@ class Supervisor:
                 self._metrics.stop()
             self._restore_signals(previous)
             self.control.close()
+            self._waiter.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
         logger.info("supervisor stopped")
@@ -202,26 +284,23 @@ class Supervisor:
 
         A pass that only read frames (heartbeats, log lines) before anything
         is due is *quiet*: frames only push deadlines later, so it skips the
-        repair steps, and the next pass reuses what this one waited on. An
-        idle fleet's passes are nearly all quiet, and cost what was read,
-        not the number of workers.
+        repair steps. An idle fleet's passes are nearly all quiet, and cost
+        what was read, not the number of workers.
         """
         assert self.control is not None
-        view = self._view
-        if view is None:
-            view = self._view = self._make_view()
+        if self._due is None:
             self._due = self._clock() + self._wait_time()
-        conns, sentinels, waitables = view
-        writers = self.control.writables()
+        readers, writers = self.control.waitables(), self.control.writables()
         timeout = max(0.0, self._due - self._clock())
-        ready = self._waiter.wait(waitables, timeout, writers)
+        ready = self._waiter.wait(readers, timeout, writers)
+        conns = self._conns
         only_pipes = bool(ready) and all(obj in conns for obj in ready)
         if only_pipes:
             # Most likely the start of a heartbeat wave (workers beat on the
             # same wall-clock instants). Let the rest of it land and take it
             # in one pass rather than one pass per worker.
             time.sleep(COALESCE)
-            ready = self._waiter.wait(waitables, 0, writers)
+            ready = self._waiter.wait(readers, 0, writers)
             only_pipes = all(obj in conns for obj in ready)
         dropped = False
         self._news = False
@@ -232,26 +311,17 @@ class Supervisor:
         quiet = only_pipes and not dropped and not self._news and not writers
         if quiet and self._clock() < self._due:
             return
-        self._view = None  # handles may change below: wait on them afresh next pass
-        ready_set = set(ready)
-        for sentinel, handle in sentinels.items():
-            if sentinel in ready_set:
-                self._reap(handle)
+        self._due = None  # deadlines may change below
+        for obj in ready:
+            exited = self._sentinels.get(obj) if isinstance(obj, int) else None
+            if exited is not None:
+                self._reap(exited)
         self.control.handle_ready(ready)
         self._act_on_signals()
-        self._kill_overdue()
-        self._stop_hung()
+        self._check_due()
         self._watchdog()
         self._start_due()
         self._publish()
-
-    def _make_view(self) -> tuple[dict[Any, ProgramHandle], dict[int, ProgramHandle], list[Any]]:
-        """What a pass waits on: worker pipes, sentinels, the wake-up pipe, the control socket."""
-        assert self.control is not None
-        conns = {h.conn: h for h in self.handles() if h.conn is not None}
-        sentinels = {h.sentinel: h for h in self.handles() if h.process is not None}
-        waitables: list[Any] = [self._wake_r, *conns, *sentinels, *self.control.waitables()]
-        return conns, sentinels, waitables
 
     def _wait_time(self) -> float:
         assert self.control is not None
@@ -261,22 +331,63 @@ class Supervisor:
             deadlines.append(now)
         if self.publishing:
             deadlines.append(self._next_publish)
-        timeout_s = self.config.supervisor.heartbeat_timeout_s
         if not self._fork_server_up:
             deadlines.append(now + FORK_SERVER_POLL_S)
         # At the cap a Ready frame wakes us; before the fork server is, the poll.
-        can_start = self._fork_server_up and self._booting() < MAX_BOOTING
-        for h in self.handles():
-            if can_start and h.start_at is not None and h.process is None:
-                deadlines.append(h.start_at)
-            if h.kill_at is not None:
-                deadlines.append(h.kill_at)
-            if h.heartbeat is not None and h.alive:
-                deadlines.append(h.heartbeat_at + timeout_s + 0.01)
+        if self._fork_server_up and self._booting() < MAX_BOOTING:
+            start = self._starts.first()
+            if start is not None:
+                deadlines.append(start)
+        check = self._checks.first()
+        if check is not None:
+            deadlines.append(check + HANG_SLACK)
         due = self.control.due_in()
         if due is not None:
             deadlines.append(now + due)
         return max(0.0, min(deadlines) - now)
+
+    # -- what is waited on, and when --------------------------------------------
+
+    def _follow(self, handle: ProgramHandle) -> None:
+        """Have the loop follow `handle`'s deadlines (its `on_change` hook)."""
+        handle.on_change = self._schedule
+        self._schedule(handle)
+
+    def _schedule(self, handle: ProgramHandle) -> None:
+        """A deadline of `handle` may have come nearer: put it in the heaps."""
+        self._starts.push(handle)
+        self._checks.push(handle)
+
+    def _watch(self, handle: ProgramHandle) -> None:
+        """A process was just spawned: wait on its pipe and sentinel."""
+        if handle.process is None:
+            return
+        if handle.conn is not None:
+            self._conns[handle.conn] = handle
+            self._waiter.add(handle.conn)
+        sentinel = handle.sentinel
+        if sentinel >= 0:
+            self._sentinels[sentinel] = handle
+            self._sentinel_of[handle] = sentinel
+            self._waiter.add(sentinel)
+        self._live.add(handle)
+        self._boot.add(handle)
+
+    def _unwatch(self, handle: ProgramHandle) -> None:
+        """Before its pipe and sentinel are closed (the process has exited)."""
+        self._unwatch_conn(handle)
+        sentinel = self._sentinel_of.pop(handle, None)
+        if sentinel is not None:
+            self._waiter.remove(sentinel)
+            del self._sentinels[sentinel]
+        self._live.discard(handle)
+        self._boot.discard(handle)
+
+    def _unwatch_conn(self, handle: ProgramHandle) -> None:
+        conn = handle.conn
+        if conn is not None and self._conns.get(conn) is handle:
+            del self._conns[conn]
+            self._waiter.remove(conn)
 
     # -- repair steps --------------------------------------------------------
 
@@ -312,6 +423,7 @@ class Supervisor:
             self._read_frames(handle)
 
     def _drop_conn(self, handle: ProgramHandle, conn: Connection) -> None:
+        self._unwatch_conn(handle)
         conn.close()
         handle.conn = handle.reader = None  # the sentinel reports the exit itself
 
@@ -320,6 +432,7 @@ class Supervisor:
             self._read_frames(handle)  # a BootFailed frame may still be in the pipe
         if handle.pid is not None:
             self._sampler.forget(handle.pid)
+        self._unwatch(handle)
         handle.on_exit()
         if handle.id in self._removed:
             del self._handles[handle.id]
@@ -337,17 +450,22 @@ class Supervisor:
             else:
                 self.begin_shutdown(f"{signal.Signals(signum).name} received")
 
-    def _kill_overdue(self) -> None:
-        for handle in self.handles():
-            handle.kill_if_overdue()
+    def _check_due(self) -> None:
+        """SIGKILL overdue stops, and call hung the workers silent past their deadline.
 
-    def _stop_hung(self) -> None:
+        Only the handles whose deadline has come (`_checks`); one that beat
+        since is looked at again at its new deadline.
+        """
         timeout_s = self.config.supervisor.heartbeat_timeout_s
-        for handle in self.handles():
+        due = self._checks.pop_due(self._clock())
+        for handle in due:
+            handle.kill_if_overdue()
             if handle.is_hung():
                 self._catch_up(handle)  # our loop may be the one that was held up
             if handle.is_hung():
                 handle.kill_hung(f"hung: no heartbeat for {timeout_s:g}s")
+        for handle in due:  # after the loop: a deadline just reached is not looked at twice
+            self._schedule(handle)
 
     def _watchdog(self) -> None:
         now = self._clock()
@@ -410,15 +528,21 @@ class Supervisor:
         now = self._clock()
         booting = self._booting()
         started, budget_end = 0, time.monotonic() + START_BUDGET_S
-        for handle in self.handles():
-            if booting >= MAX_BOOTING:
+        while booting < MAX_BOOTING and (first := self._starts.first()) is not None:
+            if first > now:
                 return
-            if handle.due(now):
-                handle.start(self._ctx)
-                started += 1
-                booting += handle.booting
-                if started >= STARTS_PER_PASS or time.monotonic() >= budget_end:
-                    return
+            handle = self._starts.pop()
+            if self._handles.get(handle.id) is not handle:
+                continue  # removed from the config
+            self._start(handle)
+            started += 1
+            booting += handle.booting
+            if started >= STARTS_PER_PASS or time.monotonic() >= budget_end:
+                return
+
+    def _start(self, handle: ProgramHandle) -> None:
+        handle.start(self._ctx)
+        self._watch(handle)
 
     def _fork_server_ready(self) -> bool:
         """Whether the fork server has preloaded (its flag file is there), or we waited enough.
@@ -435,7 +559,8 @@ class Supervisor:
         return self._fork_server_up
 
     def _booting(self) -> int:
-        return sum(h.booting for h in self.handles())
+        self._boot = {h for h in self._boot if h.booting}
+        return len(self._boot)
 
     def _publish(self) -> None:
         if not self.publishing:
@@ -451,14 +576,16 @@ class Supervisor:
         """A new tenant's handle; an enabled one starts in a coming pass (`_start_due`)."""
         handle = TenantHandle(config, tenant, clock=self._clock)
         self._handles[tenant.id] = handle
+        self._follow(handle)
         if tenant.enabled and not self._shutting_down:
             handle.queue_start()
 
     def _add_gateway(self, config: ChatqConfig) -> None:
         handle = GatewayHandle(config, clock=self._clock)
         self._handles[GATEWAY_ID] = handle
+        self._follow(handle)
         if not self._shutting_down:
-            handle.start(self._ctx)
+            self._start(handle)
 
     def restart(self, tenant_id: str) -> None:
         handle = self.handle(tenant_id)
@@ -482,7 +609,10 @@ class Supervisor:
         if not self._shutting_down:
             logger.info("shutting down ({}): draining all workers", reason)
         self._shutting_down = True
-        for handle in self.handles():
+        handles = self.handles()
+        for handle in handles:  # first, so that the first ones to drain do not hold up the rest
+            handle.drain_behind_us()
+        for handle in handles:
             handle.stop(reason, State.STOPPED)
 
     def reload(self, force: bool = False) -> dict[str, Any]:
@@ -519,6 +649,8 @@ class Supervisor:
         )
         self._apply_own_settings(new)
         self.config = new
+        for handle in self.handles():  # a shorter heartbeat timeout brings deadlines nearer
+            self._schedule(handle)
         logger.info("reloaded: {}", changes_text(changes))
         if left:
             changes["left_behind"] = left

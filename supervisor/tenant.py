@@ -16,6 +16,19 @@ from chatq.supervisor.spawn import spawn_worker
 __all__ = ["ExitInfo", "State", "TenantHandle", "describe_exit"]
 
 
+# A tenant's `summary` fields before its first heartbeat.
+_NO_BEAT_ROW: dict[str, Any] = {
+    "replies_sent": 0,
+    "replies_failed": 0,
+    "replies_retried": 0,
+    "replies_pending": 0,
+    "paused": None,
+    "ingest_refused": 0,
+    "ingest_timeouts": 0,
+    "store_unavailable": None,
+}
+
+
 class TenantHandle(ProgramHandle):
     """One tenant's worker, restarted per its policy."""
 
@@ -50,18 +63,20 @@ class TenantHandle(ProgramHandle):
 
     def summary(self) -> dict[str, Any]:
         """The program's row, with the outbox's counters and a paused sending's reason."""
+        row = super().summary()  # filled in place: `list` builds one per tenant
         beat = self.heartbeat
-        return {
-            **super().summary(),
-            "replies_sent": beat.replies_sent if beat else 0,
-            "replies_failed": beat.replies_failed if beat else 0,
-            "replies_retried": beat.replies_retried if beat else 0,
-            "replies_pending": beat.replies_pending if beat else 0,
-            "paused": beat.paused if beat else None,
-            "ingest_refused": beat.ingest_refused if beat else 0,
-            "ingest_timeouts": beat.ingest_timeouts if beat else 0,
-            "store_unavailable": beat.store_unavailable if beat else None,
-        }
+        if beat is None:
+            row.update(_NO_BEAT_ROW)
+            return row
+        row["replies_sent"] = beat.replies_sent
+        row["replies_failed"] = beat.replies_failed
+        row["replies_retried"] = beat.replies_retried
+        row["replies_pending"] = beat.replies_pending
+        row["paused"] = beat.paused
+        row["ingest_refused"] = beat.ingest_refused
+        row["ingest_timeouts"] = beat.ingest_timeouts
+        row["store_unavailable"] = beat.store_unavailable
+        return row
 
     def details(self) -> dict[str, Any]:
         """`summary`'s details, with when sending was paused."""

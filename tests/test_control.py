@@ -9,6 +9,7 @@ hand, one pass at a time, with a fake clock.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import socket
 import stat
@@ -523,3 +524,18 @@ def test_peer_rule() -> None:
     assert not peer_allowed(1001, 1000)
     assert peer_allowed(0, 0)
     assert not peer_allowed(1000, 0)
+
+
+def test_answers_carry_any_text_as_json_escapes_or_utf8() -> None:
+    """Answers are encoded by orjson (faster for a large `list`): text outside ASCII,
+    control characters and even a lone surrogate (orjson refuses it) arrive unchanged."""
+    texts = ["plain", "é 日本 😀", "lone \udc80 surrogate", 'ctrl \x01\n"q" \\']
+    data = control._encode_answer({"ok": True, "result": texts})
+    assert data.endswith(b"\n") and b"\n" not in data[:-1]
+    assert json.loads(data) == {"ok": True, "result": texts}
+
+
+def test_paths_and_datetimes_in_an_answer_read_as_strings() -> None:
+    when = datetime.datetime(2026, 11, 30, 7, 58)
+    data = control._encode_answer({"ok": True, "result": {"path": Path("/x/y"), "at": when}})
+    assert json.loads(data)["result"] == {"path": "/x/y", "at": "2026-11-30 07:58:00"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -119,3 +120,35 @@ def test_children_do_not_run_the_parents_main_again(monkeypatch: pytest.MonkeyPa
     finally:
         conn.close()
         marker.unlink(missing_ok=True)
+
+
+def _wait_for_eof(conn: Connection) -> None:
+    with contextlib.suppress(EOFError, OSError):
+        conn.recv_bytes()
+
+
+def test_a_spawn_does_not_poll_the_children_already_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression (issue 15): `Process.start` polled every child multiprocessing still
+    listed (a selector each), so starting 2,000 tenants cost the square of that."""
+    ctx = spawn.context()
+    first, first_conn = spawn._spawn(ctx, _wait_for_eof, (), "chatq-test-first")
+    polled: list[object] = []
+    popen_type = type(first._popen)  # type: ignore[attr-defined]
+    real_poll = popen_type.poll
+    monkeypatch.setattr(
+        popen_type, "poll", lambda self, *args: (polled.append(self), real_poll(self, *args))[1]
+    )
+    second, second_conn = spawn._spawn(ctx, _wait_for_eof, (), "chatq-test-second")
+    try:
+        assert first._popen not in polled  # type: ignore[attr-defined]
+        assert first.is_alive() and second.is_alive()
+    finally:
+        for process, conn in ((first, first_conn), (second, second_conn)):
+            conn.close()  # EOF: the child returns
+            process.join(10)
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+    assert (first.exitcode, second.exitcode) == (0, 0)

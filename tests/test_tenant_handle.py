@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -534,13 +535,13 @@ def test_hung_worker_is_dumped_then_killed_and_restarted(
     t.clock.advance(HB_TIMEOUT / 2 + 0.01)
 
     a_pid, b_pid = t.pid("a"), t.pid("b")
-    t.sup._stop_hung()
+    t.sup._check_due()
     assert t.spawner.sent(a_pid) == [signal.SIGUSR1]
     assert t.spawner.sent(b_pid) == []
 
     t.clock.advance(program_module.HANG_KILL_AFTER)
-    t.sup._kill_overdue()
-    t.sup._stop_hung()  # regression: must not stop it again under another reason
+    t.sup._check_due()
+    t.sup._check_due()  # regression: must not stop it again under another reason
     assert t.spawner.sent(a_pid) == [signal.SIGUSR1, signal.SIGKILL]
     t.exit("a", -signal.SIGKILL)
     handle = t.sup.handle("a")
@@ -559,7 +560,7 @@ def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
     assert handle.pid is not None
     protocol.send(t.spawner.worker_ends[handle.pid], heartbeat(seq=2))  # not read yet
 
-    t.sup._stop_hung()
+    t.sup._check_due()
     assert t.spawner.signals == []
     assert handle.heartbeat is not None and handle.heartbeat.seq == 2
 
@@ -583,7 +584,7 @@ def test_the_hung_check_works_on_pipes_numbered_past_1023(
         t.clock.advance(HB_TIMEOUT + 0.01)  # silent: hung
 
         try:
-            t.sup._stop_hung()
+            t.sup._check_due()
             assert t.spawner.sent(handle.pid) == [signal.SIGUSR1]
         finally:
             high.close()
@@ -597,8 +598,8 @@ def test_stop_of_a_hung_worker_ends_stopped(make_supervisor: Callable[..., Any])
     t.sup.handle("a").on_frame(heartbeat())
     t.sup.stop_tenant("a")
     t.clock.advance(GRACE)  # past heartbeat_timeout too
-    t.sup._kill_overdue()
-    t.sup._stop_hung()
+    t.sup._check_due()
+    t.sup._check_due()
     t.sup._watchdog()
     t.exit("a", -signal.SIGKILL)
     t.sup._start_due()
@@ -614,7 +615,7 @@ def test_operator_stop_during_a_hung_restart_ends_stopped(
     t: SupervisorUnderTest = make_supervisor(*tenants("a"))
     t.sup.handle("a").on_frame(heartbeat())
     t.clock.advance(HB_TIMEOUT + 0.01)
-    t.sup._stop_hung()  # a restart is on its way
+    t.sup._check_due()  # a restart is on its way
     t.sup.stop_tenant("a")  # the operator wants it stopped
     t.exit("a", 0)
     t.clock.advance(60)
@@ -657,7 +658,7 @@ def test_watchdog_restarts_a_worker_over_its_memory_limit(
     t.clock.advance(SETTINGS.watchdog_interval)
     t.sup._watchdog()  # due, but fat is already stopping
     t.clock.advance(GRACE)
-    t.sup._kill_overdue()
+    t.sup._check_due()
     t.clock.advance(SETTINGS.watchdog_interval)
     t.sup._watchdog()  # regression: after SIGKILL it is still the same stop
     assert t.spawner.sent(fat) == [signal.SIGTERM, signal.SIGKILL]
@@ -1075,8 +1076,8 @@ def test_passes_that_only_read_beats_skip_the_repair_steps_until_a_deadline(
     t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
     t.sup.control = ControlServer(tmp_path / "c.sock", t.sup._dispatch)
     scans: list[float] = []
-    stop_hung = t.sup._stop_hung
-    monkeypatch.setattr(t.sup, "_stop_hung", lambda: (scans.append(t.clock.now), stop_hung()))
+    check_due = t.sup._check_due
+    monkeypatch.setattr(t.sup, "_check_due", lambda: (scans.append(t.clock.now), check_due()))
     a, b = (t.sup.handle(name) for name in ("a", "b"))
     alive_r, alive_w = os.pipe()  # a sentinel that stays quiet: both workers live on
     for handle in (a, b):
@@ -1153,3 +1154,123 @@ def test_a_short_beat_keeps_the_counters_of_the_last_heartbeat(
     assert not handle.is_hung()
     clock.advance(0.01)
     assert handle.is_hung()
+
+
+def test_a_pass_looks_only_at_the_workers_whose_deadline_came(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): every pass that was not quiet looked at every handle (hang,
+    kill, start, booting), and a fleet's start has thousands of such passes."""
+    monkeypatch.setattr(supervisor_module, "STARTS_PER_PASS", 1000)
+    monkeypatch.setattr(supervisor_module, "MAX_BOOTING", 1000)
+    monkeypatch.setattr(supervisor_module, "START_BUDGET_S", 60.0)
+    t: SupervisorUnderTest = make_supervisor(*tenants(*(f"t{n}" for n in range(300))))
+    assert all(handle.pid is not None for handle in t.sup.handles())
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    for handle in t.sup.handles():
+        handle.on_frame(heartbeat())
+    looked_at: list[str] = []
+    is_hung = program_module.ProgramHandle.is_hung
+
+    def counted(handle: program_module.ProgramHandle) -> bool:
+        looked_at.append(handle.id)
+        return is_hung(handle)
+
+    monkeypatch.setattr(program_module.ProgramHandle, "is_hung", counted)
+    t.clock.advance(HB_TIMEOUT / 2)
+    t.sup._check_due()
+    t.sup._start_due()
+    assert looked_at == []
+    assert t.sup._wait_time() == pytest.approx(HB_TIMEOUT / 2 + supervisor_module.HANG_SLACK)
+
+    for handle in t.sup.handles():  # all beat on, but t7
+        if handle.id != "t7":
+            handle.on_frame(protocol.Beat(seq=2))
+    t.clock.advance(HB_TIMEOUT / 2 + supervisor_module.HANG_SLACK)
+    t.sup._check_due()
+    assert set(looked_at) == {"t7"}  # twice: before and after reading its pipe
+    assert t.spawner.sent(t.pid("t7")) == [signal.SIGUSR1]
+    assert t.spawner.signals == [(t.pid("t7"), signal.SIGUSR1)]
+
+
+def test_a_stop_asked_for_brings_its_sigkill_into_the_wait(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))  # ready, no heartbeat yet
+    t.sup.control = NoControl()  # type: ignore[assignment]
+    t.sup._next_watchdog = t.clock.now + 60
+    assert t.sup._wait_time() == supervisor_module.MAX_WAIT
+    t.sup.stop_tenant("a")
+    assert t.sup._wait_time() == pytest.approx(GRACE + supervisor_module.HANG_SLACK)
+    t.clock.advance(GRACE)
+    t.sup._check_due()
+    assert t.spawner.sent(t.pid("a")) == [signal.SIGTERM, signal.SIGKILL]
+
+
+def test_a_reload_that_shortens_the_heartbeat_timeout_applies_to_running_workers(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"), heartbeat_timeout_ms=5000)
+    t.sup.handle("a").on_frame(heartbeat())
+    t.reload_to.append(make_config(*tenants("a"), heartbeat_timeout_ms=500))
+    assert t.sup.reload()["unchanged"] == ["a"]
+    t.clock.advance(0.51)
+    t.sup._check_due()
+    assert t.spawner.sent(t.pid("a")) == [signal.SIGUSR1]
+
+
+def test_a_backoff_made_longer_starts_at_its_new_time(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    t.exit("a", 70)  # a first crash: due again at once
+    assert handle.state is State.BACKOFF and handle.start_at == t.clock.now
+    handle.start_at = t.clock.now + 1.0  # later, as a longer backoff would set it
+    t.sup._start_due()
+    assert handle.pid is None
+    t.clock.advance(1.0)
+    t.sup._start_due()
+    assert handle.pid is not None
+
+
+def test_a_fleet_wide_stop_lowers_every_workers_priority_before_signalling(
+    make_supervisor: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 15): each SIGTERM woke a worker that preempted the supervisor,
+    so signalling 1,000 workers took ~7 s, the last ones stopping only then."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b", "c"))
+    events: list[tuple[str, int | None, int]] = []
+
+    def renice(which: int, who: int, value: int) -> None:
+        assert which == os.PRIO_PGRP  # the worker's group: every thread of it
+        events.append(("nice", who, value))
+
+    def signal_and_record(process: FakeProcess, signum: int) -> None:
+        events.append(("signal", process.pid, signum))
+        t.spawner.record_signal(process, signum)
+
+    monkeypatch.setattr(os, "setpriority", renice)
+    monkeypatch.setattr(program_module, "_signal", signal_and_record)
+    t.sup.begin_shutdown("SIGTERM received")
+    pids = [t.pid(name) for name in ("a", "b", "c")]
+    assert events == [("nice", pid, program_module.DRAIN_NICE) for pid in pids] + [
+        ("signal", pid, signal.SIGTERM) for pid in pids
+    ]
+
+
+def test_draining_behind_us_lowers_a_real_process_groups_priority(clock: FakeClock) -> None:
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)  # leads its own group
+    try:
+        handle = make_handle(clock)
+        process = FakeProcess()
+        process.pid = child.pid
+        handle.process = process  # type: ignore[assignment]
+        handle.drain_behind_us()
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == program_module.DRAIN_NICE
+        handle.process = None
+        handle.drain_behind_us()  # no process: nothing, no error
+    finally:
+        child.kill()
+        child.wait(10)
