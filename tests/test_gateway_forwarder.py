@@ -89,17 +89,25 @@ async def test_concurrent_parts_wait_for_the_post_in_flight_and_go_together(
     assert stats.forwarded == 4
 
 
-async def test_after_an_answer_the_next_post_waits_for_the_senders_just_answered(
-    served: tuple[FakeWorker, Path],
-) -> None:
-    worker, socket = served
-    link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=60.0)
+async def answer_one_while_two_wait(
+    worker: FakeWorker, link: TenantLink
+) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
+    """m1's post held by the worker while m2 and m3 queue behind it; then m1 is answered."""
     worker.gate.clear()
     first = asyncio.create_task(link.forward(part("m1")))
     await wait_until(lambda: worker.received == 1, what="m1's post, held by the gate")
     waiting = [asyncio.create_task(link.forward(part(f"m{n}"))) for n in (2, 3)]
     await asyncio.sleep(0)
     worker.gate.set()
+    return first, waiting
+
+
+async def test_after_an_answer_the_next_post_waits_for_the_senders_just_answered(
+    served: tuple[FakeWorker, Path],
+) -> None:
+    worker, socket = served
+    link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=60.0)
+    first, waiting = await answer_one_while_two_wait(worker, link)
     await first  # its sender is answered; the next post waits for 1 + 2 parts
     await asyncio.sleep(0.05)
     assert worker.received == 1
@@ -114,12 +122,7 @@ async def test_after_an_answer_the_next_post_waits_for_the_senders_just_answered
 async def test_the_wait_for_more_parts_is_bounded(served: tuple[FakeWorker, Path]) -> None:
     worker, socket = served
     link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=0.01)
-    worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m1")))
-    await wait_until(lambda: worker.received == 1, what="m1's post, held by the gate")
-    waiting = [asyncio.create_task(link.forward(part(f"m{n}"))) for n in (2, 3)]
-    await asyncio.sleep(0)
-    worker.gate.set()
+    first, waiting = await answer_one_while_two_wait(worker, link)
     await asyncio.wait_for(asyncio.gather(first, *waiting), timeout=2)  # no third part came
     await link.aclose()
     assert [[m["id"] for m in body["messages"]] for body in worker.bodies] == [["m1"], ["m2", "m3"]]
