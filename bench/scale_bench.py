@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from supervisor_bench import start_chatq, write_config
 
 from chatq.supervisor.control_client import request
 
@@ -49,34 +50,6 @@ SAMPLE_EVERY = 0.1
 MB = 2**20
 USS_SAMPLE = 40  # workers whose USS is read (smaps: slow at 2,000)
 ENV = dict(os.environ)  # --code DIR: another chatq tree (the baseline) on PYTHONPATH
-
-
-def write_config(folder: Path, count: int) -> Path:
-    lines = [
-        "[supervisor]",
-        'run_dir = "run"',
-        'data_dir = "data"',
-        "heartbeat_interval_ms = 1000",
-        'log_level = "WARNING"',
-        "[defaults]",
-        'handler = "echo"',
-    ]
-    for n in range(count):
-        lines += ["[[tenants]]", f'id = "t{n:04d}"']
-    path = folder / "tenants.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def start_chatq(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "chatq.supervisor.cli", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # workers take their own groups, but stay in this session
-    )
 
 
 def kill_session(sid: int) -> int:
@@ -217,10 +190,10 @@ def footprint(sup: psutil.Process, pids: list[int]) -> dict[str, float]:
 
 def one_run(folder: Path, count: int, settle: float, timeout: float) -> dict[str, Any]:
     """One `chatq run` in `folder` (its stores are created, or reused from the last run)."""
-    config = write_config(folder, count)
+    config = write_config(folder, count, healthy_after=None)
     sock = folder / "run" / "supervisor.sock"
     started = time.monotonic()
-    proc = start_chatq(config)
+    proc = start_chatq(config, ENV)
     try:
         result = watch_start(proc, sock, count, started, timeout)
         sup = psutil.Process(proc.pid)

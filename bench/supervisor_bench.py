@@ -40,28 +40,34 @@ ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.002
 
 
-def write_config(folder: Path, tenants: int) -> Path:
+def write_config(folder: Path, tenants: int, healthy_after: float | None = 0.5) -> Path:
+    """`tenants` echo tenants (t000, t001, ...); `healthy_after` 0.5 makes every
+    kill a first failure (no backoff), None keeps chatq's default."""
     lines = [
         "[supervisor]",
         'run_dir = "run"',
         'data_dir = "data"',
         "heartbeat_interval_ms = 1000",
-        "healthy_after = 0.5",  # every kill below is a first failure: no backoff
         'log_level = "WARNING"',
         "[defaults]",
         'handler = "echo"',
     ]
+    if healthy_after is not None:
+        lines.insert(4, f"healthy_after = {healthy_after}")
+    width = max(3, len(str(tenants - 1)))
     for n in range(tenants):
-        lines += ["[[tenants]]", f'id = "t{n:03d}"']
+        lines += ["[[tenants]]", f'id = "t{n:0{width}d}"']
     path = folder / "tenants.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def start_chatq(config: Path) -> subprocess.Popen[bytes]:
+def start_chatq(config: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`chatq run` in a session of its own (its workers stay in it: one killpg stops all)."""
     return subprocess.Popen(
         [sys.executable, "-m", "chatq.supervisor.cli", "run", "--config", str(config)],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
