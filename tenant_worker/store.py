@@ -57,11 +57,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import queue
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -658,13 +659,23 @@ class Store:
 
 
 class _Writer:
-    """The writer's sqlite3 connection, used only on its own thread."""
+    """The writer's sqlite3 connection, used only on its own thread.
+
+    Jobs go to the thread through a queue and come back as a callback on the
+    loop: a plain future per job, where `run_in_executor` made a concurrent
+    future, its chaining and the executor's locks (~40 us of the loop's CPU
+    per commit). A job runs even if its caller stopped waiting.
+    """
 
     def __init__(self, tenant_id: str) -> None:
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"store-writer:{tenant_id}")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"store-writer:{tenant_id}", daemon=True
+        )
         self._conn: sqlite3.Connection | None = None
 
     async def connect(self, path: Path, busy_timeout: float) -> None:
+        self._thread.start()
         self._conn = await self._call(_connect_writer, path, busy_timeout)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -678,10 +689,42 @@ class _Writer:
             with contextlib.suppress(Exception):
                 await self.run(sqlite3.Connection.close)
             self._conn = None
-        self._thread.shutdown(wait=False)
+        if self._thread.is_alive():
+            self._jobs.put(None)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    def _call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn, args = job
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller, as an executor would
+                _hand_back(loop, _settle_error, future, exc)
+            else:
+                _hand_back(loop, _settle_result, future, result)
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, settle: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(settle, *args)
+
+
+def _settle_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # its caller may have been cancelled
+        future.set_result(result)
+
+
+def _settle_error(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _connect_writer(path: Path, busy_timeout: float) -> sqlite3.Connection:
