@@ -883,7 +883,8 @@ def _insert_rows(db: sqlite3.Connection, insert: str, rows: list[tuple[Any, ...]
 def _values_statements(
     db: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]], tail: str
 ) -> list[tuple[Any, ...]]:
-    """Run ``head VALUES (row), (row), ... tail`` over `rows`, in order; what they return.
+    """Run ``head VALUES (row), (row), ... tail`` over `rows`, in order; the rows
+    its ``RETURNING`` tail returns (a tail is one).
 
     Rows go as bound parameters of multi-row statements, one sqlite3 call
     per `_chunks` chunk. (A statement over a JSON array, ``json_each``, costs
@@ -1253,11 +1254,13 @@ class _Release(_RowUpdate):
         return (self.message_id, now, self.status)
 
 
+# (Not a WITH clause: Python's sqlite3 gives no rowcount for a statement
+# that does not start with INSERT, UPDATE, DELETE or REPLACE.)
 _MARK_SENT = (
-    ") UPDATE replies SET status = 'sent', attempts = attempts + 1,"
-    " provider_id = j.provider_id, last_error = NULL, sent_at = ?"
-    " FROM j WHERE replies.id = j.id"
+    "UPDATE replies SET status = 'sent', attempts = attempts + 1,"
+    " provider_id = j.column2, last_error = NULL, sent_at = ? FROM ("
 )
+_MARK_SENT_END = ") AS j WHERE replies.id = j.column1"
 _REPLY_IDS = "SELECT id FROM replies WHERE id IN {ids}"
 
 
@@ -1281,9 +1284,9 @@ class _MarkSent(_Gathered[None]):
         marks = [mark for op in ops for mark in op.marks]
         changed = 0
         for chunk in _chunks(marks):
-            sql = _values_sql("WITH j (id, provider_id) AS (", len(chunk), 2, _MARK_SENT)
+            sql = _values_sql(_MARK_SENT, len(chunk), 2, _MARK_SENT_END)
             params = [value for mark in chunk for value in mark]
-            changed += db.execute(sql, [*params, now]).rowcount
+            changed += db.execute(sql, [now, *params]).rowcount
         if changed == len(marks):
             known: Collection[int] = {rid for rid, _ in marks}
         else:  # some reply is unknown: which (the rest are changed, and all exist)
