@@ -299,8 +299,8 @@ async def test_unknown_ids_are_store_errors(open_store: OpenStore) -> None:
 async def test_long_runs_keep_order_and_duplicates_across_statement_chunks(
     open_store: OpenStore, db_path: Path
 ) -> None:
-    # A run goes to SQLite in chunks of up to 64 rows (store._CHUNK_MAX): 150
-    # rows are four statements; duplicates land in other chunks than their first.
+    # A run goes to SQLite in chunks of up to store._CHUNK_MAX (16) rows:
+    # duplicates land in other chunks than their first.
     store = await open_store()
     await store.add_messages([msg("old-3")])
     ids = [f"m{n:03d}" for n in range(140)]
