@@ -116,7 +116,11 @@ async def test_reads_share_the_writers_thread_and_see_every_commit(
     await asyncio.gather(*writes)
     assert (await store.counts())["queued"] == 20
     assert len(await store.unfinished_messages()) == 20
-    assert [t.name for t in set(threading.enumerate()) - before] == ["store-writer:acme_0"]
+    [writer] = set(threading.enumerate()) - before
+    assert writer.name == "store-writer:acme"
+    await store.close()
+    writer.join(timeout=5)  # closing ends it: a restarted store leaves no thread behind
+    assert not writer.is_alive()
 
 
 async def test_a_store_made_readable_to_others_is_private_again_once_opened(
@@ -290,6 +294,40 @@ async def test_unknown_ids_are_store_errors(open_store: OpenStore) -> None:
         with pytest.raises(StoreError, match="unknown"):
             await call
     assert await store.pending_replies() == []
+
+
+async def test_long_runs_keep_order_and_duplicates_across_statement_chunks(
+    open_store: OpenStore, db_path: Path
+) -> None:
+    # A run goes to SQLite in chunks of up to store._CHUNK_MAX (16) rows:
+    # duplicates land in other chunks than their first.
+    store = await open_store()
+    await store.add_messages([msg("old-3")])
+    ids = [f"m{n:03d}" for n in range(140)]
+    ids[70], ids[130], ids[3] = "m005", "m100", "old-3"  # earlier in the run; stored before
+    stored = await store.add_messages([msg(mid, f"c{n % 9}") for n, mid in enumerate(ids)])
+    first = {mid: ids.index(mid) for mid in ids}
+    assert stored == [n == first[mid] and mid != "old-3" for n, mid in enumerate(ids)]
+    order = [mid for (mid,) in query(db_path, "SELECT id FROM messages ORDER BY seq")]
+    assert order == ["old-3", *(mid for n, mid in enumerate(ids) if stored[n])]
+    replies = [
+        reply
+        for done in await asyncio.gather(*(store.complete(mid, ["r"]) for mid in order[1:]))
+        for reply in done
+    ]
+    assert len({r.id for r in replies}) == len(replies) == len(order) - 1
+    marks = [store.mark_sent_soon(r.id, f"p{r.id}") for r in replies]
+    await asyncio.gather(*marks)
+    sent = query(db_path, "SELECT id, provider_id FROM replies WHERE status = 'sent'")
+    assert sorted(sent) == [(r.id, f"p{r.id}") for r in replies]
+    # One unknown reply among 70 marks gathered into one write: that write fails,
+    # naming it; the rest of its statement chunks still apply.
+    await store.add_messages([msg("x")])
+    more = await store.complete("x", ["a"] * 69)
+    shared = [store.mark_sent_soon(r.id, "q") for r in more] + [store.mark_sent_soon(999_999, "q")]
+    with pytest.raises(StoreError, match="999999"):
+        await shared[-1]
+    assert query(db_path, "SELECT COUNT(*) FROM replies WHERE provider_id = 'q'") == [(69,)]
 
 
 async def test_unfinished_messages_in_arrival_order(open_store: OpenStore) -> None:

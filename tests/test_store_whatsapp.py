@@ -124,6 +124,41 @@ def test_a_v1_store_migrates_keeping_rows_and_indexes(db_path: Path) -> None:
     assert {"replies_pending", "replies_by_message", "replies_by_provider"} <= indexes
 
 
+def test_a_v3_store_gets_a_provider_index_only_sent_replies_are_in(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    for statements in MIGRATIONS[:3]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(
+        "INSERT INTO messages (id, chat_id, text, received_at, status, updated_at)"
+        " VALUES ('m1', 'c1', 'old', 1, 'processed', 1)"
+    )
+    conn.executemany(
+        "INSERT INTO replies (message_id, chat_id, text, status, next_attempt_at, provider_id,"
+        " created_at) VALUES ('m1', 'c1', 'r', ?, 1, ?, 1)",
+        [("sent", "wamid.x"), ("pending", None)],
+    )
+    conn.close()
+
+    async def migrate() -> StatusCounts:
+        opened = await Store.open(db_path, "acme")
+        counts = await opened.apply_statuses([StatusUpdate("wamid.x", "delivered")])
+        await opened.close()
+        return counts
+
+    assert asyncio.run(migrate()) == StatusCounts(applied=1)
+    assert query(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert query(db_path, "SELECT status, provider_id FROM replies ORDER BY id") == [
+        ("delivered", "wamid.x"),
+        ("pending", None),
+    ]
+    [(sql,)] = query(db_path, "SELECT sql FROM sqlite_master WHERE name = 'replies_by_provider'")
+    assert sql.endswith("WHERE provider_id IS NOT NULL")
+    plan = query(db_path, "EXPLAIN QUERY PLAN SELECT id FROM replies WHERE provider_id = 'p'")
+    assert "replies_by_provider" in plan[0][3]
+
+
 # -- statuses ------------------------------------------------------------------------
 
 
