@@ -13,6 +13,9 @@ level WARNING) and measures, per run:
 - graceful stop of all: SIGTERM to the supervisor until it has exited (every
   worker drained);
 - the supervisor's CPU from exec to all running, and the fork server's;
+  how the host's cores spent that time (busy, idle, waiting on I/O, stolen
+  by the hypervisor), all of chatq's processes' CPU, and this bench's own
+  (its `list` client);
 - each worker's boot CPU, fork to ready: its threads' run time (schedstat,
   in ns) read from /proc the moment a `list` first shows it `running` (a
   forked child's CPU times start at zero; what runs after Ready before the
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -63,6 +67,17 @@ def kill_session(sid: int) -> int:
     return killed
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU of every live process in session `sid`: the supervisor, fork server, workers."""
+    total = 0.0
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if os.getsid(proc.pid) == sid:
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def cpu_s(pid: int) -> float | None:
     try:
         times = psutil.Process(pid).cpu_times()
@@ -82,6 +97,32 @@ def threads_cpu_s(pid: int) -> float | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return total / 1e9
+
+
+def host_cpu() -> list[int]:
+    """The machine's CPU time so far, in clock ticks: user .. steal (proc(5), the "cpu" line)."""
+    with open("/proc/stat") as file:
+        return [int(field) for field in file.readline().split()[1:9]]
+
+
+def host_use(before: list[int], after: list[int]) -> dict[str, float]:
+    """How the machine's cores spent the time between two `host_cpu` readings (fractions)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        b - a for a, b in zip(before, after, strict=True)
+    )
+    total = max(1, user + nice + system + idle + iowait + irq + softirq + steal)
+    return {
+        "host_busy_frac": (user + nice + system + irq + softirq) / total,
+        "host_idle_frac": idle / total,
+        "host_iowait_frac": iowait / total,
+        "host_steal_frac": steal / total,
+    }
+
+
+def own_cpu_s() -> float:
+    """This bench's own CPU so far (its `list` client parses every answer)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -192,10 +233,14 @@ def one_run(folder: Path, count: int, settle: float, timeout: float) -> dict[str
     """One `chatq run` in `folder` (its stores are created, or reused from the last run)."""
     config = write_config(folder, count, healthy_after=None)
     sock = folder / "run" / "supervisor.sock"
+    host_before, own_before = host_cpu(), own_cpu_s()
     started = time.monotonic()
     proc = start_chatq(config, ENV)
     try:
         result = watch_start(proc, sock, count, started, timeout)
+        result.update(host_use(host_before, host_cpu()))
+        result["chatq_start_cpu_s"] = session_cpu_s(proc.pid)
+        result["bench_client_cpu_s"] = own_cpu_s() - own_before
         sup = psutil.Process(proc.pid)
         result["supervisor_start_cpu_s"] = cpu_s(proc.pid)
         server = fork_server(sup)
@@ -300,6 +345,13 @@ def main() -> None:
     print(
         f"  CPU to all running: supervisor {s['supervisor_start_cpu_s']:.2f} s,"
         f" fork server {s['forkserver_cpu_s']:.2f} s"
+    )
+    print(
+        f"  the host's cores until all ran: busy {s['host_busy_frac']:.0%}, idle"
+        f" {s['host_idle_frac']:.0%}, iowait {s['host_iowait_frac']:.0%}, steal"
+        f" {s['host_steal_frac']:.0%}; this bench's own `list` client"
+        f" {s['bench_client_cpu_s']:.1f} CPU-s; all of chatq's processes"
+        f" {s['chatq_start_cpu_s']:.1f} CPU-s"
     )
     print(
         f"  worker boot CPU (fork to ready): median {s['boot_cpu_ms_median']:.1f} ms"

@@ -35,6 +35,7 @@ from loguru import logger
 
 from chatq.config import ChatqConfig
 from chatq.shared import protocol, stack_dump
+from chatq.supervisor import spawn
 from chatq.supervisor.child_watch import ChildWatch, kill_if_ours
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
@@ -244,22 +245,21 @@ class ProgramHandle:
         self.start_at = self._clock()
 
     def start(self, ctx: ForkServerContext) -> None:
-        """Spawn the worker now (a spawn that fails counts as a failed run)."""
+        """Spawn the worker now (a spawn that fails counts as a failed run).
+
+        The fork server forks it a moment later: until `take_pid`, its pid is
+        unknown (`pid_pending`), and the supervisor waits on `pid_pipe`.
+        """
         try:
             self.process, self.conn = self.spawn(ctx)
         except (OSError, EOFError) as exc:
             # Out of file descriptors or processes, or the fork server died
             # half-way (EOFError): retry later, keep the rest up. The next
             # spawn starts a new fork server if this one is gone.
-            logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
-            self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
-            self.boot_error = None
-            self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
             self.policy.on_start()
-            self._after_failure(None, self.last_exit.reason)
+            self._spawn_failed(exc)
             return
         self.reader = FrameReader(self.conn)
-        self.watch = ChildWatch.open(self.process.pid)
         now = self._clock()
         self.state = State.STARTING
         self.started_at = now
@@ -269,7 +269,54 @@ class ProgramHandle:
         self.boot_error = None
         self.hung = False
         self.policy.on_start()
+        if not self.pid_pending:
+            self._forked()
+
+    @property
+    def pid_pending(self) -> bool:
+        """Spawned, and the fork server's answer (the pid) not read yet."""
+        return self.process is not None and spawn.pid_pending(self.process)
+
+    @property
+    def pid_pipe(self) -> int:
+        """Readable once the fork server has answered a spawn (`take_pid`)."""
+        assert self.process is not None
+        return self.process.sentinel
+
+    def take_pid(self) -> None:
+        """Read the pid the fork server answered with (`pid_pipe` is readable).
+
+        EOFError (or OSError): it died before forking; call `spawn_failed`
+        then, once nothing waits on the pipes any more.
+        """
+        assert self.process is not None
+        spawn.take_pid(self.process)
+        self._forked()
+
+    def _forked(self) -> None:
+        assert self.process is not None
+        self.watch = ChildWatch.open(self.pid)
         logger.info("{}: started {} pid {}", self.id, self.noun, self.pid)
+        if self.stopping_reason is not None:  # stopped while its pid was unknown: signal it now
+            overdue = self._kill_at is None or self.hung
+            _signal(self.process, signal.SIGKILL if overdue else signal.SIGTERM)
+
+    def spawn_failed(self, exc: BaseException) -> None:
+        """The fork server died before it forked this spawn: a failed run, retried."""
+        if self.process is not None:
+            with contextlib.suppress(ValueError):
+                self.process.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = self.reader = None
+        self._spawn_failed(exc)
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
+        self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
+        self.boot_error = None
+        self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
+        self._after_failure(None, self.last_exit.reason)
 
     def on_frame(self, frame: protocol.Frame) -> str | None:
         """Take in a frame from the worker; returns a log line to pass on, if any."""

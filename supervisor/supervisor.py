@@ -190,7 +190,8 @@ class Supervisor:
         # Live workers' pipes and sentinels (as waited on), and which handle each is.
         self._conns: dict[Connection, ProgramHandle] = {}
         self._sentinels: dict[int, ProgramHandle] = {}
-        self._sentinel_of: dict[ProgramHandle, int] = {}
+        self._pending: dict[int, ProgramHandle] = {}  # pid pipes: spawned, pid not read yet
+        self._fd_of: dict[ProgramHandle, int] = {}  # the one of those two it is in
         self._live: set[ProgramHandle] = set()  # with a process
         self._boot: set[ProgramHandle] = set()  # spawned, maybe still booting
         self._checks = _Timers(ProgramHandle.check_at)  # SIGKILLs and hang deadlines
@@ -313,7 +314,13 @@ class Supervisor:
             return
         self._due = None  # deadlines may change below
         for obj in ready:
-            exited = self._sentinels.get(obj) if isinstance(obj, int) else None
+            if not isinstance(obj, int):
+                continue
+            forked = self._pending.get(obj)
+            if forked is not None:
+                self._take_pid(forked)
+                continue
+            exited = self._sentinels.get(obj)
             if exited is not None:
                 self._reap(exited)
         self.control.handle_ready(ready)
@@ -359,27 +366,50 @@ class Supervisor:
         self._checks.push(handle)
 
     def _watch(self, handle: ProgramHandle) -> None:
-        """A process was just spawned: wait on its pipe and sentinel."""
+        """A process was just spawned: wait on its pipe, and on its pid or its exit."""
         if handle.process is None:
             return
         if handle.conn is not None:
             self._conns[handle.conn] = handle
             self._waiter.add(handle.conn)
-        sentinel = handle.sentinel
-        if sentinel >= 0:
-            self._sentinels[sentinel] = handle
-            self._sentinel_of[handle] = sentinel
-            self._waiter.add(sentinel)
+        if handle.pid_pending:
+            self._watch_fd(handle, handle.pid_pipe, self._pending)
+        else:
+            self._watch_fd(handle, handle.sentinel, self._sentinels)
         self._live.add(handle)
         self._boot.add(handle)
+
+    def _watch_fd(self, handle: ProgramHandle, fd: int, kind: dict[int, ProgramHandle]) -> None:
+        """Wait on `fd` of `handle`: its pid pipe (`_pending`) or its exit (`_sentinels`)."""
+        if fd >= 0:
+            kind[fd] = handle
+            self._fd_of[handle] = fd
+            self._waiter.add(fd)
+
+    def _unwatch_fd(self, handle: ProgramHandle) -> None:
+        fd = self._fd_of.pop(handle, None)
+        if fd is not None:
+            self._waiter.remove(fd)
+            if self._pending.get(fd) is handle:
+                del self._pending[fd]
+            if self._sentinels.get(fd) is handle:
+                del self._sentinels[fd]
+
+    def _take_pid(self, handle: ProgramHandle) -> None:
+        """The fork server answered a spawn: its pid (then wait on its exit), or it died."""
+        self._unwatch_fd(handle)
+        try:
+            handle.take_pid()
+        except (OSError, EOFError) as exc:  # it died before forking: that spawn failed alone
+            self._unwatch(handle)
+            handle.spawn_failed(exc)
+            return
+        self._watch_fd(handle, handle.sentinel, self._sentinels)
 
     def _unwatch(self, handle: ProgramHandle) -> None:
         """Before its pipe and sentinel are closed (the process has exited)."""
         self._unwatch_conn(handle)
-        sentinel = self._sentinel_of.pop(handle, None)
-        if sentinel is not None:
-            self._waiter.remove(sentinel)
-            del self._sentinels[sentinel]
+        self._unwatch_fd(handle)
         self._live.discard(handle)
         self._boot.discard(handle)
 
@@ -682,6 +712,7 @@ class Supervisor:
         """The supervisor's own keys: metrics_port, log_file, log_level, log_format."""
         old, settings = self.config.supervisor, new.supervisor
         if (settings.log_level, settings.log_format) != (old.log_level, old.log_format):
+            spawn.use_log(settings.log_level, settings.log_format)  # a fork server started later
             setup_logging(
                 settings.log_level,
                 settings.log_format,
