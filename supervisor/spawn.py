@@ -233,10 +233,12 @@ class _LatePid(popen_forkserver.Popen):
         fds: list[int] = self._fds  # type: ignore[attr-defined]  # what the child inherits
         with _told_fork_server():  # a fork server started here (the last one died)
             self.sentinel, data_w = forkserver.connect_to_new_process(fds)
-        # As multiprocessing does: a copy of the data pipe's write end, kept
-        # while the child lives (the child's "parent is alive" sentinel).
-        parent_w = os.dup(data_w)
-        self.finalizer = util.Finalize(self, _close_fds, (parent_w, self.sentinel))
+        # Unlike multiprocessing, no copy of the data pipe's write end is kept
+        # open while the child lives: it is only what the child's
+        # `multiprocessing.parent_process()` watches, which chatq never asks
+        # about, and one descriptor per worker (the watchdog's kept statm file
+        # takes its place: supervisor/limits.py).
+        self.finalizer = util.Finalize(self, _close_fds, (self.sentinel,))
         with open(data_w, "wb", closefd=True) as file:
             file.write(buf.getbuffer())
         self.pid = None  # type: ignore[assignment]

@@ -536,11 +536,16 @@ class Supervisor:
             logger.warning("{}: {}; restarting it", handle.id, reason)
             handle.stop(reason, State.STARTING)
 
-    def _read_stats(self, handle: ProgramHandle, full: bool) -> ProcStats | None:
+    def _read_stats(self, handle: ProgramHandle, full: bool, fds: bool = False) -> ProcStats | None:
+        """Memory (and, `full`, CPU; `fds`, open files too) of `handle`'s process.
+
+        The watchdog's rounds count no open files (a directory listing per
+        worker, every 30 s, that nothing showed): `status` reads them itself.
+        """
         assert handle.pid is not None
         old = handle.proc_stats
-        if full or old is None:
-            handle.proc_stats = self._sampler.sample(handle.pid)
+        if full or fds or old is None:
+            handle.proc_stats = self._sampler.sample(handle.pid, fds=fds)
         else:
             rss = self._sampler.rss(handle.pid)
             handle.proc_stats = None if rss is None else replace(old, rss_bytes=rss)
@@ -549,7 +554,7 @@ class Supervisor:
     def sample_now(self, handle: ProgramHandle) -> None:
         """Fresh CPU, fds and memory readings of one tenant (for `status`)."""
         if handle.pid is not None:
-            self._read_stats(handle, full=True)
+            self._read_stats(handle, full=True, fds=True)
 
     def _start_due(self) -> None:
         """Start the programs whose (queued or backoff) start is due: a few per pass."""

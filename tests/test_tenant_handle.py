@@ -629,8 +629,13 @@ class FakeSampler:
     def __init__(self, rss_mb: int) -> None:
         self.rss_bytes = rss_mb * 2**20
 
-    def sample(self, pid: int) -> ProcStats:
-        return ProcStats(pid=pid, rss_bytes=self.rss_bytes, cpu_percent=0.0, num_fds=7)
+        self.counted_fds: list[bool] = []  # each sample: whether it listed open files
+
+    def sample(self, pid: int, fds: bool = True) -> ProcStats:
+        self.counted_fds.append(fds)
+        return ProcStats(
+            pid=pid, rss_bytes=self.rss_bytes, cpu_percent=0.0, num_fds=7 if fds else None
+        )
 
     def rss(self, pid: int) -> int:
         return self.rss_bytes
@@ -668,6 +673,22 @@ def test_watchdog_restarts_a_worker_over_its_memory_limit(
     assert details["state"] == "backoff"
     assert "memory" in details["last_exit"]["reason"]
     assert "memory_limit_mb 30" in details["last_exit"]["reason"]
+
+
+def test_only_status_lists_a_workers_open_files(make_supervisor: Callable[..., Any]) -> None:
+    """The watchdog's rounds listed every worker's /proc/PID/fd (every 30 s, 500 listings
+    at 500 tenants) for a count only `status` shows: it counts them itself."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    sampler = FakeSampler(rss_mb=10)
+    t.sup._sampler = sampler  # type: ignore[assignment]
+    for _ in range(2 * supervisor_module.FULL_SAMPLE_EVERY):
+        t.clock.advance(SETTINGS.watchdog_interval)
+        t.sup._watchdog()
+    assert sampler.counted_fds and not any(sampler.counted_fds)
+    assert t.sup.handle("a").summary()["rss_bytes"] == 10 * 2**20
+
+    status = COMMANDS["status"](t.sup, {"tenant": "a"})
+    assert sampler.counted_fds[-1] and status["num_fds"] == 7
 
 
 def test_reap_reads_a_boot_failed_frame_left_in_the_pipe(
