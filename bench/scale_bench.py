@@ -6,8 +6,9 @@ Drives the real `chatq run` with N idle echo tenants (1 s heartbeats, log
 level WARNING) and measures, per run:
 
 - time from `chatq run` to every tenant `running`;
-- the control socket during the start: a `list` request every ~100 ms from
-  the moment the socket exists, each answer's wall time (max, p99);
+- the control socket during the start: a `list` request every ~100 ms
+  (`--list-every`) from the moment the socket exists, each answer's wall
+  time (max, p99);
 - `list` at steady state (`--settle` s later): the raw request, and the
   `chatq list --json` command as a subprocess (interpreter start included);
 - graceful stop of all: SIGTERM to the supervisor until it has exited (every
@@ -139,9 +140,15 @@ def fork_server(sup: psutil.Process) -> psutil.Process | None:
 
 
 def watch_start(
-    proc: subprocess.Popen[bytes], sock: Path, count: int, started: float, timeout: float
+    proc: subprocess.Popen[bytes],
+    sock: Path,
+    count: int,
+    started: float,
+    timeout: float,
+    *,
+    every: float = SAMPLE_EVERY,
 ) -> dict[str, Any]:
-    """Sample `list` every SAMPLE_EVERY s until all run; answer times and boot CPUs."""
+    """Sample `list` every `every` s until all run; answer times and boot CPUs."""
     answers: list[float] = []
     boot: dict[str, float] = {}
     socket_up = None
@@ -178,7 +185,7 @@ def watch_start(
                 "list_p99_ms_during_start": percentile(answers, 0.99) * 1000,
                 "boot_cpu_ms": [value * 1000 for value in boot.values()],
             }
-        time.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - asked)))
+        time.sleep(max(0.0, every - (time.monotonic() - asked)))
     raise TimeoutError(f"not all {count} tenants running within {timeout:.0f} s")
 
 
@@ -229,7 +236,9 @@ def footprint(sup: psutil.Process, pids: list[int]) -> dict[str, float]:
     }
 
 
-def one_run(folder: Path, count: int, settle: float, timeout: float) -> dict[str, Any]:
+def one_run(
+    folder: Path, count: int, settle: float, timeout: float, every: float = SAMPLE_EVERY
+) -> dict[str, Any]:
     """One `chatq run` in `folder` (its stores are created, or reused from the last run)."""
     config = write_config(folder, count, healthy_after=None)
     sock = folder / "run" / "supervisor.sock"
@@ -237,7 +246,7 @@ def one_run(folder: Path, count: int, settle: float, timeout: float) -> dict[str
     started = time.monotonic()
     proc = start_chatq(config, ENV)
     try:
-        result = watch_start(proc, sock, count, started, timeout)
+        result = watch_start(proc, sock, count, started, timeout, every=every)
         result.update(host_use(host_before, host_cpu()))
         result["chatq_start_cpu_s"] = session_cpu_s(proc.pid)
         result["bench_client_cpu_s"] = own_cpu_s() - own_before
@@ -288,6 +297,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--list-every",
+        type=float,
+        default=SAMPLE_EVERY,
+        help="seconds between `list` requests during the start (each costs the start CPU)",
+    )
+    parser.add_argument(
         "--reuse-stores",
         action="store_true",
         help="start over existing stores (one unmeasured start creates them) instead of new ones",
@@ -308,7 +323,9 @@ def main() -> None:
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as own:
                 folder = Path(shared if args.reuse_stores else own)
-                runs.append(one_run(folder, args.tenants, args.settle, args.timeout))
+                runs.append(
+                    one_run(folder, args.tenants, args.settle, args.timeout, args.list_every)
+                )
     summary = summarize(runs)
     summary.update(
         tenants=args.tenants,
@@ -316,6 +333,7 @@ def main() -> None:
         stores="reused" if args.reuse_stores else "new",
         load_before=load,
         load_after=os.getloadavg()[0],
+        list_every_s=args.list_every,
         machine=f"{os.cpu_count()} CPU, {psutil.virtual_memory().total / 2**30:.0f} GB,"
         f" Python {platform.python_version()}",
     )
