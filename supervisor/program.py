@@ -324,7 +324,7 @@ class ProgramHandle:
             self.log_tail.append(frame.line)
             return frame.line
         if isinstance(frame, protocol.Beat):  # counters as in the last Heartbeat
-            self.heartbeat_at, self.heartbeat_seq = self._clock(), frame.seq
+            self.on_beat(frame.seq)
         elif isinstance(frame, protocol.Heartbeat):
             self.heartbeat, self.heartbeat_at = frame, self._clock()
             self.heartbeat_seq = frame.seq
@@ -335,6 +335,10 @@ class ProgramHandle:
         elif isinstance(frame, protocol.BootFailed):
             self.boot_error = frame.reason
         return None
+
+    def on_beat(self, seq: int) -> None:
+        """A `Beat` (an idle worker's every second): alive, counters unchanged."""
+        self.heartbeat_at, self.heartbeat_seq = self._clock(), seq
 
     def stop(self, reason: str, then: State) -> None:
         """Ask the worker to drain and exit (SIGTERM), SIGKILL after stop_grace.
