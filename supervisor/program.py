@@ -36,7 +36,7 @@ from loguru import logger
 from chatq.config import ChatqConfig
 from chatq.shared import protocol, stack_dump
 from chatq.supervisor import spawn
-from chatq.supervisor.child_watch import ChildWatch, kill_if_ours
+from chatq.supervisor.child_watch import FORKSERVER_REPORT_S, ChildWatch, kill_if_ours
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
 from chatq.supervisor.watchdog import ProcStats
@@ -452,10 +452,23 @@ class ProgramHandle:
         """Where its process dumps its stacks when told it is hung."""
         return stack_dump.stacks_path(self.config.supervisor.run_dir, self.id)
 
-    def on_exit(self) -> None:
-        """The process ended: record why, and decide what comes next."""
+    @property
+    def exit_unreported(self) -> bool:
+        """Exited (its pidfd said so), and the fork server has not written its exit code
+        yet (to `pid_pipe`, which turns readable then, or when the fork server dies)."""
+        return (
+            self.watch is not None
+            and self.process is not None
+            and not spawn.readable(self.process.sentinel)
+        )
+
+    def on_exit(self, wait_report: float = FORKSERVER_REPORT_S) -> None:
+        """The process ended: record why, and decide what comes next.
+
+        `wait_report`: how long to wait for the fork server to report its exit code.
+        """
         assert self.process is not None
-        code = self._exit_code(self.process)
+        code = self._exit_code(self.process, wait_report)
         with contextlib.suppress(ValueError):  # the fork server is gone: it never reported
             self.process.close()
         if self.conn is not None:
@@ -473,7 +486,7 @@ class ProgramHandle:
         else:
             self._after_failure(code, reason)
 
-    def _exit_code(self, process: BaseProcess) -> int | None:
+    def _exit_code(self, process: BaseProcess, wait_report: float) -> int | None:
         watch, self.watch = self.watch, None
         if watch is None:  # only the fork server's word for it, which a dead one gets wrong
             process.join(0)
@@ -483,7 +496,7 @@ class ProgramHandle:
                 )
             return process.exitcode
         try:
-            return watch.exit_code(process)
+            return watch.exit_code(process, wait_report)
         finally:
             watch.close()
 

@@ -258,7 +258,7 @@ class _LatePid(popen_forkserver.Popen):
 
     def poll(self, flag: int = os.WNOHANG) -> int | None:
         if self.pid is None:
-            if flag == os.WNOHANG and not _readable(self.sentinel):
+            if flag == os.WNOHANG and not readable(self.sentinel):
                 return None
             with contextlib.suppress(OSError, EOFError):
                 self.take_pid()
@@ -313,7 +313,8 @@ def _close_fds(*fds: int) -> None:
             os.close(fd)
 
 
-def _readable(fd: int) -> bool:
+def readable(fd: int) -> bool:
+    """Whether reading `fd` would not block now (data, or EOF)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))

@@ -42,7 +42,7 @@ from chatq.shared import protocol
 from chatq.shared.errors import ChatqError, ConfigError, ControlError, NoSuchTenant
 from chatq.shared.log import setup_logging
 from chatq.supervisor import leftovers, spawn
-from chatq.supervisor.child_watch import become_subreaper, reap_orphans
+from chatq.supervisor.child_watch import FORKSERVER_REPORT_S, become_subreaper, reap_orphans
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway.handle import GATEWAY_ID, GatewayHandle, gateway_view
@@ -190,6 +190,10 @@ class Supervisor:
         self._conns: dict[Connection, ProgramHandle] = {}
         self._sentinels: dict[int, ProgramHandle] = {}
         self._pending: dict[int, ProgramHandle] = {}  # pid pipes: spawned, pid not read yet
+        # Exited; their exit code (from the fork server, on the same pipe) not here yet.
+        self._reporting: dict[int, ProgramHandle] = {}
+        self._report_by: list[tuple[float, int, ProgramHandle]] = []  # when to stop waiting
+        self._report_order = itertools.count()
         self._fd_of: dict[ProgramHandle, int] = {}  # the one of those two it is in
         self._live: set[ProgramHandle] = set()  # with a process
         self._boot: set[ProgramHandle] = set()  # spawned, maybe still booting
@@ -312,16 +316,7 @@ class Supervisor:
         if quiet and self._clock() < self._due:
             return
         self._due = None  # deadlines may change below
-        for obj in ready:
-            if not isinstance(obj, int):
-                continue
-            forked = self._pending.get(obj)
-            if forked is not None:
-                self._take_pid(forked)
-                continue
-            exited = self._sentinels.get(obj)
-            if exited is not None:
-                self._reap(exited)
+        self._process_events(ready)
         self.control.handle_ready(ready)
         self._act_on_signals()
         self._check_due()
@@ -347,6 +342,9 @@ class Supervisor:
         check = self._checks.first()
         if check is not None:
             deadlines.append(check + HANG_SLACK)
+        report = self._report_deadline()
+        if report is not None:
+            deadlines.append(report)
         due = self.control.due_in()
         if due is not None:
             deadlines.append(now + due)
@@ -389,10 +387,9 @@ class Supervisor:
         fd = self._fd_of.pop(handle, None)
         if fd is not None:
             self._waiter.remove(fd)
-            if self._pending.get(fd) is handle:
-                del self._pending[fd]
-            if self._sentinels.get(fd) is handle:
-                del self._sentinels[fd]
+            for kind in (self._pending, self._sentinels, self._reporting):
+                if kind.get(fd) is handle:
+                    del kind[fd]
 
     def _take_pid(self, handle: ProgramHandle) -> None:
         """The fork server answered a spawn: its pid (then wait on its exit), or it died."""
@@ -460,13 +457,64 @@ class Supervisor:
         conn.close()
         handle.conn = handle.reader = None  # the sentinel reports the exit itself
 
-    def _reap(self, handle: ProgramHandle) -> None:
+    def _process_events(self, ready: list[Any]) -> None:
+        """Pids the fork server answered, exits, exit codes it reported (or not, in time)."""
+        for obj in ready:
+            if not isinstance(obj, int):
+                continue
+            forked = self._pending.get(obj)
+            if forked is not None:
+                self._take_pid(forked)
+                continue
+            exited = self._sentinels.get(obj)
+            if exited is not None:
+                self._exited(exited)
+                continue
+            reported = self._reporting.get(obj)
+            if reported is not None:
+                self._reap(reported)
+        self._reap_unreported()
+
+    def _exited(self, handle: ProgramHandle) -> None:
+        """Its pidfd says it exited: reap it once the fork server has reported its code.
+
+        Waiting for that report inside the reap held the loop once per exit:
+        1.4 s of a 1,000-tenant stop's 5.5 s. Now the loop waits on the report
+        with everything else, FORKSERVER_REPORT_S at most (a stopped fork server).
+        """
+        if not handle.exit_unreported:
+            self._reap(handle)
+            return
+        self._unwatch_fd(handle)
+        self._watch_fd(handle, handle.pid_pipe, self._reporting)
+        deadline = self._clock() + FORKSERVER_REPORT_S
+        heapq.heappush(self._report_by, (deadline, next(self._report_order), handle))
+
+    def _reap_unreported(self) -> None:
+        """Reap those whose exit the fork server has not reported in time (code unknown)."""
+        now = self._clock()
+        while self._report_by and self._report_by[0][0] <= now:
+            handle = heapq.heappop(self._report_by)[2]
+            if handle in self._fd_of and self._reporting.get(self._fd_of[handle]) is handle:
+                self._reap(handle, wait_report=0.0)
+
+    def _report_deadline(self) -> float | None:
+        """When the first exit report still awaited is overdue (stale entries dropped)."""
+        heap = self._report_by
+        while heap:
+            handle = heap[0][2]
+            if handle in self._fd_of and self._reporting.get(self._fd_of[handle]) is handle:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def _reap(self, handle: ProgramHandle, wait_report: float = FORKSERVER_REPORT_S) -> None:
         if handle.conn is not None:
             self._read_frames(handle)  # a BootFailed frame may still be in the pipe
         if handle.pid is not None:
             self._sampler.forget(handle.pid)
         self._unwatch(handle)
-        handle.on_exit()
+        handle.on_exit(wait_report)
         if handle.id in self._removed:
             del self._handles[handle.id]
             self._removed.discard(handle.id)

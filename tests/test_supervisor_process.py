@@ -755,6 +755,33 @@ def test_the_loop_goes_on_while_the_fork_server_has_not_forked(
     assert run.pids()["a"] == before["a"]
 
 
+def test_exits_the_fork_server_is_slow_to_report_are_waited_for_together(
+    harness: SupervisorHarness,
+) -> None:
+    """A worker's exit code comes from the fork server: the loop waited for it inside
+    each reap (1 s at most each), so a fleet's stop, or four crashes with the fork
+    server stopped, waited one after the other. Now it waits for them all at once."""
+    harness.write_config({name: {} for name in ("a", "b", "c", "d")})
+    run = harness.start()
+    before = run.wait_all_running()
+    server = _fork_server(run)
+    server.suspend()
+    try:
+        killed = time.monotonic()
+        for name in before:
+            run.kill_worker(name)
+
+        def all_exited() -> bool:
+            return all(row["pid"] is None for row in run.tenants().values())
+
+        wait_for("every killed worker reaped", all_exited, 10.0)
+        assert time.monotonic() - killed < 2.5  # one report wait (1 s), not four in a row
+    finally:
+        server.resume()
+    for name, pid in before.items():
+        run.wait_running(name, not_pid=pid, timeout=15.0)
+
+
 def chatq(harness: SupervisorHarness, *args: str) -> subprocess.CompletedProcess[str]:
     """The `chatq` command on the harness's config."""
     command = [sys.executable, "-m", "chatq.supervisor.cli", "--config", str(harness.config_path)]
