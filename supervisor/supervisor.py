@@ -1,12 +1,13 @@
 """The supervisor: one worker per enabled tenant, kept running.
 
 The loop waits on everything at once -- every worker's pipe and process
-sentinel, the control socket and a wake-up pipe for signals -- like
+sentinel, the fork server's answers (a spawn's pid, an exit's code), the
+control socket and a wake-up pipe for signals -- like
 ``multiprocessing.connection.wait`` but with an epoll set kept between passes
 (supervisor/waiter.py), then runs a fixed series of repair
 steps, each small and testable alone (after gunicorn's ``Arbiter.run``):
 
-    read frames -> reap exits -> serve control -> act on signals
+    read frames -> pids, exits (reaped) -> serve control -> act on signals
     -> due checks (overdue stops: SIGKILL; silent workers: hung)
     -> watchdog -> start due workers
        (a few per pass: a fleet's start is spread over many passes)
