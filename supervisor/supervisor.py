@@ -491,20 +491,23 @@ class Supervisor:
         deadline = self._clock() + FORKSERVER_REPORT_S
         heapq.heappush(self._report_by, (deadline, next(self._report_order), handle))
 
+    def _awaiting_report(self, handle: ProgramHandle) -> bool:
+        fd = self._fd_of.get(handle)
+        return fd is not None and self._reporting.get(fd) is handle
+
     def _reap_unreported(self) -> None:
         """Reap those whose exit the fork server has not reported in time (code unknown)."""
         now = self._clock()
         while self._report_by and self._report_by[0][0] <= now:
             handle = heapq.heappop(self._report_by)[2]
-            if handle in self._fd_of and self._reporting.get(self._fd_of[handle]) is handle:
+            if self._awaiting_report(handle):
                 self._reap(handle, wait_report=0.0)
 
     def _report_deadline(self) -> float | None:
         """When the first exit report still awaited is overdue (stale entries dropped)."""
         heap = self._report_by
         while heap:
-            handle = heap[0][2]
-            if handle in self._fd_of and self._reporting.get(self._fd_of[handle]) is handle:
+            if self._awaiting_report(heap[0][2]):
                 return heap[0][0]
             heapq.heappop(heap)
         return None
@@ -541,6 +544,8 @@ class Supervisor:
         timeout_s = self.config.supervisor.heartbeat_timeout_s
         due = self._checks.pop_due(self._clock())
         for handle in due:
+            if self._awaiting_report(handle):
+                continue  # it has exited: only its exit code is still to come
             handle.kill_if_overdue()
             if handle.is_hung():
                 self._catch_up(handle)  # our loop may be the one that was held up

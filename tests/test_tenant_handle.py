@@ -8,6 +8,7 @@ one transition or one loop step by hand.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import multiprocessing
@@ -32,6 +33,7 @@ from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 from chatq.supervisor import program as program_module
 from chatq.supervisor import supervisor as supervisor_module
 from chatq.supervisor import tenant as tenant_module
+from chatq.supervisor.child_watch import ChildWatch
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway import handle as gateway_handle_module
@@ -547,6 +549,35 @@ def test_hung_worker_is_dumped_then_killed_and_restarted(
     handle = t.sup.handle("a")
     assert handle.state is State.BACKOFF
     assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
+
+
+def test_an_exit_whose_code_is_still_to_come_is_not_called_hung(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """An exited worker waits (FORKSERVER_REPORT_S at most) for the fork server to
+    report its code: not a silent worker to dump and kill, and reaped in the end."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    handle.on_frame(heartbeat())
+    assert isinstance(handle.process, FakeProcess)
+    report_r, report_w = os.pipe()  # what the fork server would write the code to
+    handle.process.sentinel = report_r
+    handle.watch = ChildWatch(os.getpid(), os.pidfd_open(os.getpid()))  # not our child
+    try:
+        t.clock.advance(HB_TIMEOUT - 0.5)
+        t.sup._exited(handle)  # its pidfd fired; the report is not there yet
+        assert handle.pid is not None  # still waiting
+        t.clock.advance(0.6)  # past its hang deadline, within the report's wait
+        t.sup._check_due()
+        assert t.spawner.sent(handle.pid) == []
+        t.clock.advance(supervisor_module.FORKSERVER_REPORT_S)
+        t.sup._process_events([])
+        assert handle.pid is None and handle.state is State.BACKOFF
+        assert handle.last_exit is not None and handle.last_exit.code is None
+    finally:
+        os.close(report_w)
+        with contextlib.suppress(OSError):
+            os.close(report_r)
 
 
 def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
