@@ -195,7 +195,7 @@ class Supervisor:
         self._reporting: dict[int, ProgramHandle] = {}
         self._report_by: list[tuple[float, int, ProgramHandle]] = []  # when to stop waiting
         self._report_order = itertools.count()
-        self._fd_of: dict[ProgramHandle, int] = {}  # the one of those two it is in
+        self._fd_of: dict[ProgramHandle, int] = {}  # its fd in one of those three
         self._live: set[ProgramHandle] = set()  # with a process
         self._boot: set[ProgramHandle] = set()  # spawned, maybe still booting
         self._checks = _Timers(ProgramHandle.check_at)  # SIGKILLs and hang deadlines
