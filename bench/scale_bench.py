@@ -6,13 +6,17 @@ Drives the real `chatq run` with N idle echo tenants (1 s heartbeats, log
 level WARNING) and measures, per run:
 
 - time from `chatq run` to every tenant `running`;
-- the control socket during the start: a `list` request every ~100 ms from
-  the moment the socket exists, each answer's wall time (max, p99);
+- the control socket during the start: a `list` request every ~100 ms
+  (`--list-every`) from the moment the socket exists, each answer's wall
+  time (max, p99);
 - `list` at steady state (`--settle` s later): the raw request, and the
   `chatq list --json` command as a subprocess (interpreter start included);
 - graceful stop of all: SIGTERM to the supervisor until it has exited (every
   worker drained);
 - the supervisor's CPU from exec to all running, and the fork server's;
+  how the host's cores spent that time (busy, idle, waiting on I/O, stolen
+  by the hypervisor), all of chatq's processes' CPU, and this bench's own
+  (its `list` client);
 - each worker's boot CPU, fork to ready: its threads' run time (schedstat,
   in ns) read from /proc the moment a `list` first shows it `running` (a
   forked child's CPU times start at zero; what runs after Ready before the
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -63,6 +68,17 @@ def kill_session(sid: int) -> int:
     return killed
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU of every live process in session `sid`: the supervisor, fork server, workers."""
+    total = 0.0
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error, ProcessLookupError, PermissionError):
+            if os.getsid(proc.pid) == sid:
+                times = proc.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def cpu_s(pid: int) -> float | None:
     try:
         times = psutil.Process(pid).cpu_times()
@@ -84,6 +100,32 @@ def threads_cpu_s(pid: int) -> float | None:
     return total / 1e9
 
 
+def host_cpu() -> list[int]:
+    """The machine's CPU time so far, in clock ticks: user .. steal (proc(5), the "cpu" line)."""
+    with open("/proc/stat") as file:
+        return [int(field) for field in file.readline().split()[1:9]]
+
+
+def host_use(before: list[int], after: list[int]) -> dict[str, float]:
+    """How the machine's cores spent the time between two `host_cpu` readings (fractions)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        b - a for a, b in zip(before, after, strict=True)
+    )
+    total = max(1, user + nice + system + idle + iowait + irq + softirq + steal)
+    return {
+        "host_busy_frac": (user + nice + system + irq + softirq) / total,
+        "host_idle_frac": idle / total,
+        "host_iowait_frac": iowait / total,
+        "host_steal_frac": steal / total,
+    }
+
+
+def own_cpu_s() -> float:
+    """This bench's own CPU so far (its `list` client parses every answer)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -98,9 +140,15 @@ def fork_server(sup: psutil.Process) -> psutil.Process | None:
 
 
 def watch_start(
-    proc: subprocess.Popen[bytes], sock: Path, count: int, started: float, timeout: float
+    proc: subprocess.Popen[bytes],
+    sock: Path,
+    count: int,
+    started: float,
+    timeout: float,
+    *,
+    every: float = SAMPLE_EVERY,
 ) -> dict[str, Any]:
-    """Sample `list` every SAMPLE_EVERY s until all run; answer times and boot CPUs."""
+    """Sample `list` every `every` s until all run; answer times and boot CPUs."""
     answers: list[float] = []
     boot: dict[str, float] = {}
     socket_up = None
@@ -137,7 +185,7 @@ def watch_start(
                 "list_p99_ms_during_start": percentile(answers, 0.99) * 1000,
                 "boot_cpu_ms": [value * 1000 for value in boot.values()],
             }
-        time.sleep(max(0.0, SAMPLE_EVERY - (time.monotonic() - asked)))
+        time.sleep(max(0.0, every - (time.monotonic() - asked)))
     raise TimeoutError(f"not all {count} tenants running within {timeout:.0f} s")
 
 
@@ -188,14 +236,20 @@ def footprint(sup: psutil.Process, pids: list[int]) -> dict[str, float]:
     }
 
 
-def one_run(folder: Path, count: int, settle: float, timeout: float) -> dict[str, Any]:
+def one_run(
+    folder: Path, count: int, settle: float, timeout: float, every: float = SAMPLE_EVERY
+) -> dict[str, Any]:
     """One `chatq run` in `folder` (its stores are created, or reused from the last run)."""
     config = write_config(folder, count, healthy_after=None)
     sock = folder / "run" / "supervisor.sock"
+    host_before, own_before = host_cpu(), own_cpu_s()
     started = time.monotonic()
     proc = start_chatq(config, ENV)
     try:
-        result = watch_start(proc, sock, count, started, timeout)
+        result = watch_start(proc, sock, count, started, timeout, every=every)
+        result.update(host_use(host_before, host_cpu()))
+        result["chatq_start_cpu_s"] = session_cpu_s(proc.pid)
+        result["bench_client_cpu_s"] = own_cpu_s() - own_before
         sup = psutil.Process(proc.pid)
         result["supervisor_start_cpu_s"] = cpu_s(proc.pid)
         server = fork_server(sup)
@@ -243,6 +297,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--list-every",
+        type=float,
+        default=SAMPLE_EVERY,
+        help="seconds between `list` requests during the start (each costs the start CPU)",
+    )
+    parser.add_argument(
         "--reuse-stores",
         action="store_true",
         help="start over existing stores (one unmeasured start creates them) instead of new ones",
@@ -263,7 +323,9 @@ def main() -> None:
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as own:
                 folder = Path(shared if args.reuse_stores else own)
-                runs.append(one_run(folder, args.tenants, args.settle, args.timeout))
+                runs.append(
+                    one_run(folder, args.tenants, args.settle, args.timeout, args.list_every)
+                )
     summary = summarize(runs)
     summary.update(
         tenants=args.tenants,
@@ -271,6 +333,7 @@ def main() -> None:
         stores="reused" if args.reuse_stores else "new",
         load_before=load,
         load_after=os.getloadavg()[0],
+        list_every_s=args.list_every,
         machine=f"{os.cpu_count()} CPU, {psutil.virtual_memory().total / 2**30:.0f} GB,"
         f" Python {platform.python_version()}",
     )
@@ -300,6 +363,13 @@ def main() -> None:
     print(
         f"  CPU to all running: supervisor {s['supervisor_start_cpu_s']:.2f} s,"
         f" fork server {s['forkserver_cpu_s']:.2f} s"
+    )
+    print(
+        f"  the host's cores until all ran: busy {s['host_busy_frac']:.0%}, idle"
+        f" {s['host_idle_frac']:.0%}, iowait {s['host_iowait_frac']:.0%}, steal"
+        f" {s['host_steal_frac']:.0%}; this bench's own `list` client"
+        f" {s['bench_client_cpu_s']:.1f} CPU-s; all of chatq's processes"
+        f" {s['chatq_start_cpu_s']:.1f} CPU-s"
     )
     print(
         f"  worker boot CPU (fork to ready): median {s['boot_cpu_ms_median']:.1f} ms"

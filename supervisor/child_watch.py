@@ -64,12 +64,13 @@ class ChildWatch:
     def fileno(self) -> int:
         return self.fd
 
-    def exit_code(self, process: BaseProcess) -> int | None:
+    def exit_code(self, process: BaseProcess, wait: float = FORKSERVER_REPORT_S) -> int | None:
         """The exit code of the exited process (negative: killed by that signal).
 
         Our own child (reparented after the fork server died) is reaped here;
         the fork server's child is reaped by the fork server, which reports
-        the code a moment after the exit. None if nobody can tell.
+        the code a moment after the exit (waited for up to `wait` s). None if
+        nobody can tell.
         """
         try:
             result = os.waitid(os.P_PIDFD, self.fd, os.WEXITED | os.WNOHANG)
@@ -77,7 +78,7 @@ class ChildWatch:
             result = None  # not ours: the fork server reaps it and reports
         if result is not None:
             return -result.si_status if result.si_code != os.CLD_EXITED else result.si_status
-        process.join(FORKSERVER_REPORT_S)
+        process.join(wait)
         code = process.exitcode
         return None if code == 255 and not _forkserver_alive() else code
 

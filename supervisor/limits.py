@@ -1,7 +1,8 @@
 """The open-file limit: raised to what the host allows, checked against the fleet.
 
 The supervisor holds a few descriptors per tenant (the worker's pipe, its
-process sentinel and pidfd, the fork server's side while spawning) and any shell or
+process sentinel and pidfd, its /proc statm file kept open by the watchdog,
+the fork server's side while spawning) and any shell or
 service manager may start it with a soft limit of 1,024. At ~337 tenants
 the next spawn then failed with EMFILE inside the fork server. So at start
 the soft limit is raised to the hard one (what any process may do), and a
@@ -16,7 +17,7 @@ from chatq.shared.errors import ConfigError
 
 __all__ = ["FDS_BASE", "FDS_PER_TENANT", "raise_open_files"]
 
-FDS_PER_TENANT = 5  # pipe, sentinel, pidfd, spawn-time fds, a control client's now and then
+FDS_PER_TENANT = 5  # pipe, sentinel, pidfd, statm, spawn-time fds, a control client now and then
 FDS_BASE = 64  # stdio, the control and metrics sockets, the fork server, log file
 
 

@@ -35,7 +35,8 @@ from loguru import logger
 
 from chatq.config import ChatqConfig
 from chatq.shared import protocol, stack_dump
-from chatq.supervisor.child_watch import ChildWatch, kill_if_ours
+from chatq.supervisor import spawn
+from chatq.supervisor.child_watch import FORKSERVER_REPORT_S, ChildWatch, kill_if_ours
 from chatq.supervisor.pipes import FrameReader
 from chatq.supervisor.policy import RestartPolicy
 from chatq.supervisor.watchdog import ProcStats
@@ -244,22 +245,21 @@ class ProgramHandle:
         self.start_at = self._clock()
 
     def start(self, ctx: ForkServerContext) -> None:
-        """Spawn the worker now (a spawn that fails counts as a failed run)."""
+        """Spawn the worker now (a spawn that fails counts as a failed run).
+
+        The fork server forks it a moment later: until `take_pid`, its pid is
+        unknown (`pid_pending`), and the supervisor waits on `pid_pipe`.
+        """
         try:
             self.process, self.conn = self.spawn(ctx)
         except (OSError, EOFError) as exc:
             # Out of file descriptors or processes, or the fork server died
             # half-way (EOFError): retry later, keep the rest up. The next
             # spawn starts a new fork server if this one is gone.
-            logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
-            self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
-            self.boot_error = None
-            self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
             self.policy.on_start()
-            self._after_failure(None, self.last_exit.reason)
+            self._spawn_failed(exc)
             return
         self.reader = FrameReader(self.conn)
-        self.watch = ChildWatch.open(self.process.pid)
         now = self._clock()
         self.state = State.STARTING
         self.started_at = now
@@ -269,7 +269,54 @@ class ProgramHandle:
         self.boot_error = None
         self.hung = False
         self.policy.on_start()
+        if not self.pid_pending:
+            self._forked()
+
+    @property
+    def pid_pending(self) -> bool:
+        """Spawned, and the fork server's answer (the pid) not read yet."""
+        return self.process is not None and spawn.pid_pending(self.process)
+
+    @property
+    def pid_pipe(self) -> int:
+        """Readable once the fork server has answered a spawn (`take_pid`)."""
+        assert self.process is not None
+        return self.process.sentinel
+
+    def take_pid(self) -> None:
+        """Read the pid the fork server answered with (`pid_pipe` is readable).
+
+        EOFError (or OSError): it died before forking; call `spawn_failed`
+        then, once nothing waits on the pipes any more.
+        """
+        assert self.process is not None
+        spawn.take_pid(self.process)
+        self._forked()
+
+    def _forked(self) -> None:
+        assert self.process is not None
+        self.watch = ChildWatch.open(self.pid)
         logger.info("{}: started {} pid {}", self.id, self.noun, self.pid)
+        if self.stopping_reason is not None:  # stopped while its pid was unknown: signal it now
+            overdue = self._kill_at is None or self.hung
+            _signal(self.process, signal.SIGKILL if overdue else signal.SIGTERM)
+
+    def spawn_failed(self, exc: BaseException) -> None:
+        """The fork server died before it forked this spawn: a failed run, retried."""
+        if self.process is not None:
+            with contextlib.suppress(ValueError):
+                self.process.close()
+        if self.conn is not None:
+            self.conn.close()
+        self.process = self.conn = self.reader = None
+        self._spawn_failed(exc)
+
+    def _spawn_failed(self, exc: BaseException) -> None:
+        logger.error("{}: cannot start a {}: {}", self.id, self.noun, exc)
+        self.start_at = self.kill_at = self.stopping_reason = self.after_exit = None
+        self.boot_error = None
+        self.last_exit = ExitInfo(code=None, reason=f"spawn failed: {exc}", at=self._wall())
+        self._after_failure(None, self.last_exit.reason)
 
     def on_frame(self, frame: protocol.Frame) -> str | None:
         """Take in a frame from the worker; returns a log line to pass on, if any."""
@@ -277,7 +324,7 @@ class ProgramHandle:
             self.log_tail.append(frame.line)
             return frame.line
         if isinstance(frame, protocol.Beat):  # counters as in the last Heartbeat
-            self.heartbeat_at, self.heartbeat_seq = self._clock(), frame.seq
+            self.on_beat(frame.seq)
         elif isinstance(frame, protocol.Heartbeat):
             self.heartbeat, self.heartbeat_at = frame, self._clock()
             self.heartbeat_seq = frame.seq
@@ -288,6 +335,10 @@ class ProgramHandle:
         elif isinstance(frame, protocol.BootFailed):
             self.boot_error = frame.reason
         return None
+
+    def on_beat(self, seq: int) -> None:
+        """A `Beat` (an idle worker's every second): alive, counters unchanged."""
+        self.heartbeat_at, self.heartbeat_seq = self._clock(), seq
 
     def stop(self, reason: str, then: State) -> None:
         """Ask the worker to drain and exit (SIGTERM), SIGKILL after stop_grace.
@@ -401,10 +452,23 @@ class ProgramHandle:
         """Where its process dumps its stacks when told it is hung."""
         return stack_dump.stacks_path(self.config.supervisor.run_dir, self.id)
 
-    def on_exit(self) -> None:
-        """The process ended: record why, and decide what comes next."""
+    @property
+    def exit_unreported(self) -> bool:
+        """Exited (its pidfd said so), and the fork server has not written its exit code
+        yet (to `pid_pipe`, which turns readable then, or when the fork server dies)."""
+        return (
+            self.watch is not None
+            and self.process is not None
+            and not spawn.readable(self.process.sentinel)
+        )
+
+    def on_exit(self, wait_report: float = FORKSERVER_REPORT_S) -> None:
+        """The process ended: record why, and decide what comes next.
+
+        `wait_report`: how long to wait for the fork server to report its exit code.
+        """
         assert self.process is not None
-        code = self._exit_code(self.process)
+        code = self._exit_code(self.process, wait_report)
         with contextlib.suppress(ValueError):  # the fork server is gone: it never reported
             self.process.close()
         if self.conn is not None:
@@ -422,7 +486,7 @@ class ProgramHandle:
         else:
             self._after_failure(code, reason)
 
-    def _exit_code(self, process: BaseProcess) -> int | None:
+    def _exit_code(self, process: BaseProcess, wait_report: float) -> int | None:
         watch, self.watch = self.watch, None
         if watch is None:  # only the fork server's word for it, which a dead one gets wrong
             process.join(0)
@@ -432,7 +496,7 @@ class ProgramHandle:
                 )
             return process.exitcode
         try:
-            return watch.exit_code(process)
+            return watch.exit_code(process, wait_report)
         finally:
             watch.close()
 

@@ -13,16 +13,21 @@ is what makes pipe EOF a reliable "the supervisor died" signal for workers.
 from __future__ import annotations
 
 import contextlib
+import io
 import multiprocessing
 import multiprocessing.process
 import os
+import select
 import signal
 import sys
+import time
 import types
 from collections.abc import Callable, Iterator
-from multiprocessing import forkserver
+from multiprocessing import forkserver, popen_forkserver, reduction, util
+from multiprocessing import spawn as mp_spawn
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext
+from multiprocessing.connection import wait as mp_wait
+from multiprocessing.context import ForkServerContext, ForkServerProcess, set_spawning_popen
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -65,25 +70,48 @@ def start_fork_server(ready_flag: Path | None = None, log: tuple[str, str] | Non
     goes on with its own start, and creates `ready_flag` once done (see
     supervisor/forkserver_up.py). A spawn before that waits for it. `log`
     (level, format): the children's logging, set up there once
-    (supervisor/forkserver_logging.py).
+    (supervisor/forkserver_logging.py), by this fork server and by any that
+    a spawn starts after this one died.
     """
     context()
+    if log is not None:
+        use_log(*log)
     if fork_server_pid() is not None:
-        forkserver.ensure_running()
+        with _told_fork_server():
+            forkserver.ensure_running()
         return
     if ready_flag is not None:
         ready_flag.unlink(missing_ok=True)
     told = {READY_ENV: str(ready_flag)} if ready_flag is not None else {}
-    if log is not None:
-        told[LOG_ENV] = " ".join(log)
-    os.environ.update(told)
-    try:
+    with _told_fork_server(told):
         forkserver.ensure_running()
-    finally:
-        for name in told:
-            del os.environ[name]
     if ready_flag is not None:
         _awaited.append(ready_flag)
+
+
+_told: dict[str, str] = {}  # what every fork server is told at its start (LOG_ENV)
+
+
+def use_log(level: str, fmt: str) -> None:
+    """The logging a fork server started from now on sets up for its children."""
+    _told[LOG_ENV] = f"{level} {fmt}"
+
+
+@contextlib.contextmanager
+def _told_fork_server(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """The environment a fork server started in this block is told (then dropped again).
+
+    multiprocessing starts a new fork server by itself, inside a spawn, when
+    the last one died: it too must be told, or each of its children sets up
+    its logging from scratch (~20 ms of boot CPU).
+    """
+    told = {**_told, **(extra or {})}
+    os.environ.update(told)
+    try:
+        yield
+    finally:
+        for name in told:
+            os.environ.pop(name, None)
 
 
 _awaited: list[Path] = []  # the flag of the fork server started with one (a process has one)
@@ -171,7 +199,7 @@ def _spawn(
     ctx: ForkServerContext, target: Callable[..., None], args: tuple[Any, ...], name: str
 ) -> tuple[BaseProcess, Connection]:
     ours, theirs = ctx.Pipe(duplex=True)
-    process = ctx.Process(target=target, args=(*args, theirs), name=name)
+    process = _Process(target=target, args=(*args, theirs), name=name)
     try:
         with _no_main_module():
             process.start()
@@ -179,6 +207,117 @@ def _spawn(
         theirs.close()  # only the child may hold its end, or EOF never comes
     _untracked(process)
     return process, ours
+
+
+class _LatePid(popen_forkserver.Popen):
+    """A fork server spawn that returns once the request is sent: the pid comes later.
+
+    multiprocessing's own waits for the fork server to fork and write the
+    pid back; the supervisor's loop, and so `list` and the workers' frames,
+    waited with it (a quarter of its time while 2,000 tenants started on a
+    busy host). Here the pid is read once the status pipe (``sentinel``) is
+    readable (`take_pid`: the supervisor waits on it with everything else),
+    or, if asked for first, by `poll` and `wait`, which block for it.
+    """
+
+    def _launch(self, process_obj: BaseProcess) -> None:
+        # popen_forkserver.Popen._launch without its last line, the wait for the pid.
+        prep_data = mp_spawn.get_preparation_data(process_obj.name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        fds: list[int] = self._fds  # type: ignore[attr-defined]  # what the child inherits
+        with _told_fork_server():  # a fork server started here (the last one died)
+            self.sentinel, data_w = forkserver.connect_to_new_process(fds)
+        # Unlike multiprocessing, no copy of the data pipe's write end is kept
+        # open while the child lives: it is only what the child's
+        # `multiprocessing.parent_process()` watches, which chatq never asks
+        # about, and one descriptor per worker (the watchdog's kept statm file
+        # takes its place: supervisor/limits.py).
+        self.finalizer = util.Finalize(self, _close_fds, (self.sentinel,))
+        with open(data_w, "wb", closefd=True) as file:
+            file.write(buf.getbuffer())
+        self.pid = None  # type: ignore[assignment]
+
+    def take_pid(self) -> int:
+        """The child's pid: read from the fork server (it blocks until written).
+
+        EOFError: the fork server died before it forked; there is no child.
+        """
+        if self.pid is None:
+            try:
+                self.pid = forkserver.read_signed(self.sentinel)
+            except (OSError, EOFError):
+                self.returncode = 255  # never started: nothing to wait for
+                raise
+        return self.pid
+
+    def poll(self, flag: int = os.WNOHANG) -> int | None:
+        if self.pid is None:
+            if flag == os.WNOHANG and not readable(self.sentinel):
+                return None
+            with contextlib.suppress(OSError, EOFError):
+                self.take_pid()
+            if self.pid is None:
+                return self.returncode
+        return super().poll(flag)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.pid is None:
+            end = None if timeout is None else time.monotonic() + timeout
+            if timeout is not None and not mp_wait([self.sentinel], timeout):
+                return None
+            try:
+                self.take_pid()
+            except (OSError, EOFError):
+                return self.returncode
+            if end is not None:
+                timeout = max(0.0, end - time.monotonic())
+        return super().wait(timeout)
+
+
+class _Process(ForkServerProcess):
+    """A fork server child whose pid is read later (`_LatePid`)."""
+
+    @staticmethod
+    def _Popen(process_obj: BaseProcess) -> _LatePid:
+        return _LatePid(process_obj)
+
+
+def pid_pending(process: BaseProcess) -> bool:
+    """Whether `process` was spawned and its pid not read yet (see `take_pid`)."""
+    return process.pid is None and isinstance(_popen(process), _LatePid)
+
+
+def take_pid(process: BaseProcess) -> int:
+    """Read the pid of a spawned `process` from the fork server (at once once its
+    ``sentinel`` is readable; else it waits). EOFError: the fork server died first."""
+    popen = _popen(process)
+    if isinstance(popen, _LatePid):
+        return popen.take_pid()
+    assert process.pid is not None
+    return process.pid
+
+
+def _popen(process: BaseProcess) -> object:
+    return getattr(process, "_popen", None)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def readable(fd: int) -> bool:
+    """Whether reading `fd` would not block now (data, or EOF)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _untracked(process: BaseProcess) -> None:

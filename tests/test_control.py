@@ -535,6 +535,18 @@ def test_answers_carry_any_text_as_json_escapes_or_utf8() -> None:
     assert json.loads(data) == {"ok": True, "result": texts}
 
 
+def test_the_client_reads_any_text_an_answer_carries(sock_path: Path) -> None:
+    """The client parses with orjson, which refuses a lone surrogate: json reads those."""
+    texts = ["plain", "é 日本 😀", "lone \udc80 surrogate", 'ctrl \x01\n"q" \\']
+    server = ControlServer(sock_path, lambda _request: texts)
+    loop = ServerThread(server)
+    try:
+        assert request(sock_path, "list") == texts
+    finally:
+        loop.stop()
+        server.close()
+
+
 def test_paths_and_datetimes_in_an_answer_read_as_strings() -> None:
     when = datetime.datetime(2026, 11, 30, 7, 58)
     data = control._encode_answer({"ok": True, "result": {"path": Path("/x/y"), "at": when}})

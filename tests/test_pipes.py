@@ -84,3 +84,31 @@ def test_readers_sharing_the_read_buffer_keep_their_own_partial_frames() -> None
         [protocol.Ready(pid=0)],
         [protocol.Ready(pid=1)],
     ]
+
+
+def test_a_lone_beat_is_read_without_decoding_a_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle fleet's every read is one beat (500 a second at 500 tenants): its seq
+    comes straight from the bytes, no frame built, no json, no reassembly buffer."""
+    ours, theirs = multiprocessing.Pipe()
+    reader = FrameReader(ours)
+    monkeypatch.setattr(protocol, "decode", lambda _data: pytest.fail("decoded a lone beat"))
+    for seq in (0, 7, 10**18):
+        theirs.send_bytes(protocol.encode_beat(seq))
+        assert reader.read_beat() == seq
+        assert reader.frames() == []
+
+
+def test_anything_but_a_lone_canonical_beat_takes_the_general_way() -> None:
+    ours, theirs = multiprocessing.Pipe()
+    reader = FrameReader(ours)
+    theirs.send_bytes(protocol.encode_beat(1))
+    theirs.send_bytes(protocol.encode_beat(2))  # two in one read
+    assert reader.read_beat() is None
+    assert reader.frames() == [protocol.Beat(seq=1), protocol.Beat(seq=2)]
+    theirs.send_bytes(b'{"kind": "beat", "seq": 3}')  # not as encode_beat writes it
+    assert reader.read_beat() is None
+    assert reader.frames() == [protocol.Beat(seq=3)]
+    theirs.send_bytes(b'{"kind":"beat","seq":04}')  # a leading zero: not JSON
+    assert reader.read_beat() is None
+    with pytest.raises(protocol.ProtocolError):
+        reader.frames()

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from multiprocessing import forkserver
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import pytest
@@ -88,7 +88,7 @@ def test_workers_boot_while_parent_threads_are_logging(config: ChatqConfig) -> N
         process, conn = spawn.spawn_worker(ctx, config, config.tenant("t1"))
         try:
             ready = wait_ready(FrameReader(conn), within=20)
-            assert ready.pid == process.pid
+            assert ready.pid == spawn.take_pid(process)
         finally:
             if process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -152,3 +152,66 @@ def test_a_spawn_does_not_poll_the_children_already_running(
                 process.kill()
                 process.join(5)
     assert (first.exitcode, second.exitcode) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_spawn_returns_before_the_fork_server_has_forked() -> None:
+    """The supervisor's loop waited inside each spawn for the fork server to fork and
+    answer with the pid (a quarter of its time starting 2,000 tenants): now a spawn
+    returns once asked, and the pid is read when the fork server has answered."""
+    ctx = spawn.context()
+    forkserver.ensure_running()
+    warm, warm_conn = spawn._spawn(ctx, _exit_at_once, (), "chatq-test-warm")  # preloaded
+    warm.join(30)
+    warm_conn.close()
+    server = spawn.fork_server_pid()
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)
+    waking = threading.Timer(3.0, os.kill, (server, signal.SIGCONT))  # a spawn that waits ends
+    waking.start()
+    try:
+        asked = time.monotonic()
+        process, conn = spawn._spawn(ctx, _wait_for_eof, (), "chatq-test-late-pid")
+        took = time.monotonic() - asked
+        pending = spawn.pid_pending(process) and process.pid is None
+        assert process.exitcode is None  # asking does not wait for the fork server either
+    finally:
+        waking.cancel()
+        os.kill(server, signal.SIGCONT)
+    try:
+        assert took < 2.0 and pending
+        assert wait([process.sentinel], 20)  # the fork server answers
+        pid = spawn.take_pid(process)
+        assert process.pid == pid and not spawn.pid_pending(process)
+        assert process.is_alive()
+    finally:
+        conn.close()  # EOF: the child returns
+        process.join(10)
+        if process.exitcode is None:
+            process.kill()
+            process.join(5)
+    assert process.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_pid_the_fork_server_died_before_writing_is_an_eof() -> None:
+    """A fork server that dies (e.g. out of file descriptors) with a request in hand:
+    that spawn fails (the supervisor retries it), and nothing waits for it."""
+    ctx = spawn.context()
+    forkserver.ensure_running()
+    server = spawn.fork_server_pid()
+    assert server is not None
+    os.kill(server, signal.SIGSTOP)  # it takes the request, but never answers it
+    process, conn = spawn._spawn(ctx, _wait_for_eof, (), "chatq-test-no-pid")
+    try:
+        os.kill(server, signal.SIGKILL)
+        assert wait([process.sentinel], 20)
+        with pytest.raises(EOFError):
+            spawn.take_pid(process)
+        assert process.exitcode == 255  # never started: nothing to wait for
+        process.close()
+    finally:
+        conn.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+        forkserver.ensure_running()  # reaps the dead one, starts another

@@ -709,6 +709,7 @@ def test_a_spawn_that_kills_the_fork_server_fails_alone(harness: SupervisorHarne
     run = harness.start()
     before = run.wait_all_running()
     server = _fork_server(run)
+    told = server.environ()["CHATQ_FORKSERVER_LOG"]  # the children's logging, preset there
     open_now = server.num_fds()
     server.rlimit(psutil.RLIMIT_NOFILE, (open_now, open_now))  # no room to accept a request
 
@@ -717,11 +718,68 @@ def test_a_spawn_that_kills_the_fork_server_fails_alone(harness: SupervisorHarne
     new_pid = run.wait_running("b", not_pid=before["b"], timeout=15.0)
 
     assert _fork_server(run).pid != server.pid
+    assert _fork_server(run).environ().get("CHATQ_FORKSERVER_LOG") == told  # the new one too
     assert run.pids()["a"] == before["a"]
     assert (run.status("a")["state"], run.status("a")["restarts"]) == ("running", 0)
     assert alive(psutil.Process(new_pid))
     assert "supervisor failed" not in run.log()
     assert run.post("a", "still here") == 202
+
+
+def test_the_loop_goes_on_while_the_fork_server_has_not_forked(
+    harness: SupervisorHarness,
+) -> None:
+    """A spawn held the loop (and `list`, and every worker's frames) until the fork
+    server had forked and answered with the pid; now the pid is read when it comes."""
+    harness.write_config({"a": {}, "b": {}})
+    run = harness.start()
+    before = run.wait_all_running()
+    server = _fork_server(run)
+    server.suspend()
+    try:
+        run.request("restart", tenant="b")
+
+        def spawned() -> dict[str, Any] | None:
+            row: dict[str, Any] = run.tenants()["b"]
+            return row if row["state"] == "starting" and row["pid"] is None else None
+
+        wait_for("b spawned again, its pid not known yet", spawned, 10.0)
+        asked = time.monotonic()
+        assert run.tenants()["a"]["pid"] == before["a"]
+        assert time.monotonic() - asked < 1.0
+    finally:
+        server.resume()
+    new_pid = run.wait_running("b", not_pid=before["b"], timeout=15.0)
+    assert alive(psutil.Process(new_pid))
+    assert f"b: started worker pid {new_pid}" in run.log()
+    assert run.pids()["a"] == before["a"]
+
+
+def test_exits_the_fork_server_is_slow_to_report_are_waited_for_together(
+    harness: SupervisorHarness,
+) -> None:
+    """A worker's exit code comes from the fork server: the loop waited for it inside
+    each reap (1 s at most each), so a fleet's stop, or four crashes with the fork
+    server stopped, waited one after the other. Now it waits for them all at once."""
+    harness.write_config({name: {} for name in ("a", "b", "c", "d")})
+    run = harness.start()
+    before = run.wait_all_running()
+    server = _fork_server(run)
+    server.suspend()
+    try:
+        killed = time.monotonic()
+        for name in before:
+            run.kill_worker(name)
+
+        def all_exited() -> bool:
+            return all(row["pid"] is None for row in run.tenants().values())
+
+        wait_for("every killed worker reaped", all_exited, 10.0)
+        assert time.monotonic() - killed < 2.5  # one report wait (1 s), not four in a row
+    finally:
+        server.resume()
+    for name, pid in before.items():
+        run.wait_running(name, not_pid=pid, timeout=15.0)
 
 
 def chatq(harness: SupervisorHarness, *args: str) -> subprocess.CompletedProcess[str]:

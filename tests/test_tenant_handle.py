@@ -8,6 +8,7 @@ one transition or one loop step by hand.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import multiprocessing
@@ -32,6 +33,7 @@ from chatq.shared.errors import ConfigError, ControlError, NoSuchTenant
 from chatq.supervisor import program as program_module
 from chatq.supervisor import supervisor as supervisor_module
 from chatq.supervisor import tenant as tenant_module
+from chatq.supervisor.child_watch import ChildWatch
 from chatq.supervisor.commands import COMMANDS
 from chatq.supervisor.control import ControlServer
 from chatq.supervisor.gateway import handle as gateway_handle_module
@@ -549,6 +551,35 @@ def test_hung_worker_is_dumped_then_killed_and_restarted(
     assert handle.last_exit is not None and handle.last_exit.reason.startswith("hung")
 
 
+def test_an_exit_whose_code_is_still_to_come_is_not_called_hung(
+    make_supervisor: Callable[..., Any],
+) -> None:
+    """An exited worker waits (FORKSERVER_REPORT_S at most) for the fork server to
+    report its code: not a silent worker to dump and kill, and reaped in the end."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a"))
+    handle = t.sup.handle("a")
+    handle.on_frame(heartbeat())
+    assert isinstance(handle.process, FakeProcess)
+    report_r, report_w = os.pipe()  # what the fork server would write the code to
+    handle.process.sentinel = report_r
+    handle.watch = ChildWatch(os.getpid(), os.pidfd_open(os.getpid()))  # not our child
+    try:
+        t.clock.advance(HB_TIMEOUT - 0.5)
+        t.sup._exited(handle)  # its pidfd fired; the report is not there yet
+        assert handle.pid is not None  # still waiting
+        t.clock.advance(0.6)  # past its hang deadline, within the report's wait
+        t.sup._check_due()
+        assert t.spawner.sent(handle.pid) == []
+        t.clock.advance(supervisor_module.FORKSERVER_REPORT_S)
+        t.sup._process_events([])
+        assert handle.pid is None and handle.state is State.BACKOFF
+        assert handle.last_exit is not None and handle.last_exit.code is None
+    finally:
+        os.close(report_w)
+        with contextlib.suppress(OSError):
+            os.close(report_r)
+
+
 def test_beats_waiting_in_the_pipe_count_before_a_worker_is_called_hung(
     make_supervisor: Callable[..., Any],
 ) -> None:
@@ -629,8 +660,13 @@ class FakeSampler:
     def __init__(self, rss_mb: int) -> None:
         self.rss_bytes = rss_mb * 2**20
 
-    def sample(self, pid: int) -> ProcStats:
-        return ProcStats(pid=pid, rss_bytes=self.rss_bytes, cpu_percent=0.0, num_fds=7)
+        self.counted_fds: list[bool] = []  # each sample: whether it listed open files
+
+    def sample(self, pid: int, fds: bool = True) -> ProcStats:
+        self.counted_fds.append(fds)
+        return ProcStats(
+            pid=pid, rss_bytes=self.rss_bytes, cpu_percent=0.0, num_fds=7 if fds else None
+        )
 
     def rss(self, pid: int) -> int:
         return self.rss_bytes
@@ -668,6 +704,22 @@ def test_watchdog_restarts_a_worker_over_its_memory_limit(
     assert details["state"] == "backoff"
     assert "memory" in details["last_exit"]["reason"]
     assert "memory_limit_mb 30" in details["last_exit"]["reason"]
+
+
+def test_only_status_lists_a_workers_open_files(make_supervisor: Callable[..., Any]) -> None:
+    """The watchdog's rounds listed every worker's /proc/PID/fd (every 30 s, 500 listings
+    at 500 tenants) for a count only `status` shows: it counts them itself."""
+    t: SupervisorUnderTest = make_supervisor(*tenants("a", "b"))
+    sampler = FakeSampler(rss_mb=10)
+    t.sup._sampler = sampler  # type: ignore[assignment]
+    for _ in range(2 * supervisor_module.FULL_SAMPLE_EVERY):
+        t.clock.advance(SETTINGS.watchdog_interval)
+        t.sup._watchdog()
+    assert sampler.counted_fds and not any(sampler.counted_fds)
+    assert t.sup.handle("a").summary()["rss_bytes"] == 10 * 2**20
+
+    status = COMMANDS["status"](t.sup, {"tenant": "a"})
+    assert sampler.counted_fds[-1] and status["num_fds"] == 7
 
 
 def test_reap_reads_a_boot_failed_frame_left_in_the_pipe(
