@@ -266,3 +266,12 @@ async def test_other_paths_are_404_and_other_methods_405(rig: Rig) -> None:
     async with rig.client.post("/metrics", data=b"") as response:
         assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD")
     assert rig.forward.parts == {}
+
+
+async def test_json_that_orjson_refuses_is_still_read(rig: Rig) -> None:
+    """Lone surrogates and integers past 64 bits are JSON too: the json module reads them."""
+    message = text_message("wamid.odd") | {"extra": 1 << 70, "text": {"body": "\ud800 hi"}}
+    raw = json.dumps(update(change("111", messages=[message]))).encode()
+    assert (await rig.post(raw))[0] == 200
+    forwarded = rig.forward.parts["acme"][0].messages[0]
+    assert forwarded["payload"]["extra"] == 1 << 70 and forwarded["text"] == "\\ud800 hi"

@@ -186,3 +186,14 @@ async def test_a_lone_surrogate_in_a_payload_still_travels(
     await link.forward(odd)
     await link.aclose()
     assert json.dumps(worker.bodies[0]["messages"][0]["payload"]) == '{"x": "\\ud800"}'
+
+
+async def test_an_integer_past_64_bits_in_a_payload_still_travels(
+    served: tuple[FakeWorker, Path],
+) -> None:
+    worker, socket = served
+    link = TenantLink("acme", socket, 5.0, GatewayStats())
+    odd = Routed([{"id": "m1", "chat_id": "c", "text": "t", "payload": {"n": 1 << 70}}], [])
+    await link.forward(odd)
+    await link.aclose()
+    assert worker.bodies[0]["messages"][0]["payload"] == {"n": 1 << 70}

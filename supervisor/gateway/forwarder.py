@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from chatq.shared.errors import ForwardError
@@ -209,14 +210,14 @@ def _body(parts: Sequence[Routed]) -> bytes:
         "statuses": [s.as_json() for part in parts for s in part.statuses],
     }
     try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate in a payload: JSON escapes carry it
+        return orjson.dumps(body)
+    except TypeError:  # a lone surrogate or a huge int in a payload: json carries them
         return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _answer(raw: bytes) -> dict[str, Any]:
     try:
-        answer = json.loads(raw)
+        answer = orjson.loads(raw)
     except ValueError:
         return {}
     return answer if isinstance(answer, dict) else {}

@@ -217,6 +217,12 @@ class _Connection(BaseProtocol):
             if payload is not None and not payload.is_eof():
                 payload.set_exception(exc)
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """Only when paused: a body's reader calls this after every read, and the
+        base class then re-feeds the parser an empty chunk (~10 us each time)."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     # -- requests -----------------------------------------------------------------------
 
     def close_if_idle(self) -> None:

@@ -64,9 +64,14 @@ class GatewayStats:
         self.latency = Histogram(
             "chatq_gateway_request_seconds", "Webhook -> answer", buckets=_BUCKETS, registry=r
         )
+        self._by_code: dict[int, Counter] = {}
+        self._by_tenant: dict[str, tuple[Counter, ...]] = {}
 
     def answered(self, code: int, seconds: float | None = None) -> None:
-        self.requests.labels(str(code)).inc()
+        by_code = self._by_code.get(code)
+        if by_code is None:  # labels() costs a lock and a tuple per call: look it up once
+            by_code = self._by_code[code] = self.requests.labels(str(code))
+        by_code.inc()
         if seconds is not None:
             self.latency.observe(seconds)
         if code == 503:
@@ -78,10 +83,26 @@ class GatewayStats:
         """A tenant's part is committed; `answer` is its worker's counts."""
         self.forwarded += messages
         self.duplicates += answer.get("duplicates", 0)
-        self.messages.labels(tenant).inc(messages)
-        self.statuses.labels(tenant).inc(statuses)
-        self.duplicate_messages.labels(tenant).inc(answer.get("duplicates", 0))
-        self.unknown_statuses.labels(tenant).inc(answer.get("statuses_unknown", 0))
+        counters = self._by_tenant.get(tenant)
+        if counters is None:
+            counters = self._by_tenant[tenant] = tuple(
+                metric.labels(tenant)
+                for metric in (
+                    self.messages,
+                    self.statuses,
+                    self.duplicate_messages,
+                    self.unknown_statuses,
+                )
+            )
+        counts = (
+            messages,
+            statuses,
+            answer.get("duplicates", 0),
+            answer.get("statuses_unknown", 0),
+        )
+        for counter, count in zip(counters, counts, strict=True):
+            if count:
+                counter.inc(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
