@@ -72,10 +72,10 @@ async def test_concurrent_parts_wait_for_the_post_in_flight_and_go_together(
     stats = GatewayStats()
     link = TenantLink("acme", socket, 5.0, stats)
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m1")))
+    first = asyncio.ensure_future(link.forward(part("m1")))
     await asyncio.sleep(0.05)  # m1's post is in flight, held by the gate
     rest = [
-        asyncio.create_task(link.forward(part(f"m{n}", statuses=(f"o{n}",)))) for n in (2, 3, 4)
+        asyncio.ensure_future(link.forward(part(f"m{n}", statuses=(f"o{n}",)))) for n in (2, 3, 4)
     ]
     await asyncio.sleep(0.05)
     worker.gate.set()
@@ -94,9 +94,9 @@ async def answer_one_while_two_wait(
 ) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
     """m1's post held by the worker while m2 and m3 queue behind it; then m1 is answered."""
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m1")))
+    first = asyncio.ensure_future(link.forward(part("m1")))
     await wait_until(lambda: worker.received == 1, what="m1's post, held by the gate")
-    waiting = [asyncio.create_task(link.forward(part(f"m{n}"))) for n in (2, 3)]
+    waiting = [asyncio.ensure_future(link.forward(part(f"m{n}"))) for n in (2, 3)]
     await asyncio.sleep(0)
     worker.gate.set()
     return first, waiting
@@ -157,10 +157,10 @@ async def test_one_bad_part_does_not_sink_the_others_in_its_batch(
     worker.refuse_id = "bad"
     link = TenantLink("acme", socket, 5.0, GatewayStats())
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m0")))
+    first = asyncio.ensure_future(link.forward(part("m0")))
     await wait_until(lambda: worker.received == 1, what="m0's post, held by the gate")
-    good = asyncio.create_task(link.forward(part("m1")))
-    bad = asyncio.create_task(link.forward(part("bad")))
+    good = asyncio.ensure_future(link.forward(part("m1")))
+    bad = asyncio.ensure_future(link.forward(part("bad")))
     await asyncio.sleep(0)  # they queue behind it, as one batch
     worker.gate.set()
     await asyncio.gather(first, good)

@@ -183,17 +183,18 @@ class GatewayApp:
         for tenant, outcome in zip(tenants, outcomes, strict=True):
             if isinstance(outcome, ForwardError):
                 failed[tenant] = str(outcome)
-            elif isinstance(outcome, BaseException):
+            elif outcome is not None:
                 logger.opt(exception=outcome).error("forwarding to {} failed", tenant)
                 failed[tenant] = "internal error"
         if failed:
             logger.warning("webhook answered 503: {}", "; ".join(failed.values()))
             return 503, {"error": "not committed now; send again", "tenants": sorted(failed)}
-        return 200, {
-            "messages": sum(len(part.messages) for part in split.parts.values()),
-            "statuses": sum(len(part.statuses) for part in split.parts.values()),
-            "unknown_numbers": len(split.unknown) + len(split.foreign),
-        }
+        messages = statuses = 0
+        for part in split.parts.values():
+            messages += len(part.messages)
+            statuses += len(part.statuses)
+        unknown = len(split.unknown) + len(split.foreign)
+        return 200, {"messages": messages, "statuses": statuses, "unknown_numbers": unknown}
 
     async def _outcomes(self, split: Split, tenants: list[str]) -> list[BaseException | None]:
         """Each tenant's forward: None once committed, else what it raised."""
