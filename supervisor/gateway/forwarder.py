@@ -10,11 +10,13 @@ worker's dedup makes a part that appears twice harmless). Every part's
 caller gets the outcome of the post that carried it.
 
 When a post comes back, the senders of its parts were just answered and
-tend to send again at once: the next post waits up to `LINGER` for as many
-parts as the last one carried plus those already waiting, so a steady load
-travels in fewer, larger posts (each post costs the worker a request and a
-commit whatever it carries). A part that finds that many waiting, or comes
-after a quiet spell, goes at once: a lone webhook never waits.
+tend to send again at once: the next post waits for as many parts as the
+last one carried plus those already waiting, at most as long as the last post
+took and at most `LINGER`, so a steady load travels in fewer, larger posts
+(each post costs the worker ~1.5 ms of CPU whatever it carries; a part waits
+no longer than it would have for one more post). A part that finds that many
+waiting, or comes after a quiet spell, goes at once: a lone webhook never
+waits.
 
 A worker that restarted drops its keep-alive connections: a post that fails
 on such a connection is sent once more (re-sending is safe, it is deduped).
@@ -40,7 +42,7 @@ __all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
 
 MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
 MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
-LINGER = 0.002  # seconds a free link may wait for the parts of senders just answered
+LINGER = 0.010  # seconds a free link may wait at most for the parts of senders just answered
 
 _Waiting = tuple[Routed, "asyncio.Future[None]"]
 
@@ -126,12 +128,15 @@ class TenantLink:
         self._pump()
 
     async def _send(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await self._deliver(batch)
         finally:
             self._sending -= 1
             self._expected = len(batch) + len(self._waiting)
-            self._until = asyncio.get_running_loop().time() + self._linger
+            now = loop.time()
+            self._until = now + min(self._linger, now - started)
             self._pump()
 
     async def _deliver(self, batch: list[_Waiting]) -> None:

@@ -3,6 +3,8 @@
     chatq_gateway_requests_total{code}              webhooks (and handshakes) by answer
     chatq_gateway_forwarded_messages_total{tenant}  messages committed by a tenant's worker
     chatq_gateway_forwarded_statuses_total{tenant}  statuses handed to a tenant's worker
+    chatq_gateway_posts_total{tenant}               posts a tenant's worker committed (each
+                                                    carries the parts of one or more webhooks)
     chatq_gateway_duplicates_total{tenant}          messages a worker already had (re-deliveries)
     chatq_gateway_unknown_statuses_total{tenant}    statuses for no known reply
     chatq_gateway_unknown_numbers_total             changes for a phone number no tenant has
@@ -49,6 +51,9 @@ class GatewayStats:
         self.statuses = Counter(
             "chatq_gateway_forwarded_statuses", "Statuses handed over", ["tenant"], registry=r
         )
+        self.posts = Counter(
+            "chatq_gateway_posts", "Posts committed by a worker", ["tenant"], registry=r
+        )
         self.duplicate_messages = Counter(
             "chatq_gateway_duplicates", "Re-delivered messages", ["tenant"], registry=r
         )
@@ -80,7 +85,7 @@ class GatewayStats:
             self.refused += 1
 
     def committed(self, tenant: str, messages: int, statuses: int, answer: dict[str, int]) -> None:
-        """A tenant's part is committed; `answer` is its worker's counts."""
+        """A tenant's post is committed; `answer` is its worker's counts."""
         self.forwarded += messages
         self.duplicates += answer.get("duplicates", 0)
         counters = self._by_tenant.get(tenant)
@@ -88,6 +93,7 @@ class GatewayStats:
             counters = self._by_tenant[tenant] = tuple(
                 metric.labels(tenant)
                 for metric in (
+                    self.posts,
                     self.messages,
                     self.statuses,
                     self.duplicate_messages,
@@ -95,6 +101,7 @@ class GatewayStats:
                 )
             )
         counts = (
+            1,
             messages,
             statuses,
             answer.get("duplicates", 0),
