@@ -14,7 +14,9 @@ the signature, body) built before the clock, each answer's status line and
 Content-Length read (about a third of aiohttp's client CPU per webhook).
 
 1. single: --clients concurrent senders post --webhooks webhooks of one
-   message each as fast as they are answered: webhooks/s (= messages/s).
+   message each as fast as they are answered: webhooks/s (= messages/s), each
+   side's CPU per webhook, and webhooks per post to a worker (the gateway's
+   coalescing; a worker's cost is mostly per post).
 2. batch: the same with 50 messages per webhook (one tenant each): webhooks/s
    and messages/s.
 3. latency: open loop at 500 single-message webhooks/s for --seconds: p50 and
@@ -382,6 +384,18 @@ def process_cpu() -> float:
     return times.user + times.system
 
 
+async def posts_to_workers(url: str) -> float:
+    """The gateway's chatq_gateway_posts_total, all tenants (0 if it has no such metric)."""
+    metrics = url.removesuffix("/whatsapp") + "/metrics"
+    async with aiohttp.ClientSession() as session, session.get(metrics) as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("chatq_gateway_posts_total{")
+    )
+
+
 def stored_messages(data: Path) -> int:
     total = 0
     for tenant in TENANTS:
@@ -410,8 +424,11 @@ def gateway_phases(args: argparse.Namespace) -> Result:
             for worker_watch in workers:
                 stack.enter_context(worker_watch)
             client_cpu = process_cpu()
+            posts = asyncio.run(posts_to_workers(url))
             seconds = asyncio.run(closed_loop(url, singles, args.clients))
             client_cpu = process_cpu() - client_cpu
+        posts = asyncio.run(posts_to_workers(url)) - posts
+        result["webhooks_per_post"] = len(singles) / posts if posts else 0.0
         result["single_webhooks_per_s"] = len(singles) / seconds
         result["single_cpu_pct"] = 100 * watch.cpu_s / seconds
         result["workers_cpu_pct"] = 100 * sum(w.cpu_s for w in workers) / seconds
@@ -481,6 +498,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("client_us", "CPU per 1-message webhook: the bench's client", "{:.0f} us"),
     ("gateway_us", "CPU per 1-message webhook: the gateway", "{:.0f} us"),
     ("workers_us", "CPU per 1-message webhook: the 4 workers", "{:.0f} us"),
+    ("webhooks_per_post", "1-message webhooks per post to a worker", "{:.1f}"),
     ("batch_webhooks_per_s", "gateway: 50-message webhooks", "{:,.0f} /s"),
     ("batch_msgs_per_s", "gateway: messages in 50-message webhooks", "{:,.0f} /s"),
     ("p50_ms", "p50 webhook -> 200 @500 webhooks/s", "{:.1f} ms"),

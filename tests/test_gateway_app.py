@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 from whatsapp_payloads import change, status, text_message, update
 
@@ -24,6 +24,7 @@ from chatq.config.settings import (
 from chatq.shared.errors import ForwardError
 from chatq.shared.whatsapp.webhook import Routed, sign
 from chatq.supervisor.gateway.app import GatewayApp
+from chatq.supervisor.gateway.http_server import HttpServer
 from chatq.supervisor.gateway.routes import Routes
 from chatq.supervisor.gateway.stats import GatewayStats
 
@@ -74,7 +75,7 @@ class FakeForward:
 
 @dataclass
 class Rig:
-    client: TestClient[Any, Any]
+    client: aiohttp.ClientSession
     forward: FakeForward
     stats: GatewayStats
 
@@ -90,8 +91,12 @@ class Rig:
 async def make_rig(config: ChatqConfig) -> AsyncIterator[Rig]:
     forward, stats = FakeForward(), GatewayStats()
     app = GatewayApp(Routes(config), VERIFY, forward, stats, max_body_bytes=LIMIT)
-    async with TestClient(TestServer(app.app)) as client:
-        yield Rig(client, forward, stats)
+    server = await HttpServer.start(app.handle, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as client:
+            yield Rig(client, forward, stats)
+    finally:
+        await server.close(grace=1.0)
 
 
 @pytest.fixture
@@ -250,3 +255,23 @@ async def test_metrics_count_answers_without_secrets(rig: Rig) -> None:
     assert APP_SECRET not in text and OWN_SECRET not in text and VERIFY not in text
     beat = rig.stats.heartbeat(1, 0.0)
     assert (beat.rejected, beat.failed, beat.in_flight) == (1, 0, 0)
+
+
+async def test_other_paths_are_404_and_other_methods_405(rig: Rig) -> None:
+    for path in ("/", "/whatsapp/", "/whatsapp/acme/more", "/whatsappx"):
+        async with rig.client.post(path, data=b"{}") as response:
+            assert response.status == 404, path
+    async with rig.client.put("/whatsapp", data=b"{}") as response:
+        assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD, POST")
+    async with rig.client.post("/metrics", data=b"") as response:
+        assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD")
+    assert rig.forward.parts == {}
+
+
+async def test_json_that_orjson_refuses_is_still_read(rig: Rig) -> None:
+    """Lone surrogates and integers past 64 bits are JSON too: the json module reads them."""
+    message = text_message("wamid.odd") | {"extra": 1 << 70, "text": {"body": "\ud800 hi"}}
+    raw = json.dumps(update(change("111", messages=[message]))).encode()
+    assert (await rig.post(raw))[0] == 200
+    forwarded = rig.forward.parts["acme"][0].messages[0]
+    assert forwarded["payload"]["extra"] == 1 << 70 and forwarded["text"] == "\\ud800 hi"

@@ -72,10 +72,10 @@ async def test_concurrent_parts_wait_for_the_post_in_flight_and_go_together(
     stats = GatewayStats()
     link = TenantLink("acme", socket, 5.0, stats)
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m1")))
+    first = asyncio.ensure_future(link.forward(part("m1")))
     await asyncio.sleep(0.05)  # m1's post is in flight, held by the gate
     rest = [
-        asyncio.create_task(link.forward(part(f"m{n}", statuses=(f"o{n}",)))) for n in (2, 3, 4)
+        asyncio.ensure_future(link.forward(part(f"m{n}", statuses=(f"o{n}",)))) for n in (2, 3, 4)
     ]
     await asyncio.sleep(0.05)
     worker.gate.set()
@@ -87,17 +87,19 @@ async def test_concurrent_parts_wait_for_the_post_in_flight_and_go_together(
     ]
     assert worker.bodies[1]["statuses"][0] == {"id": "o2", "status": "read", "ts": 1, "error": None}
     assert stats.forwarded == 4
+    assert 'chatq_gateway_posts_total{tenant="acme"} 2.0' in stats.exposition().decode()
 
 
 async def answer_one_while_two_wait(
-    worker: FakeWorker, link: TenantLink
-) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
-    """m1's post held by the worker while m2 and m3 queue behind it; then m1 is answered."""
+    worker: FakeWorker, link: TenantLink, hold: float = 0.0
+) -> tuple[asyncio.Future[None], list[asyncio.Future[None]]]:
+    """m1's post held by the worker (`hold` s at least) while m2 and m3 queue behind it;
+    then m1 is answered."""
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m1")))
+    first = asyncio.ensure_future(link.forward(part("m1")))
     await wait_until(lambda: worker.received == 1, what="m1's post, held by the gate")
-    waiting = [asyncio.create_task(link.forward(part(f"m{n}"))) for n in (2, 3)]
-    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(link.forward(part(f"m{n}"))) for n in (2, 3)]
+    await asyncio.sleep(hold)
     worker.gate.set()
     return first, waiting
 
@@ -107,7 +109,7 @@ async def test_after_an_answer_the_next_post_waits_for_the_senders_just_answered
 ) -> None:
     worker, socket = served
     link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=60.0)
-    first, waiting = await answer_one_while_two_wait(worker, link)
+    first, waiting = await answer_one_while_two_wait(worker, link, hold=0.3)
     await first  # its sender is answered; the next post waits for 1 + 2 parts
     await asyncio.sleep(0.05)
     assert worker.received == 1
@@ -124,6 +126,18 @@ async def test_the_wait_for_more_parts_is_bounded(served: tuple[FakeWorker, Path
     link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=0.01)
     first, waiting = await answer_one_while_two_wait(worker, link)
     await asyncio.wait_for(asyncio.gather(first, *waiting), timeout=2)  # no third part came
+    await link.aclose()
+    assert [[m["id"] for m in body["messages"]] for body in worker.bodies] == [["m1"], ["m2", "m3"]]
+
+
+async def test_the_wait_is_no_longer_than_the_last_post_took(
+    served: tuple[FakeWorker, Path],
+) -> None:
+    """A quick post: waiting longer for its senders would cost more than the post saves."""
+    worker, socket = served
+    link = TenantLink("acme", socket, 5.0, GatewayStats(), linger=60.0)
+    first, waiting = await answer_one_while_two_wait(worker, link)
+    await asyncio.wait_for(asyncio.gather(first, *waiting), timeout=2)  # not 60 s
     await link.aclose()
     assert [[m["id"] for m in body["messages"]] for body in worker.bodies] == [["m1"], ["m2", "m3"]]
 
@@ -157,10 +171,10 @@ async def test_one_bad_part_does_not_sink_the_others_in_its_batch(
     worker.refuse_id = "bad"
     link = TenantLink("acme", socket, 5.0, GatewayStats())
     worker.gate.clear()
-    first = asyncio.create_task(link.forward(part("m0")))
+    first = asyncio.ensure_future(link.forward(part("m0")))
     await wait_until(lambda: worker.received == 1, what="m0's post, held by the gate")
-    good = asyncio.create_task(link.forward(part("m1")))
-    bad = asyncio.create_task(link.forward(part("bad")))
+    good = asyncio.ensure_future(link.forward(part("m1")))
+    bad = asyncio.ensure_future(link.forward(part("bad")))
     await asyncio.sleep(0)  # they queue behind it, as one batch
     worker.gate.set()
     await asyncio.gather(first, good)
@@ -186,3 +200,14 @@ async def test_a_lone_surrogate_in_a_payload_still_travels(
     await link.forward(odd)
     await link.aclose()
     assert json.dumps(worker.bodies[0]["messages"][0]["payload"]) == '{"x": "\\ud800"}'
+
+
+async def test_an_integer_past_64_bits_in_a_payload_still_travels(
+    served: tuple[FakeWorker, Path],
+) -> None:
+    worker, socket = served
+    link = TenantLink("acme", socket, 5.0, GatewayStats())
+    odd = Routed([{"id": "m1", "chat_id": "c", "text": "t", "payload": {"n": 1 << 70}}], [])
+    await link.forward(odd)
+    await link.aclose()
+    assert worker.bodies[0]["messages"][0]["payload"] == {"n": 1 << 70}

@@ -97,3 +97,27 @@ async def test_a_silent_server_times_out(socket_path: Path) -> None:
         await writer.wait_closed()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_kept_connection_the_server_closed_is_not_reused(socket_path: Path) -> None:
+    """A worker that restarted closed its end: the next post opens a new connection."""
+    connections = 0
+
+    async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(OK)  # keep-alive as far as the head says, then closed
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_unix_server(once, str(socket_path))
+    client = UnixHTTP(socket_path, timeout=5.0)
+    assert await client.post("/x", b"{}") == (200, b"{}")
+    await asyncio.sleep(0.05)  # the close reaches the client
+    assert await client.post("/x", b"{}") == (200, b"{}")
+    assert connections == 2
+    await client.aclose()
+    server.close()
+    await server.wait_closed()

@@ -18,10 +18,8 @@ the gateway answers 400 and forwards nothing.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import hmac
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -64,8 +62,7 @@ class BadUpdate(ValueError):
 
 def sign(body: bytes, secret: str) -> str:
     """The X-Hub-Signature-256 value of `body` under `secret` (what Meta sends)."""
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return _PREFIX + digest
+    return _PREFIX + hmac.digest(secret.encode(), body, "sha256").hex()  # one-shot: OpenSSL
 
 
 def verify_signature(body: bytes, header: str | None, secret: str) -> Signature:
@@ -118,42 +115,67 @@ def parse_update(update: object, skipped: list[str] | None = None) -> dict[str, 
         raise BadUpdate(f"body: must be an object, got {type(update).__name__}")
     routed: dict[str, Routed] = {}
     for n, entry in enumerate(_list(update, "entry", "body")):
-        where = f"entry[{n}]"
-        with _skipping(skipped):
+        try:  # plain try blocks, not a context manager: this runs for every webhook
+            where = f"entry[{n}]"
             for m, change in enumerate(_list(_object(entry, where), "changes", where)):
-                with _skipping(skipped):
-                    here = f"{where}.changes[{m}]"
-                    _parse_change(_object(change, here), here, routed, skipped)
+                try:
+                    _parse_change(change, n, m, routed, skipped)
+                except BadUpdate as exc:
+                    _skip(exc, skipped)
+        except BadUpdate as exc:
+            _skip(exc, skipped)
     return routed
 
 
-@contextlib.contextmanager
-def _skipping(skipped: list[str] | None) -> Iterator[None]:
+def _skip(exc: BadUpdate, skipped: list[str] | None) -> None:
     """Note a BadUpdate in `skipped` and go on; let it out when there is no list."""
-    try:
-        yield
-    except BadUpdate as exc:
-        if skipped is None:
-            raise
-        skipped.append(str(exc))
+    if skipped is None:
+        raise exc
+    skipped.append(str(exc))
 
 
 def _parse_change(
-    change: dict[str, Any], where: str, routed: dict[str, Routed], skipped: list[str] | None
+    change: object, n: int, m: int, routed: dict[str, Routed], skipped: list[str] | None
 ) -> None:
+    if not isinstance(change, dict):
+        raise BadUpdate(f"entry[{n}].changes[{m}]: must be an object, got {type(change).__name__}")
     if change.get("field") != "messages":
         return  # template, account or quality updates: not ours
-    value = _object(change.get("value"), f"{where}.value")
+    where = f"entry[{n}].changes[{m}]"
+    value, number = _value_and_number(change.get("value"), where)
+    part = routed.get(number)
+    if part is None:
+        part = routed[number] = Routed()
+    _parse_items(value, f"{where}.value", part, skipped)
+
+
+def _value_and_number(value: object, where: str) -> tuple[dict[str, Any], str]:
+    """A change's value and its metadata.phone_number_id."""
+    metadata = value.get("metadata") if isinstance(value, dict) else None
+    number = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+    if isinstance(value, dict) and isinstance(number, str) and number:  # the usual update
+        return value, number
+    value = _object(value, f"{where}.value")
     metadata = _object(value.get("metadata"), f"{where}.value.metadata")
-    number = _string(metadata, "phone_number_id", f"{where}.value.metadata")
-    part = routed.setdefault(number, Routed())
-    names = _contact_names(value, f"{where}.value")
-    for n, item in enumerate(_list(value, "messages", f"{where}.value", optional=True)):
-        with _skipping(skipped):
-            part.messages.append(_message(_object(item, f"{where}.value.messages[{n}]"), names))
-    for n, item in enumerate(_list(value, "statuses", f"{where}.value", optional=True)):
-        with _skipping(skipped):
-            status = _status(_object(item, f"{where}.value.statuses[{n}]"))
+    return value, _string(metadata, "phone_number_id", f"{where}.value.metadata")
+
+
+def _parse_items(
+    value: dict[str, Any], where: str, part: Routed, skipped: list[str] | None
+) -> None:
+    """A change's messages and statuses into `part`."""
+    names = _contact_names(value, where)
+    for k, item in enumerate(_list(value, "messages", where, optional=True)):
+        try:
+            part.messages.append(_message(_object(item, f"{where}.messages[{k}]"), names))
+        except BadUpdate as exc:
+            _skip(exc, skipped)
+    for k, item in enumerate(_list(value, "statuses", where, optional=True)):
+        try:
+            status = _status(_object(item, f"{where}.statuses[{k}]"))
+        except BadUpdate as exc:
+            _skip(exc, skipped)
+        else:
             if status is not None:
                 part.statuses.append(status)
 
@@ -172,16 +194,21 @@ def _contact_names(value: dict[str, Any], where: str) -> dict[str, str]:
 
 
 def _message(item: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    where = f"message {str(item.get('id'))[:80]!r}"
-    sender = _id(item, "from", where)
+    sender, wamid, ts = item.get("from"), item.get("id"), item.get("timestamp")
+    if not (_is_id(sender) and _is_id(wamid) and _is_epoch(ts)):  # say which, and where
+        where = f"message {str(item.get('id'))[:80]!r}"
+        sender, wamid = _id(item, "from", where), _id(item, "id", where)
+        ts = _timestamp(item, where)
+    assert isinstance(sender, str)
     kind = item.get("type")
     kind = kind if isinstance(kind, str) and 0 < len(kind) <= MAX_TYPE_CHARS else "unknown"
+    name = names.get(sender)
     return {
-        "id": _id(item, "id", where),
+        "id": wamid,
         "chat_id": sender,
         "text": storable_text(message_text(item)[:MAX_TEXT_CHARS]),
-        "from": storable_text(names[sender]) if sender in names else None,
-        "ts": _timestamp(item, where),
+        "from": storable_text(name) if name is not None else None,
+        "ts": int(ts),  # type: ignore[arg-type]  # checked by _is_epoch or _timestamp
         "type": kind,
         "payload": item,
     }
@@ -260,6 +287,14 @@ def _id(obj: dict[str, Any], key: str, where: str) -> str:
     if len(value) > MAX_ID_CHARS or "\x00" in value:
         raise BadUpdate(f"{where}: {key} must be at most {MAX_ID_CHARS} characters, without NUL")
     return value
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and "\x00" not in value
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, str) and value.isdigit() and len(value) <= 12
 
 
 def _timestamp(obj: dict[str, Any], where: str) -> int:

@@ -1,4 +1,4 @@
-"""The gateway's HTTP face (aiohttp): Meta's handshake and webhooks, and its metrics.
+"""The gateway's HTTP face: Meta's handshake and webhooks, and its metrics.
 
     GET  /whatsapp[/<tenant>]   hub.mode=subscribe + the right hub.verify_token
                                 -> 200 with hub.challenge as the plain body; else 403
@@ -10,8 +10,10 @@
                                 parts come back as duplicates). Unknown numbers: 200.
     GET  /metrics               Prometheus text (see supervisor/gateway/stats.py)
 
-Nothing is stored here: an acknowledged update is in the tenants' stores, so
-the process may be killed at any moment.
+Other paths: 404; other methods: 405. Served by supervisor/gateway/http_server.py
+(aiohttp's HTTP parser under a lean protocol). Nothing is stored here: an
+acknowledged update is in the tenants' stores, so the process may be killed
+at any moment.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+import orjson
 from loguru import logger
 
 from chatq.shared.errors import ForwardError
@@ -35,14 +37,18 @@ from chatq.shared.whatsapp.webhook import (
     parse_update,
     verify_signature,
 )
+from chatq.supervisor.gateway.http_server import Answer, Request
 from chatq.supervisor.gateway.routes import Path, Routes, Split
 from chatq.supervisor.gateway.stats import GatewayStats
 
 __all__ = ["Forward", "GatewayApp"]
 
 MAX_CHALLENGE_CHARS = 256
+WEBHOOK_PREFIX = "/whatsapp"
 Forward = Callable[[str, Routed], Awaitable[None]]
 """Hands one tenant's part to its worker; returns once committed, else ForwardError."""
+_Result = tuple[int, dict[str, Any]]
+_NOT_FOUND = Answer.json(404, {"error": "not found"})
 
 
 class GatewayApp:
@@ -64,19 +70,29 @@ class GatewayApp:
         self.stats = stats
         self._max_body = max_body_bytes
         self._clock = clock
-        self.app = web.Application(client_max_size=max_body_bytes)
-        self.app.router.add_get("/whatsapp", self.handshake)
-        self.app.router.add_get("/whatsapp/{tenant}", self.handshake)
-        self.app.router.add_post("/whatsapp", self.webhook)
-        self.app.router.add_post("/whatsapp/{tenant}", self.webhook)
-        self.app.router.add_get("/metrics", self.metrics)
 
-    async def handshake(self, request: web.Request) -> web.Response:
+    async def handle(self, request: Request) -> Answer:
+        """Route one request: /whatsapp[/<tenant>] (GET, HEAD, POST) and GET /metrics."""
+        path = request.path
+        if path == "/metrics":
+            if request.method in ("GET", "HEAD"):
+                return self.metrics()
+            return _not_allowed("GET, HEAD")
+        tenant = _tenant_of(path)
+        if tenant is None:
+            return _NOT_FOUND
+        if request.method == "POST":
+            return await self.webhook(request, tenant or None)
+        if request.method in ("GET", "HEAD"):
+            return self.handshake(request, tenant or None)
+        return _not_allowed("GET, HEAD, POST")
+
+    def handshake(self, request: Request, tenant: str | None) -> Answer:
         query = request.query
         token = query.get("hub.verify_token", "")
         challenge = query.get("hub.challenge", "")
         ok = (
-            self._path(request) is not None  # an unknown tenant's path: 403 like a wrong token
+            self._routes.path(tenant) is not None  # an unknown tenant's path: 403, as a bad token
             and query.get("hub.mode") == "subscribe"
             and hmac.compare_digest(token.encode(), self._verify_token.encode())
         )
@@ -85,28 +101,28 @@ class GatewayApp:
             return self._answer(403, "verification failed")
         logger.info("handshake answered on {}", request.path)
         self.stats.answered(200)
-        return web.Response(text=challenge, content_type="text/plain")
+        return Answer(200, challenge.encode(), "text/plain; charset=utf-8")
 
-    async def webhook(self, request: web.Request) -> web.Response:
+    async def webhook(self, request: Request, tenant: str | None) -> Answer:
         started = self._clock()
         self.stats.in_flight += 1
         try:
-            code, body = await self._webhook(request)
+            code, body = await self._webhook(request, tenant)
         finally:
             self.stats.in_flight -= 1
         self.stats.answered(code, self._clock() - started)
-        return web.json_response(body, status=code)
+        return Answer.json(code, body)
 
-    async def metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.stats.exposition(), content_type="text/plain")
+    def metrics(self) -> Answer:
+        return Answer(200, self.stats.exposition(), "text/plain; version=0.0.4; charset=utf-8")
 
     # -- one webhook ------------------------------------------------------------
 
-    async def _webhook(self, request: web.Request) -> tuple[int, dict[str, Any]]:
-        path = self._path(request)
+    async def _webhook(self, request: Request, tenant: str | None) -> _Result:
+        path = self._routes.path(tenant)
         if path is None:
             return 404, {"error": "no such tenant"}
-        raw = await self._read(request)
+        raw = request.body
         if raw is None:
             return 413, {"error": f"body over {self._max_body} bytes"}
         refused = self._check_signature(request, raw, path)
@@ -114,7 +130,7 @@ class GatewayApp:
             return refused
         skipped: list[str] = []
         try:
-            routed = parse_update(json.loads(raw), skipped)
+            routed = parse_update(_json(raw), skipped)
         except (ValueError, RecursionError) as exc:  # BadUpdate is a ValueError too
             reason = str(exc) if isinstance(exc, BadUpdate) else "body is not JSON"
             logger.warning("webhook refused (400): {:.300}", reason)
@@ -133,22 +149,7 @@ class GatewayApp:
         self._note_unknown(split)
         return await self._forward_all(split)
 
-    def _path(self, request: web.Request) -> Path | None:
-        return self._routes.path(request.match_info.get("tenant"))
-
-    async def _read(self, request: web.Request) -> bytes | None:
-        """The raw body, read once; None when it is over the limit."""
-        if request.content_length is not None and request.content_length > self._max_body:
-            return None
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return None
-        return raw if len(raw) <= self._max_body else None
-
-    def _check_signature(
-        self, request: web.Request, raw: bytes, path: Path
-    ) -> tuple[int, dict[str, Any]] | None:
+    def _check_signature(self, request: Request, raw: bytes, path: Path) -> _Result | None:
         if path.secret is None:
             logger.warning("webhook on {} refused: no app_secret configured for it", request.path)
             return 403, {"error": "no app_secret configured for this path"}
@@ -175,24 +176,25 @@ class GatewayApp:
                 tenant,
             )
 
-    async def _forward_all(self, split: Split) -> tuple[int, dict[str, Any]]:
+    async def _forward_all(self, split: Split) -> _Result:
         tenants = list(split.parts)
         outcomes = await self._outcomes(split, tenants)
         failed = {}
         for tenant, outcome in zip(tenants, outcomes, strict=True):
             if isinstance(outcome, ForwardError):
                 failed[tenant] = str(outcome)
-            elif isinstance(outcome, BaseException):
+            elif outcome is not None:
                 logger.opt(exception=outcome).error("forwarding to {} failed", tenant)
                 failed[tenant] = "internal error"
         if failed:
             logger.warning("webhook answered 503: {}", "; ".join(failed.values()))
             return 503, {"error": "not committed now; send again", "tenants": sorted(failed)}
-        return 200, {
-            "messages": sum(len(part.messages) for part in split.parts.values()),
-            "statuses": sum(len(part.statuses) for part in split.parts.values()),
-            "unknown_numbers": len(split.unknown) + len(split.foreign),
-        }
+        messages = statuses = 0
+        for part in split.parts.values():
+            messages += len(part.messages)
+            statuses += len(part.statuses)
+        unknown = len(split.unknown) + len(split.foreign)
+        return 200, {"messages": messages, "statuses": statuses, "unknown_numbers": unknown}
 
     async def _outcomes(self, split: Split, tenants: list[str]) -> list[BaseException | None]:
         """Each tenant's forward: None once committed, else what it raised."""
@@ -207,6 +209,30 @@ class GatewayApp:
             return_exceptions=True,
         )
 
-    def _answer(self, code: int, error: str) -> web.Response:
+    def _answer(self, code: int, error: str) -> Answer:
         self.stats.answered(code)
-        return web.json_response({"error": error}, status=code)
+        return Answer.json(code, {"error": error})
+
+
+def _tenant_of(path: str) -> str | None:
+    """'' for /whatsapp, the id for /whatsapp/<id>; None for any other path."""
+    if not path.startswith(WEBHOOK_PREFIX):
+        return None
+    rest = path[len(WEBHOOK_PREFIX) :]
+    if not rest:
+        return ""
+    if rest[0] != "/" or len(rest) == 1 or "/" in rest[1:]:
+        return None
+    return rest[1:]
+
+
+def _not_allowed(allow: str) -> Answer:
+    return Answer(405, b'{"error":"method not allowed"}', headers=(("Allow", allow),))
+
+
+def _json(raw: bytes) -> object:
+    """orjson (several times faster); json for what it refuses (lone surrogates, NaN, big ints)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)

@@ -10,11 +10,13 @@ worker's dedup makes a part that appears twice harmless). Every part's
 caller gets the outcome of the post that carried it.
 
 When a post comes back, the senders of its parts were just answered and
-tend to send again at once: the next post waits up to `LINGER` for as many
-parts as the last one carried plus those already waiting, so a steady load
-travels in fewer, larger posts (each post costs the worker a request and a
-commit whatever it carries). A part that finds that many waiting, or comes
-after a quiet spell, goes at once: a lone webhook never waits.
+tend to send again at once: the next post waits for as many parts as the
+last one carried plus those already waiting, at most as long as the last post
+took and at most `LINGER`, so a steady load travels in fewer, larger posts
+(each post costs the worker ~1.5 ms of CPU whatever it carries; a part waits
+no longer than it would have for one more post). A part that finds that many
+waiting, or comes after a quiet spell, goes at once: a lone webhook never
+waits.
 
 A worker that restarted drops its keep-alive connections: a post that fails
 on such a connection is sent once more (re-sending is safe, it is deduped).
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from chatq.shared.errors import ForwardError
@@ -39,7 +42,7 @@ __all__ = ["MAX_BATCH_ITEMS", "MAX_IN_FLIGHT", "Forwarder", "TenantLink"]
 
 MAX_IN_FLIGHT = 1  # posts per tenant at once; the next parts gather meanwhile
 MAX_BATCH_ITEMS = 2000  # messages + statuses per post (one part is never split)
-LINGER = 0.002  # seconds a free link may wait for the parts of senders just answered
+LINGER = 0.010  # seconds a free link may wait at most for the parts of senders just answered
 
 _Waiting = tuple[Routed, "asyncio.Future[None]"]
 
@@ -67,13 +70,18 @@ class TenantLink:
         self._expected = 0  # parts worth waiting for (see the module doc)
         self._until = 0.0  # loop time the wait for them ends
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running one, on first use
 
-    async def forward(self, part: Routed) -> None:
-        """Return once `part` is committed by the worker; ForwardError if it is not."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    def forward(self, part: Routed) -> asyncio.Future[None]:
+        """Done once `part` is committed by the worker; ForwardError if it is not.
+
+        A future, not a coroutine: one frame less on every webhook's way."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        done = self._loop.create_future()
         self._waiting.append((part, done))
         self._pump()
-        await done
+        return done
 
     async def aclose(self) -> None:
         if self._timer is not None:
@@ -99,7 +107,8 @@ class TenantLink:
 
     def _lingering(self) -> bool:
         """Whether to wait (a timer set) for more parts before the next post."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         if (
             len(self._waiting) >= self._expected
             or loop.time() >= self._until
@@ -119,12 +128,15 @@ class TenantLink:
         self._pump()
 
     async def _send(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await self._deliver(batch)
         finally:
             self._sending -= 1
             self._expected = len(batch) + len(self._waiting)
-            self._until = asyncio.get_running_loop().time() + self._linger
+            now = loop.time()
+            self._until = now + min(self._linger, now - started)
             self._pump()
 
     async def _deliver(self, batch: list[_Waiting]) -> None:
@@ -192,8 +204,9 @@ class Forwarder:
             for tenant_id, socket in sockets.items()
         }
 
-    async def forward(self, tenant_id: str, part: Routed) -> None:
-        await self._links[tenant_id].forward(part)
+    def forward(self, tenant_id: str, part: Routed) -> asyncio.Future[None]:
+        """See `TenantLink.forward`."""
+        return self._links[tenant_id].forward(part)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(link.aclose() for link in self._links.values()))
@@ -209,14 +222,14 @@ def _body(parts: Sequence[Routed]) -> bytes:
         "statuses": [s.as_json() for part in parts for s in part.statuses],
     }
     try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate in a payload: JSON escapes carry it
+        return orjson.dumps(body)
+    except TypeError:  # a lone surrogate or a huge int in a payload: json carries them
         return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _answer(raw: bytes) -> dict[str, Any]:
     try:
-        answer = json.loads(raw)
+        answer = orjson.loads(raw)
     except ValueError:
         return {}
     return answer if isinstance(answer, dict) else {}

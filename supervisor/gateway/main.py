@@ -20,7 +20,6 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from aiohttp import web
 from loguru import logger
 
 from chatq.config import ChatqConfig
@@ -31,6 +30,7 @@ from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.supervisor.gateway.app import GatewayApp
 from chatq.supervisor.gateway.forwarder import Forwarder
+from chatq.supervisor.gateway.http_server import HttpServer
 from chatq.supervisor.gateway.routes import Routes
 from chatq.supervisor.gateway.stats import GatewayStats
 
@@ -91,16 +91,10 @@ class Gateway:
             self.stats,
             max_body_bytes=self.settings.max_body_bytes,
         )
-        runner = web.AppRunner(
-            app.app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.settings.forward_timeout + 1.0,
-        )
-        await runner.setup()
+        server: HttpServer | None = None
         try:
             try:
-                await self._listen(runner)
+                server = await self._listen(app)
             except _AddressInUse as exc:  # e.g. the last gateway, orphaned, still draining
                 logger.error("cannot listen yet: {}; exiting to be restarted", exc)
                 return EXIT_RETRY
@@ -114,15 +108,18 @@ class Gateway:
             await self._stop.wait()
             logger.info("draining ({}): finishing webhooks in progress", self._stop_reason)
         finally:
-            await runner.cleanup()  # stops listening, then waits for handlers in progress
+            if server is not None:  # stops listening, then waits for webhooks in progress
+                await server.close(grace=self.settings.forward_timeout + 1.0)
             await forwarder.aclose()
         logger.info("stopped ({})", self._stop_reason)
         return EXIT_OK
 
-    async def _listen(self, runner: web.AppRunner) -> None:
+    async def _listen(self, app: GatewayApp) -> HttpServer:
         host, port = self.settings.host, self.settings.port
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            return await HttpServer.start(
+                app.handle, host, port, max_body_bytes=self.settings.max_body_bytes
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise _AddressInUse(f"{self.settings.listen} is in use") from exc

@@ -3,6 +3,8 @@
     chatq_gateway_requests_total{code}              webhooks (and handshakes) by answer
     chatq_gateway_forwarded_messages_total{tenant}  messages committed by a tenant's worker
     chatq_gateway_forwarded_statuses_total{tenant}  statuses handed to a tenant's worker
+    chatq_gateway_posts_total{tenant}               posts a tenant's worker committed (each
+                                                    carries the parts of one or more webhooks)
     chatq_gateway_duplicates_total{tenant}          messages a worker already had (re-deliveries)
     chatq_gateway_unknown_statuses_total{tenant}    statuses for no known reply
     chatq_gateway_unknown_numbers_total             changes for a phone number no tenant has
@@ -49,6 +51,9 @@ class GatewayStats:
         self.statuses = Counter(
             "chatq_gateway_forwarded_statuses", "Statuses handed over", ["tenant"], registry=r
         )
+        self.posts = Counter(
+            "chatq_gateway_posts", "Posts committed by a worker", ["tenant"], registry=r
+        )
         self.duplicate_messages = Counter(
             "chatq_gateway_duplicates", "Re-delivered messages", ["tenant"], registry=r
         )
@@ -64,9 +69,14 @@ class GatewayStats:
         self.latency = Histogram(
             "chatq_gateway_request_seconds", "Webhook -> answer", buckets=_BUCKETS, registry=r
         )
+        self._by_code: dict[int, Counter] = {}
+        self._by_tenant: dict[str, tuple[Counter, ...]] = {}
 
     def answered(self, code: int, seconds: float | None = None) -> None:
-        self.requests.labels(str(code)).inc()
+        by_code = self._by_code.get(code)
+        if by_code is None:  # labels() costs a lock and a tuple per call: look it up once
+            by_code = self._by_code[code] = self.requests.labels(str(code))
+        by_code.inc()
         if seconds is not None:
             self.latency.observe(seconds)
         if code == 503:
@@ -75,13 +85,31 @@ class GatewayStats:
             self.refused += 1
 
     def committed(self, tenant: str, messages: int, statuses: int, answer: dict[str, int]) -> None:
-        """A tenant's part is committed; `answer` is its worker's counts."""
+        """A tenant's post is committed; `answer` is its worker's counts."""
         self.forwarded += messages
         self.duplicates += answer.get("duplicates", 0)
-        self.messages.labels(tenant).inc(messages)
-        self.statuses.labels(tenant).inc(statuses)
-        self.duplicate_messages.labels(tenant).inc(answer.get("duplicates", 0))
-        self.unknown_statuses.labels(tenant).inc(answer.get("statuses_unknown", 0))
+        counters = self._by_tenant.get(tenant)
+        if counters is None:
+            counters = self._by_tenant[tenant] = tuple(
+                metric.labels(tenant)
+                for metric in (
+                    self.posts,
+                    self.messages,
+                    self.statuses,
+                    self.duplicate_messages,
+                    self.unknown_statuses,
+                )
+            )
+        counts = (
+            1,
+            messages,
+            statuses,
+            answer.get("duplicates", 0),
+            answer.get("statuses_unknown", 0),
+        )
+        for counter, count in zip(counters, counts, strict=True):
+            if count:
+                counter.inc(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,15 +19,14 @@ kept-alive connection went stale), `TimeoutError`, `BadAnswer`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
+from typing import cast
 
 __all__ = ["MAX_HEAD_BYTES", "BadAnswer", "Dropped", "UnixHTTP", "Unreachable"]
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 1 << 20
 MAX_IDLE = 4
-_ONE_WRITE = 256 * 1024
 
 
 class Unreachable(ConnectionError):
@@ -42,9 +41,6 @@ class BadAnswer(ValueError):
     """The answer is not HTTP/1.1 with a Content-Length this client can read."""
 
 
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
 class UnixHTTP:
     """Posts to one unix socket over kept-alive connections."""
 
@@ -52,7 +48,7 @@ class UnixHTTP:
         self._path = str(path)
         self._timeout = timeout
         self._host = host
-        self._idle: list[_Conn] = []
+        self._idle: list[_Connection] = []
 
     async def post(self, target: str, body: bytes) -> tuple[int, bytes]:
         """POST `body` (JSON) to `target`; the status and the answer's body."""
@@ -61,52 +57,110 @@ class UnixHTTP:
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         async with asyncio.timeout(self._timeout):
-            conn = self._idle.pop() if self._idle else await self._connect()
+            conn = self._reuse() or await self._connect()
             try:
-                status, keep, answer = await _exchange(conn, head, body)
+                status, keep, answer = await conn.exchange(head + body)
             except BaseException:
-                _close(conn)
+                conn.close()
                 raise
         if keep and len(self._idle) < MAX_IDLE:
             self._idle.append(conn)
         else:
-            _close(conn)
+            conn.close()
         return status, answer
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
-            _close(conn)
-            with contextlib.suppress(OSError):
-                await conn[1].wait_closed()
+            conn.close()
 
-    async def _connect(self) -> _Conn:
+    def _reuse(self) -> _Connection | None:
+        """An idle connection still open (a worker that restarted closed its old ones)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.open:
+                return conn
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.open_unix_connection(self._path, limit=MAX_HEAD_BYTES)
+            _, conn = await loop.create_unix_connection(_Connection, self._path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise Unreachable(f"nothing listens on {self._path} ({exc.strerror})") from None
+        return conn
 
 
-async def _exchange(conn: _Conn, head: bytes, body: bytes) -> tuple[int, bool, bytes]:
-    reader, writer = conn
-    try:
-        if len(body) <= _ONE_WRITE:  # one send() for the usual small post
-            writer.write(head + body)
+class _Connection(asyncio.Protocol):
+    """One connection: writes a request, gathers the bytes of its answer."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[tuple[int, bool, bytes]] | None = None
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.open = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        reason = type(exc).__name__ if exc is not None else "closed"
+        self._settle(Dropped(f"connection ended mid-answer ({reason})"))
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._waiter is None:
+            return
+        try:
+            answer = _answer(self._buffer)
+        except BadAnswer as exc:
+            self._settle(exc)
+            return
+        if answer is not None:
+            self._settle(answer)
+
+    async def exchange(self, request: bytes) -> tuple[int, bool, bytes]:
+        """Send one request; its (status, keep-alive, body)."""
+        assert self._transport is not None and self._waiter is None
+        if not self.open:
+            raise Dropped("connection ended before the request")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._buffer.clear()
+        self._transport.write(request)
+        return await self._waiter
+
+    def close(self) -> None:
+        self.open = False
+        if self._transport is not None:
+            self._transport.close()
+
+    def _settle(self, outcome: tuple[int, bool, bytes] | Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return
+        if isinstance(outcome, Exception):
+            waiter.set_exception(outcome)
         else:
-            writer.write(head)
-            writer.write(body)
-        await writer.drain()
-        raw_head = await reader.readuntil(b"\r\n\r\n")
-        status, length, keep = _parse_head(raw_head)
-        return status, keep, await reader.readexactly(length)
-    except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
-        raise Dropped(f"connection ended mid-answer ({type(exc).__name__})") from None
-    except asyncio.LimitOverrunError:
-        raise BadAnswer(f"answer head over {MAX_HEAD_BYTES} bytes") from None
+            waiter.set_result(outcome)
+
+
+def _answer(buffer: bytearray) -> tuple[int, bool, bytes] | None:
+    """(status, keep-alive, body) once the whole answer is in `buffer`; None before."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise BadAnswer(f"answer head over {MAX_HEAD_BYTES} bytes")
+        return None
+    status, length, keep = _parse_head(bytes(buffer[:end]))
+    if len(buffer) < end + 4 + length:
+        return None
+    return status, keep, bytes(buffer[end + 4 : end + 4 + length])
 
 
 def _parse_head(raw: bytes) -> tuple[int, int, bool]:
-    """(status, Content-Length, keep-alive) of an answer's head."""
+    """(status, Content-Length, keep-alive) of an answer's head (without its blank line)."""
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or parts[0] != "HTTP/1.1" or not parts[1].isdigit():
@@ -121,7 +175,3 @@ def _parse_head(raw: bytes) -> tuple[int, int, bool]:
         raise BadAnswer(f"answer without a usable Content-Length: {length[:20]!r}")
     keep = headers.get("connection", "").lower() != "close"
     return int(parts[1]), int(length), keep
-
-
-def _close(conn: _Conn) -> None:
-    conn[1].close()
