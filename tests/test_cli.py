@@ -137,6 +137,21 @@ class Supervisor:
                 child.kill()
 
 
+@contextlib.contextmanager
+def _ctrl_c_reaches_children() -> Iterator[None]:
+    """Children started inside get SIGINT's default disposition, as a terminal's do.
+
+    A suite run from a background job (`make test &`) inherits SIGINT ignored,
+    and an ignored signal stays ignored across exec: the child's Python would
+    never raise KeyboardInterrupt. A handled one is reset to the default.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _clean_env() -> dict[str, str]:
     """The environment without chatq's overrides, so the config file alone decides."""
     env = sandbox.clean_env()
@@ -927,13 +942,14 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
         as_json = cli_output(config, "logs", "acme", "--json").splitlines()
         assert as_json and all(json.loads(line)["tenant_id"] == "acme" for line in as_json)
 
-        follow = subprocess.Popen(
-            [*CLI, "--config", config, "logs", "globex", "-f", "-n", "1"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_clean_env(),
-        )
+        with _ctrl_c_reaches_children():
+            follow = subprocess.Popen(
+                [*CLI, "--config", config, "logs", "globex", "-f", "-n", "1"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_clean_env(),
+            )
         try:
             assert follow.stdout is not None
             first = follow.stdout.readline()  # the last line kept, as text
@@ -950,6 +966,9 @@ def test_logs_follow_with_json_lines_until_ctrl_c(tmp_path: Path) -> None:
             if follow.poll() is None:
                 follow.kill()
                 follow.wait()
+            for pipe in (follow.stdout, follow.stderr):
+                if pipe is not None:
+                    pipe.close()
         assert (follow.returncode, err) == (0, "")
 
         status = cli_output(config, "status", "acme")
