@@ -31,12 +31,13 @@ already touches its row, so the submission order the writer keeps is the
 same as if each entry were an operation of its own.
 
 Writes no caller is held up by (a completion whose chat has nothing waiting,
-a reply marked sent) are *owed*: they wait up to `hold` seconds for a write a
-caller does wait on (new messages, statuses, an attempt begun) and share its
-commit, instead of a commit each. Under a trickle of small ingest requests
-(the gateway's forwards) that is one commit per request instead of three;
-a lone message's reply waits at most `hold` longer. Nothing acknowledged
-waits: an ingest commit never holds.
+a reply marked sent) are *owed*: while callers' writes (new messages,
+statuses, an attempt begun) come at least every `hold` seconds, an owed write
+waits up to `hold` for the next one and shares its commit, instead of a
+commit each. Under the gateway's steady stream of small forwards that is one
+commit per forward instead of two or three. Under a trickle, or once callers
+stop, nothing is held: a held completion delays its reply. Nothing
+acknowledged waits: an ingest commit never holds.
 
 Reads run on the writer's connection and thread too, between transactions,
 so they see exactly what is committed. They are few and none is in a hurry
@@ -57,6 +58,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import queue
 import sqlite3
 import threading
@@ -185,10 +187,12 @@ G = TypeVar("G", bound="_Gathered[Any]")
 RETRY_INITIAL = 0.05
 RETRY_MAX = 1.0
 BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's lock
-# How long an owed write (see the module doc) waits for company: about the
-# gap between a worker's answer and the gateway's next forward under load,
-# and far below what a person notices in a reply.
-HOLD = 0.005
+# How long an owed write (see the module doc) waits for company, while callers
+# come that often: above the gap between a worker's answer and the gateway's
+# next forward under load (~6 ms; at 5 ms a quarter of the commits were owed
+# writes alone, bench/gateway_bench.py), far below what a person notices.
+HOLD = 0.020
+GAP_WEIGHT = 0.25  # of the newest gap between callers' commits in their running average
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +258,7 @@ class Store:
         max_batch: int,
         hold: float = 0.0,
         busy_timeout: float = BUSY_TIMEOUT,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
         self.tenant_id = tenant_id
@@ -263,8 +268,11 @@ class Store:
         self._clock = clock
         self._linger = linger
         self._hold = hold
+        self._timer = timer
+        self._caller_at = -math.inf  # when the last batch with callers was taken
+        self._caller_gap = math.inf  # running average of the gaps between such batches
         self._max_batch = max_batch
-        self._last_batch = 1  # size of the previous batch, to judge when to linger
+        self._last_batch = 1  # callers in the previous batch, to judge when to linger
         self._pending: deque[_Op[Any]] = deque()
         # table -> the last op queued on it, if it gathers entries and is not taken yet
         self._open: dict[str, _Op[Any] | None] = {}
@@ -289,8 +297,12 @@ class Store:
         max_batch: int = 1000,
         hold: float = HOLD,
         busy_timeout: float = BUSY_TIMEOUT,
+        timer: Callable[[], float] = time.monotonic,
     ) -> Store:
         """Open (creating and migrating if needed) the store file at `path`.
+
+        `clock` stamps rows (epoch seconds); `timer` (monotonic) times the
+        callers' cadence that owed writes are held by.
 
         StoreUnavailable if it cannot be opened for now (retry), StoreError for good.
         """
@@ -310,6 +322,7 @@ class Store:
             max_batch=max_batch,
             hold=hold,
             busy_timeout=busy_timeout,
+            timer=timer,
         )
         store._writer = asyncio.create_task(store._write_loop(), name=f"store-writer:{tenant_id}")
         return store
@@ -555,7 +568,12 @@ class Store:
             await self._commit(await self._take_batch())
 
     async def _hold_owed(self) -> None:
-        """Only owed writes are waiting: give a caller's write up to `hold` s to join them."""
+        """Only owed writes are waiting: give a caller's write up to `hold` s to join them.
+
+        Only while callers come that often (see the module doc).
+        """
+        if not self._callers_due():
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._hold
         while not (self._urgent or self._closing):
@@ -567,16 +585,34 @@ class Store:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
 
+    def _callers_due(self) -> bool:
+        """Whether callers' writes have been coming at least every `hold` s, and still do."""
+        return self._caller_gap <= self._hold and self._timer() - self._caller_at <= self._hold
+
+    def _saw_callers(self, count: int) -> None:
+        """A batch with `count` callers was taken: the load the next linger and hold judge by."""
+        self._last_batch = count
+        now = self._timer()
+        gap, self._caller_at = now - self._caller_at, now
+        if math.isinf(self._caller_gap):
+            self._caller_gap = gap  # still inf after the first batch
+        else:
+            self._caller_gap += (gap - self._caller_gap) * GAP_WEIGHT
+
     async def _take_batch(self) -> list[_Op[Any]]:
         """Take what is waiting, lingering (bounded) for more while the batch is small.
 
-        Small means below the size of the previous batch (and at least 2): the
-        load just seen says more is coming. Callers that all waited on the last
-        commit resubmit together, so a steady closed-loop load rarely pays it.
+        Small means fewer waiting callers than the previous batch carried: the
+        load just seen says more are coming. Callers that all waited on the
+        last commit resubmit together, so a steady closed-loop load rarely
+        pays it, and a lone caller after a lone caller (the gateway's one
+        post at a time) never does. Owed writes are not callers: they only
+        ride along (`_hold_owed`), so they neither start a linger nor raise
+        the next one's target (they did, and the gateway's every post waited
+        the whole linger: ~1 ms of its ~4 ms commit, bench/gateway_bench.py).
         """
         batch: list[_Op[Any]] = []
-        size = 0  # callers: a gathered op counts its entries
-        target = min(self._max_batch, max(2, self._last_batch))
+        size = 0  # rows: a gathered op counts its entries
         deadline = asyncio.get_running_loop().time() + self._linger
         while True:
             while self._pending and size < self._max_batch:
@@ -584,10 +620,13 @@ class Store:
                 size += batch[-1].size()
             self._open.clear()  # taken: what comes now is a new write
             self._urgent = any(op.urgent() for op in self._pending)
+            callers = sum(op.size() for op in batch if op.urgent() and not op.BACKGROUND)
             remaining = deadline - asyncio.get_running_loop().time()
-            if size >= target or self._closing or remaining <= 0:
-                # Background work (a prune) says nothing about the load to come.
-                self._last_batch = sum(op.size() for op in batch if not op.BACKGROUND)
+            if not 0 < callers < min(self._max_batch, self._last_batch) or (
+                size >= self._max_batch or self._closing or remaining <= 0
+            ):
+                if callers:  # owed writes alone say nothing about the load to come
+                    self._saw_callers(callers)
                 return batch
             self._wake.clear()
             with contextlib.suppress(TimeoutError):

@@ -420,21 +420,63 @@ async def test_unknown_id_in_batch_fails_only_its_caller(open_store: OpenStore) 
     assert store.commits == commits + 1  # no rollback and retry for a missing row
 
 
+async def _two_callers_at_once(store: Store) -> None:
+    """One batch of two callers: the load the next linger judges by."""
+    await asyncio.gather(store.add_messages([msg("w1")]), store.add_messages([msg("w2")]))
+
+
 async def test_linger_gathers_a_late_write(open_store: OpenStore) -> None:
     store = await open_store(linger=5.0)  # bounded wait, ended early by the second write
+    await _two_callers_at_once(store)
+    commits = store.commits
     first = asyncio.create_task(store.add_messages([msg("m1")]))
     await asyncio.sleep(0.01)
     assert not first.done()
     assert await store.add_messages([msg("m2")]) == [True]
     assert await first == [True]
-    assert store.commits == 1
+    assert store.commits == commits + 1
+
+
+async def test_a_lone_caller_after_a_lone_caller_does_not_linger(open_store: OpenStore) -> None:
+    store = await open_store(linger=60.0)
+    for n in range(3):  # e.g. the gateway's posts, one at a time
+        assert await asyncio.wait_for(store.add_messages([msg(f"m{n}")]), 2) == [True]
+
+
+async def test_owed_writes_do_not_make_a_lone_caller_linger(open_store: OpenStore) -> None:
+    store = await open_store(linger=60.0, hold=60.0)
+    await store.add_messages([msg(f"m{n}", f"c{n}") for n in range(3)], begun={"m0", "m1", "m2"})
+    completed = [store.complete_soon(f"m{n}", ["r"]) for n in range(3)]  # owed: ride along
+    assert await asyncio.wait_for(store.add_messages([msg("m3")]), 2) == [True]
+    assert all(f.done() for f in completed)
+    # The batch had four rows but one caller: the next lone caller does not wait either.
+    assert await asyncio.wait_for(store.add_messages([msg("m4")]), 2) == [True]
+
+
+class Ticks:
+    """A monotonic timer the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _callers_every(store: Store, ticks: Ticks, gap: float) -> None:
+    """Two callers' writes `gap` seconds apart: the cadence owed writes are held by."""
+    for n in range(2):
+        ticks.now += gap
+        await store.add_messages([msg(f"cadence{n}", "cadence")])
 
 
 async def test_owed_writes_wait_for_a_callers_write_and_share_its_commit(
     open_store: OpenStore, db_path: Path
 ) -> None:
-    store = await open_store(hold=60.0)  # held until a caller's write comes (or close)
+    ticks = Ticks()
+    store = await open_store(hold=60.0, timer=ticks)  # held until a caller's write (or close)
     await store.add_messages([msg("m1", "c1")], begun={"m1"})
+    await _callers_every(store, ticks, 0.005)
     commits = store.commits
     completed = store.complete_soon("m1", ["r1"])  # nobody is held up by it: owed
     for _ in range(20):
@@ -452,6 +494,24 @@ async def test_owed_writes_wait_for_a_callers_write_and_share_its_commit(
     await marked
     assert store.commits == commits + 2
     assert query(db_path, "SELECT status, provider_id FROM replies") == [("sent", "prov-1")]
+
+
+@pytest.mark.parametrize(
+    ("gap", "then"),
+    [(100.0, 0.0), (0.005, 61.0)],
+    ids=["callers-trickle", "callers-stopped"],
+)
+async def test_owed_writes_are_not_held_unless_callers_are_due(
+    open_store: OpenStore, gap: float, then: float
+) -> None:
+    # Holding would only delay the reply the completion gates.
+    ticks = Ticks()
+    store = await open_store(hold=60.0, timer=ticks)
+    await store.add_messages([msg("m1", "c1")], begun={"m1"})
+    await _callers_every(store, ticks, gap)
+    ticks.now += then
+    progress = await asyncio.wait_for(store.complete_soon("m1", ["r1"]), timeout=2)
+    assert [r.text for r in progress.replies_of("m1")] == ["r1"]
 
 
 async def test_a_lone_owed_write_commits_within_the_hold(open_store: OpenStore) -> None:
@@ -472,19 +532,24 @@ async def test_an_attempt_begun_is_never_held(open_store: OpenStore) -> None:
 
 
 async def test_close_commits_held_writes_at_once(open_store: OpenStore, db_path: Path) -> None:
-    store = await open_store(hold=60.0)
+    ticks = Ticks()
+    store = await open_store(hold=60.0, timer=ticks)
     await store.add_messages([msg("m1")], begun={"m1"})
+    await _callers_every(store, ticks, 0.005)
     completed = store.complete_soon("m1", ["r1"])
     await asyncio.sleep(0.01)
+    assert not completed.done()  # held
     await asyncio.wait_for(store.close(), timeout=2)
     assert completed.done()
-    assert query(db_path, "SELECT status FROM messages") == [("processed",)]
+    assert query(db_path, "SELECT status FROM messages WHERE id = 'm1'") == [("processed",)]
 
 
 async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) -> None:
     store = await open_store(linger=5.0)
+    await _two_callers_at_once(store)
     write = asyncio.create_task(store.add_messages([msg("m1")]))
     await asyncio.sleep(0.01)  # the writer is now lingering for company
+    assert not write.done()
     await asyncio.wait_for(store.close(), timeout=2)  # closing ends the linger at once
     assert await write == [True]
     await store.close()  # idempotent
@@ -494,7 +559,7 @@ async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) 
         await store.counts()
     # Checkpointed into the file itself: a stopped tenant's store is one file to copy.
     assert not db_path.with_name(db_path.name + "-wal").exists()
-    assert query(db_path, "SELECT COUNT(*) FROM messages") == [(1,)]
+    assert query(db_path, "SELECT COUNT(*) FROM messages") == [(3,)]
 
 
 # -- durability -------------------------------------------------------------------
