@@ -45,7 +45,9 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     echo = Echo()
-    server = await HttpServer.start(echo, "127.0.0.1", 0, max_body_bytes=LIMIT, keepalive=0.2)
+    server = await HttpServer.start(
+        echo, "127.0.0.1", 0, max_body_bytes=LIMIT, keepalive=0.2, body_timeout=0.3
+    )
     made = Rig(server, echo)
     try:
         yield made
@@ -229,3 +231,16 @@ async def test_a_client_gone_mid_body_is_not_handled(rig: Rig) -> None:
     writer.write(post("/after", b""))
     assert (await answer(reader))[0] == 200
     writer.close()
+
+
+async def test_a_body_that_trickles_is_408_and_closes(rig: Rig) -> None:
+    reader, writer = await rig.connect()
+    writer.write(b"POST /slowloris HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-part")
+    status, headers, body = await answer(reader)  # body_timeout = 0.3 s in the rig
+    assert (status, headers["connection"]) == (408, "close")
+    assert orjson.loads(body) == {"error": "body not received within 0.3s"}
+    assert await closed(reader)
+    assert rig.echo.seen == []  # never handed to the handler
+    reader, writer = await rig.connect()  # and the server goes on
+    writer.write(post("/after", b""))
+    assert (await answer(reader))[0] == 200

@@ -14,7 +14,10 @@ header limits, Content-Encoding) under this protocol ~35 us
 keep-alive (closed when the client asks, after an error or a refused body,
 and when idle `KEEPALIVE_S`), pipelined requests answered one at a time in
 order, ``Expect: 100-continue``, HEAD, and a 400 that closes the connection
-for what the parser refuses.
+for what the parser refuses. A body still arriving `body_timeout` seconds
+after its head is answered 408 and its connection closed: on a public
+endpoint, clients that trickle bodies must not hold connections (and file
+descriptors) for ever.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from aiohttp.streams import StreamReader
 from loguru import logger
 from multidict import CIMultiDictProxy
 
-__all__ = ["KEEPALIVE_S", "Answer", "Handler", "HttpServer", "Request"]
+__all__ = ["BODY_TIMEOUT_S", "KEEPALIVE_S", "Answer", "Handler", "HttpServer", "Request"]
 
 KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
+BODY_TIMEOUT_S = 10.0  # a body not whole this long after its head: 408, closed
 READ_BUFSIZE = 1 << 16
 MAX_PIPELINED = 8  # requests queued on one connection before it stops reading
 
@@ -88,11 +92,17 @@ class HttpServer:
     """The listening socket and its connections."""
 
     def __init__(
-        self, handle: Handler, *, max_body_bytes: int, keepalive: float = KEEPALIVE_S
+        self,
+        handle: Handler,
+        *,
+        max_body_bytes: int,
+        keepalive: float = KEEPALIVE_S,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> None:
         self.handle = handle
         self.max_body = max_body_bytes
         self.keepalive = keepalive
+        self.body_timeout = body_timeout
         self.connections: set[_Connection] = set()
         self.closing = False
         self.port = 0  # the port listened on (a port 0 asked for is chosen by the system)
@@ -110,9 +120,12 @@ class HttpServer:
         *,
         max_body_bytes: int,
         keepalive: float = KEEPALIVE_S,
+        body_timeout: float = BODY_TIMEOUT_S,
     ) -> HttpServer:
         """Listen on host:port (OSError as the loop raises it, e.g. EADDRINUSE)."""
-        self = cls(handle, max_body_bytes=max_body_bytes, keepalive=keepalive)
+        self = cls(
+            handle, max_body_bytes=max_body_bytes, keepalive=keepalive, body_timeout=body_timeout
+        )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self, loop), host, port, reuse_address=True
@@ -274,6 +287,9 @@ class _Connection(BaseProtocol):
             body = await self._body(message, payload)
         except BadBody as exc:
             return Answer.json(400, {"error": f"bad request body: {exc}"[:300]}), True
+        except TimeoutError:
+            within = f"{self._server.body_timeout:g}"
+            return Answer.json(408, {"error": f"body not received within {within}s"}), True
         finally:
             self._reading = None
         answer = await self._server.handle(Request(message, body))
@@ -292,11 +308,12 @@ class _Connection(BaseProtocol):
             self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         chunks: list[bytes] = []
         size = 0
-        while chunk := await payload.readany():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
+        async with asyncio.timeout(self._server.body_timeout):
+            while chunk := await payload.readany():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
         return b"".join(chunks)
 
     def _write(self, answer: Answer, close: bool, head_only: bool) -> None:
