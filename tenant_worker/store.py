@@ -608,8 +608,8 @@ class Store:
         pays it, and a lone caller after a lone caller (the gateway's one
         post at a time) never does. Owed writes are not callers: they only
         ride along (`_hold_owed`), so they neither start a linger nor raise
-        the next one's target (they did, and the gateway's every post waited
-        the whole linger: ~1 ms of its ~4 ms commit, bench/gateway_bench.py).
+        the next one's target (they did: a gateway forward's ~4 ms commit
+        spent 0.9-2.0 ms lingering, BENCHMARKS.md, gateway fourth pass).
         """
         batch: list[_Op[Any]] = []
         size = 0  # rows: a gathered op counts its entries
