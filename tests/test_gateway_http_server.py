@@ -244,3 +244,39 @@ async def test_a_body_that_trickles_is_408_and_closes(rig: Rig) -> None:
     reader, writer = await rig.connect()  # and the server goes on
     writer.write(post("/after", b""))
     assert (await answer(reader))[0] == 200
+
+
+async def test_a_connection_over_the_cap_is_503_and_closed() -> None:
+    refused: list[None] = []
+    server = await HttpServer.start(
+        Echo(),
+        "127.0.0.1",
+        0,
+        max_body_bytes=LIMIT,
+        max_connections=2,
+        on_refused=lambda: refused.append(None),
+    )
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):
+            writers.append((await asyncio.open_connection("127.0.0.1", server.port))[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writers.append(writer)
+        status, headers, body = await answer(reader)  # before sending anything
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+        assert orjson.loads(body) == {"error": "too many connections (over 2); try again"}
+        assert await closed(reader)
+        assert len(refused) == 1
+        writers[0].close()  # one of the two goes: room again
+        for _ in range(500):  # once the server has seen it go
+            if len(server.connections) < 2:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writers.append(writer)
+        writer.write(post("/after", b""))
+        assert (await answer(reader))[0] == 200
+    finally:
+        await server.close(grace=1.0)
+        for writer in writers:
+            writer.close()

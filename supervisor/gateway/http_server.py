@@ -17,7 +17,10 @@ order, ``Expect: 100-continue``, HEAD, and a 400 that closes the connection
 for what the parser refuses. A body still arriving `body_timeout` seconds
 after its head is answered 408 and its connection closed: on a public
 endpoint, clients that trickle bodies must not hold connections (and file
-descriptors) for ever.
+descriptors) for ever. Past `max_connections` open ones, a new connection is
+answered 503 (``Retry-After: 1``, ``Connection: close``) before anything is
+read, and closed: a flood of connections cannot take the file descriptors
+the forwards to the workers need.
 """
 
 from __future__ import annotations
@@ -39,10 +42,19 @@ from aiohttp.streams import StreamReader
 from loguru import logger
 from multidict import CIMultiDictProxy
 
-__all__ = ["BODY_TIMEOUT_S", "KEEPALIVE_S", "Answer", "Handler", "HttpServer", "Request"]
+__all__ = [
+    "BODY_TIMEOUT_S",
+    "KEEPALIVE_S",
+    "MAX_CONNECTIONS",
+    "Answer",
+    "Handler",
+    "HttpServer",
+    "Request",
+]
 
 KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
 BODY_TIMEOUT_S = 10.0  # a body not whole this long after its head: 408, closed
+MAX_CONNECTIONS = 1024  # open at once: far above what a webhook sender keeps (the bench: 64)
 READ_BUFSIZE = 1 << 16
 MAX_PIPELINED = 8  # requests queued on one connection before it stops reading
 
@@ -98,11 +110,16 @@ class HttpServer:
         max_body_bytes: int,
         keepalive: float = KEEPALIVE_S,
         body_timeout: float = BODY_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> None:
         self.handle = handle
         self.max_body = max_body_bytes
         self.keepalive = keepalive
         self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self.on_refused = on_refused  # a connection past the cap was turned away
+        self.busy = _busy_answer(max_connections)
         self.connections: set[_Connection] = set()
         self.closing = False
         self.port = 0  # the port listened on (a port 0 asked for is chosen by the system)
@@ -121,10 +138,17 @@ class HttpServer:
         max_body_bytes: int,
         keepalive: float = KEEPALIVE_S,
         body_timeout: float = BODY_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+        on_refused: Callable[[], None] = lambda: None,
     ) -> HttpServer:
         """Listen on host:port (OSError as the loop raises it, e.g. EADDRINUSE)."""
         self = cls(
-            handle, max_body_bytes=max_body_bytes, keepalive=keepalive, body_timeout=body_timeout
+            handle,
+            max_body_bytes=max_body_bytes,
+            keepalive=keepalive,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
+            on_refused=on_refused,
         )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -197,6 +221,11 @@ class _Connection(BaseProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._server.connections.add(self)
+        if len(self._server.connections) > self._server.max_connections:
+            self._server.on_refused()
+            self._closing = True  # nothing of it is read
+            self._send(self._server.busy)
+            transport.close()  # once the answer is written
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -349,3 +378,12 @@ def _refusal(exc: HttpProcessingError) -> Answer:
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def _busy_answer(limit: int) -> bytes:
+    body = orjson.dumps({"error": f"too many connections (over {limit}); try again"})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body

@@ -118,7 +118,11 @@ class Gateway:
         host, port = self.settings.host, self.settings.port
         try:
             return await HttpServer.start(
-                app.handle, host, port, max_body_bytes=self.settings.max_body_bytes
+                app.handle,
+                host,
+                port,
+                max_body_bytes=self.settings.max_body_bytes,
+                on_refused=app.stats.refused_connections.inc,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:

@@ -66,6 +66,9 @@ class GatewayStats:
         self.skipped_items = Counter(
             "chatq_gateway_skipped_items", "Update items of an unexpected shape", registry=r
         )
+        self.refused_connections = Counter(
+            "chatq_gateway_refused_connections", "Connections over the cap (503)", registry=r
+        )
         self.latency = Histogram(
             "chatq_gateway_request_seconds", "Webhook -> answer", buckets=_BUCKETS, registry=r
         )
