@@ -20,12 +20,13 @@ and the metrics through the heartbeat.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from chatq.shared.http_busy import busy_answer
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -52,22 +53,10 @@ class IngestCounters:
     timeouts: int = 0  # bodies too slow to arrive (answered 408)
 
 
-def _busy_answer(limit: int) -> bytes:
-    body = json.dumps({"error": f"too many connections (over {limit}); try again"}).encode()
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Retry-After: 1\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 def cap_connections(server: web.Server, limit: int, on_refused: Callable[[], None]) -> None:
     """Answer 503 and close every connection `server` gets past `limit` open ones."""
     admit = server.connection_made
-    answer = _busy_answer(limit)
+    answer = busy_answer(limit)
 
     def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
         admit(handler, transport)

@@ -91,7 +91,7 @@ class Rig:
 async def make_rig(config: ChatqConfig) -> AsyncIterator[Rig]:
     forward, stats = FakeForward(), GatewayStats()
     app = GatewayApp(Routes(config), VERIFY, forward, stats, max_body_bytes=LIMIT)
-    server = await HttpServer.start(app.handle, "127.0.0.1", 0, max_body_bytes=LIMIT)
+    server = await HttpServer(app.handle, max_body_bytes=LIMIT).listen("127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as client:
             yield Rig(client, forward, stats)

@@ -45,8 +45,8 @@ class Rig:
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     echo = Echo()
-    server = await HttpServer.start(
-        echo, "127.0.0.1", 0, max_body_bytes=LIMIT, keepalive=0.2, body_timeout=0.3
+    server = await HttpServer(echo, max_body_bytes=LIMIT, keepalive=0.2, body_timeout=0.3).listen(
+        "127.0.0.1", 0
     )
     made = Rig(server, echo)
     try:
@@ -248,14 +248,9 @@ async def test_a_body_that_trickles_is_408_and_closes(rig: Rig) -> None:
 
 async def test_a_connection_over_the_cap_is_503_and_closed() -> None:
     refused: list[None] = []
-    server = await HttpServer.start(
-        Echo(),
-        "127.0.0.1",
-        0,
-        max_body_bytes=LIMIT,
-        max_connections=2,
-        on_refused=lambda: refused.append(None),
-    )
+    server = await HttpServer(
+        Echo(), max_body_bytes=LIMIT, max_connections=2, on_refused=lambda: refused.append(None)
+    ).listen("127.0.0.1", 0)
     writers: list[asyncio.StreamWriter] = []
     try:
         for _ in range(2):

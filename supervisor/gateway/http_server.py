@@ -1,6 +1,6 @@
 """The gateway's HTTP/1.1 server: aiohttp's request parser under a lean connection protocol.
 
-    server = await HttpServer.start(handle, "127.0.0.1", 8080, max_body_bytes=4 << 20)
+    server = await HttpServer(handle, max_body_bytes=4 << 20).listen("127.0.0.1", 8080)
     ...
     await server.close(grace=11.0)   # stop listening; finish answers in progress
 
@@ -41,6 +41,8 @@ from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessa
 from aiohttp.streams import StreamReader
 from loguru import logger
 from multidict import CIMultiDictProxy
+
+from chatq.shared.http_busy import busy_answer
 
 __all__ = [
     "BODY_TIMEOUT_S",
@@ -119,7 +121,7 @@ class HttpServer:
         self.body_timeout = body_timeout
         self.max_connections = max_connections
         self.on_refused = on_refused  # a connection past the cap was turned away
-        self.busy = _busy_answer(max_connections)
+        self.busy = busy_answer(max_connections)
         self.connections: set[_Connection] = set()
         self.closing = False
         self.port = 0  # the port listened on (a port 0 asked for is chosen by the system)
@@ -128,28 +130,8 @@ class HttpServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._date = (0, b"")
 
-    @classmethod
-    async def start(
-        cls,
-        handle: Handler,
-        host: str,
-        port: int,
-        *,
-        max_body_bytes: int,
-        keepalive: float = KEEPALIVE_S,
-        body_timeout: float = BODY_TIMEOUT_S,
-        max_connections: int = MAX_CONNECTIONS,
-        on_refused: Callable[[], None] = lambda: None,
-    ) -> HttpServer:
-        """Listen on host:port (OSError as the loop raises it, e.g. EADDRINUSE)."""
-        self = cls(
-            handle,
-            max_body_bytes=max_body_bytes,
-            keepalive=keepalive,
-            body_timeout=body_timeout,
-            max_connections=max_connections,
-            on_refused=on_refused,
-        )
+    async def listen(self, host: str, port: int) -> HttpServer:
+        """Listen on host:port; itself (OSError as the loop raises it, e.g. EADDRINUSE)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self, loop), host, port, reuse_address=True
@@ -378,12 +360,3 @@ def _refusal(exc: HttpProcessingError) -> Answer:
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-
-def _busy_answer(limit: int) -> bytes:
-    body = orjson.dumps({"error": f"too many connections (over {limit}); try again"})
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode() + body

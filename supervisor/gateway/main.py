@@ -117,13 +117,12 @@ class Gateway:
     async def _listen(self, app: GatewayApp) -> HttpServer:
         host, port = self.settings.host, self.settings.port
         try:
-            return await HttpServer.start(
+            server = HttpServer(
                 app.handle,
-                host,
-                port,
                 max_body_bytes=self.settings.max_body_bytes,
                 on_refused=app.stats.refused_connections.inc,
             )
+            return await server.listen(host, port)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise _AddressInUse(f"{self.settings.listen} is in use") from exc
