@@ -30,6 +30,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from chatq.shared.thread_policy import run_as_batch
 from chatq.tenant_worker.store_errors import one_line
 
 __all__ = ["BACKSTOP_PAGES", "EVERY", "Checkpointer"]
@@ -67,7 +68,9 @@ class Checkpointer:
             return
         self._last = self._clock()
         if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="store-checkpoint")
+            self._thread = ThreadPoolExecutor(
+                1, thread_name_prefix="store-checkpoint", initializer=run_as_batch
+            )
         loop = asyncio.get_running_loop()
         self._running = loop.run_in_executor(self._thread, self._checkpoint)
         self._running.add_done_callback(self._finished)

@@ -72,6 +72,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 from loguru import logger
 
 from chatq.shared.errors import RedriveRefused, StoreError, StoreUnavailable
+from chatq.shared.thread_policy import run_as_batch
 from chatq.tenant_worker.checkpoint import BACKSTOP_PAGES, Checkpointer
 from chatq.tenant_worker.delivery import advance
 from chatq.tenant_worker.messages import Message, Reply, StatusCounts, StatusUpdate, storable_text
@@ -738,6 +739,7 @@ class _Writer:
         return future
 
     def _serve(self) -> None:
+        run_as_batch()  # the loop's hand-over must not be preempted (shared/thread_policy.py)
         while (job := self._jobs.get()) is not None:
             loop, future, fn, args = job
             try:

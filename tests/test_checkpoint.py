@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +94,21 @@ async def test_one_checkpoint_at_a_time_and_at_most_one_per_interval(
     clock.now += 0.5
     cp.after_commit()
     await wait_done(cp, 2)
+    await cp.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_checkpoint_thread_is_a_batch_thread(
+    writer: sqlite3.Connection, tmp_path: Path
+) -> None:
+    clock = Clock()
+    cp = Checkpointer(tmp_path / "s.sqlite3", 1.0, every=0.5, clock=clock)
+    clock.now += 1
+    cp.after_commit()
+    await wait_done(cp, 1)
+    (thread,) = [t for t in threading.enumerate() if t.name.startswith("store-checkpoint")]
+    assert thread.native_id is not None
+    assert os.sched_getscheduler(thread.native_id) == os.SCHED_BATCH
     await cp.close()
 
 

@@ -562,6 +562,17 @@ async def test_close_flushes_then_refuses(open_store: OpenStore, db_path: Path) 
     assert query(db_path, "SELECT COUNT(*) FROM messages") == [(3,)]
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+async def test_the_writer_thread_is_a_batch_thread(open_store: OpenStore) -> None:
+    store = await open_store()
+    await store.add_messages([msg("m1")])
+    (writer,) = [t for t in threading.enumerate() if t.name == "store-writer:acme"]
+    assert writer.native_id is not None
+    # Its wake-up must not preempt the loop's thread, which hands it jobs holding the GIL.
+    assert os.sched_getscheduler(writer.native_id) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the loop's thread is left as it was
+
+
 # -- durability -------------------------------------------------------------------
 
 WRITER = """
