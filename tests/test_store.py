@@ -296,6 +296,15 @@ async def test_unknown_ids_are_store_errors(open_store: OpenStore) -> None:
     assert await store.pending_replies() == []
 
 
+def test_a_run_is_one_statement_up_to_eight_rows_and_few_distinct_ones_beyond() -> None:
+    # Each distinct chunk size is a statement text the connection keeps prepared.
+    sizes = {n: [len(c) for c in store_module._chunks(range(n))] for n in range(1, 300)}
+    assert all(sizes[n] == [n] for n in range(1, 9))  # a gateway forward: one statement a kind
+    assert sizes[13] == [8, 5] and sizes[40] == [16, 16, 8]
+    assert all(sum(s) == n for n, s in sizes.items())
+    assert {size for s in sizes.values() for size in s} == {*range(1, 9), 16}
+
+
 async def test_long_runs_keep_order_and_duplicates_across_statement_chunks(
     open_store: OpenStore, db_path: Path
 ) -> None:
