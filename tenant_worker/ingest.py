@@ -1,10 +1,14 @@
 """HTTP ingest for one tenant: ``POST /messages``, ``POST /whatsapp/updates``, ``GET /health``.
 
-Served (aiohttp) on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600)
-and, if the tenant has a ``port``, on 127.0.0.1:port. A request is answered
-202 (200 for updates) only after its rows are committed; a refused request
-(400, 408, 413, 503) writes nothing. Connections are capped and timed
-(tenant_worker/ingest_guard.py).
+Served on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600) and, if
+the tenant has a ``port``, on 127.0.0.1:port, by the lean HTTP/1.1 server the
+gateway uses too (shared/http_server.py): aiohttp's web Application cost a
+worker ~250 us of CPU per request more, a fifth of a gateway forward's cost,
+and ~2 MB of memory (BENCHMARKS.md, gateway fifth pass). A request is
+answered 202 (200 for updates) only after its rows are committed; a refused
+request (400, 404, 405, 408, 413, 503) writes nothing. Connections are capped
+and timed (tenant_worker/ingest_guard.py). Other parts of the worker add
+routes of their own (`add_route`; redrive.py), some for the unix socket only.
 
 ``POST /whatsapp/updates`` is the gateway's way in (supervisor/gateway/):
 ``{"messages": [message, ...], "statuses": [{"id", "status", "error"?}, ...]}``
@@ -15,28 +19,27 @@ store groups them, as it does for writes submitted together).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web
 
 from chatq.shared.errors import StoreError
+from chatq.shared.http_server import Answer, HttpServer, Request
 from chatq.tenant_worker.ingest_guard import (
     BODY_TIMEOUT,
     IDLE_TIMEOUT,
     LINGER,
     MAX_CONNECTIONS,
     IngestCounters,
-    cap_connections,
 )
 from chatq.tenant_worker.ingest_tcp import tcp_refusal
 from chatq.tenant_worker.messages import (
@@ -64,7 +67,7 @@ Accept = Callable[[Sequence[Message]], Awaitable[Accepted]]
 # Queue status updates now (to share the messages' commit); await the outcome later.
 ApplyStatuses = Callable[[Sequence[StatusUpdate]], Awaitable[StatusCounts]]
 Probe = Callable[[], dict[str, Any]]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = Callable[[Request], Awaitable[Answer]]
 T = TypeVar("T")
 
 
@@ -78,17 +81,16 @@ class BadMessage(ValueError):
     """A request body that does not describe valid messages (answered 400)."""
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json_response({"error": message}, status)
+def error_answer(status: int, message: str) -> Answer:
+    return json_answer(status, {"error": message})
 
 
-def _json_response(body: dict[str, Any], status: int) -> web.Response:
-    """`web.json_response`, encoded by orjson (a few us less a request)."""
+def json_answer(status: int, body: dict[str, Any]) -> Answer:
     try:
         raw = orjson.dumps(body)
     except orjson.JSONEncodeError:  # a lone surrogate from the body, quoted in an error
         raw = json.dumps(body).encode()
-    return web.Response(body=raw, status=status, content_type="application/json")
+    return Answer(status, raw)
 
 
 def _string(item: dict[str, Any], where: str, name: str, *, required: bool) -> str | None:
@@ -219,6 +221,13 @@ def parse_body(raw: bytes, tenant_id: str, now: float) -> list[Message]:
     raise BadMessage(f"body: must be an object or a list, got {type(body).__name__}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    serve: Route
+    max_body: int  # bytes; a body over it is answered 413 unread
+    unix_only: bool  # over TCP: 403
+
+
 class Ingest:
     """The tenant's HTTP front door; answers 503 unless running."""
 
@@ -239,58 +248,61 @@ class Ingest:
         self._apply_statuses = apply_statuses
         self._clock = clock
         self._token = token  # asked of TCP requests (ingest_tcp.py); never logged
-        self._port: int | None = None  # the tenant's TCP port, once listening
-        self._unix: tuple[web.UnixSite, Path, int | None] | None = None  # site, path, inode
-        self._runner: web.AppRunner | None = None
+        self._servers: list[HttpServer] = []
+        self._unix: tuple[HttpServer, Path, int | None] | None = None  # server, path, inode
         self.counters = IngestCounters()
         self.max_connections = MAX_CONNECTIONS
         self.idle_timeout = IDLE_TIMEOUT
         self.body_timeout = BODY_TIMEOUT
-        # Each route checks its own limit (`_read`); this is the largest.
-        # `_check_tcp` joins the middlewares only with a TCP port (`start`):
-        # the unix socket's requests, the gateway's, then skip a layer.
-        self.app = web.Application(client_max_size=MAX_UPDATES_BYTES)
-        self.app.router.add_post("/messages", self.post_messages)
-        self.app.router.add_post("/whatsapp/updates", self.post_updates)
-        self.app.router.add_get("/health", self.health)
+        self._routes: dict[str, dict[str, _Route]] = {}  # path -> method -> route
+        self.add_route("POST", "/messages", self.post_messages, MAX_BODY_BYTES)
+        self.add_route("POST", "/whatsapp/updates", self.post_updates, MAX_UPDATES_BYTES)
+        self.add_route("GET", "/health", self.health)
+
+    def add_route(
+        self, method: str, path: str, serve: Route, max_body: int = 0, *, unix_only: bool = False
+    ) -> None:
+        """Serve `method` on `path`; its body is at most `max_body` bytes (413 beyond)."""
+        if max_body > MAX_UPDATES_BYTES:
+            raise ValueError(f"a route's body limit is at most {MAX_UPDATES_BYTES} bytes")
+        self._routes.setdefault(path, {})[method] = _Route(serve, max_body, unix_only)
 
     async def start(self, socket_path: Path, port: int | None = None) -> None:
         """Listen on the unix socket (0600) and, if given, 127.0.0.1:port."""
         _clear_socket_path(socket_path)
-        if port is not None:
-            self.app.middlewares.append(self._check_tcp)
-        self._runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=SHUTDOWN_GRACE,
-            keepalive_timeout=self.idle_timeout,
-            lingering_time=LINGER,
-        )
-        await self._runner.setup()
-        assert self._runner.server is not None
-        cap_connections(self._runner.server, self.max_connections, self._count_refused)
         try:
-            await self._bind(socket_path)
+            await self._bind(self._server(self._serve_unix), socket_path)
             if port is not None:
-                self._port = port
-                await web.TCPSite(self._runner, "127.0.0.1", port).start()
+                await self._server(self._serve_tcp).listen("127.0.0.1", port)
         except BaseException:
             await self.stop()  # e.g. the port is taken: do not keep the socket open
             raise
 
-    async def _bind(self, path: Path) -> None:
-        assert self._runner is not None
-        site = web.UnixSite(self._runner, str(path))
+    def _server(self, serve: Route) -> HttpServer:
+        server = HttpServer(
+            serve,
+            max_body_bytes=MAX_UPDATES_BYTES,
+            keepalive=self.idle_timeout,
+            body_timeout=self.body_timeout,
+            max_connections=self.max_connections,
+            limit_for=self._limit_for,
+            linger=LINGER,
+            on_refused=self._count_refused,
+            on_timeout=self._count_timeout,
+        )
+        self._servers.append(server)
+        return server
+
+    async def _bind(self, server: HttpServer, path: Path) -> None:
         with _umask(0o177):  # born 0600: no window where others may connect
-            await site.start()
-        self._unix = (site, path, _inode(path))
+            await server.listen_unix(str(path))
+        self._unix = (server, path, _inode(path))
 
     def socket_replaced(self) -> bool:
         """Whether the unix socket's file was deleted or replaced (one stat call)."""
         if self._unix is None:
             return False
-        _site, path, inode = self._unix
+        _server, path, inode = self._unix
         return _inode(path) != inode
 
     async def keep_socket(self) -> bool:
@@ -301,82 +313,89 @@ class Ingest:
         """
         if self._unix is None:
             return False
-        site, path, inode = self._unix
+        server, path, inode = self._unix
         if _inode(path) == inode:
             return False
-        await site.stop()
+        server.stop_listening()  # its open connections go on
         _clear_socket_path(path)
-        await self._bind(path)
+        await self._bind(server, path)
         return True
 
-    @web.middleware
-    async def _check_tcp(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Requests on the tenant's TCP port must pass `tcp_refusal`; the unix socket is trusted."""
-        here = request.transport.get_extra_info("sockname") if request.transport else None
-        over_tcp = self._port is not None and isinstance(here, tuple) and here[1] == self._port
-        if over_tcp and (refusal := tcp_refusal(request.method, request.headers, self._token)):
-            return _error(*refusal)
-        return await handler(request)
+    async def stop(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            await server.close(grace=SHUTDOWN_GRACE)
 
     def _count_refused(self) -> None:
         self.counters.refused += 1
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    def _count_timeout(self) -> None:
+        self.counters.timeouts += 1
 
-    async def _body(
-        self, request: web.Request, limit: int, parse: Callable[[bytes, str, float], T]
-    ) -> T | web.Response:
-        """The parsed body, or the answer that refuses it (503, 408, 413, 400)."""
+    def _limit_for(self, path: str) -> int:
+        """The largest body a route on `path` takes; 0 (unread) for an unknown path."""
+        return max((r.max_body for r in self._routes.get(path, {}).values()), default=0)
+
+    async def _serve_unix(self, request: Request) -> Answer:
+        return await self._dispatch(request, over_tcp=False)
+
+    async def _serve_tcp(self, request: Request) -> Answer:
+        """Requests on the tenant's TCP port must pass `tcp_refusal`; the unix socket is trusted."""
+        if refusal := tcp_refusal(request.method, request.headers, self._token):
+            return error_answer(*refusal)
+        return await self._dispatch(request, over_tcp=True)
+
+    async def _dispatch(self, request: Request, *, over_tcp: bool) -> Answer:
+        methods = self._routes.get(request.path)
+        if methods is None:
+            return error_answer(404, f"no such path: {request.path[:100]}")
+        route = methods.get("GET" if request.method == "HEAD" else request.method)
+        if route is None:
+            allowed = ", ".join(sorted(methods))
+            return error_answer(405, f"{request.method[:20]} not allowed here; use {allowed}")
+        if over_tcp and route.unix_only:
+            return error_answer(403, f"{request.path} is served on the unix socket only")
+        if request.body is None and route.max_body:
+            return error_answer(413, f"body over {route.max_body} bytes")
+        return await route.serve(request)
+
+    def _parse(self, request: Request, parse: Callable[[bytes, str, float], T]) -> T | Answer:
+        """The parsed body, or the answer that refuses it (503, 400)."""
         if self.state is not IngestState.RUNNING:
-            return _error(503, f"tenant {self.tenant_id} is {self.state.value}")
+            return error_answer(503, f"tenant {self.tenant_id} is {self.state.value}")
+        assert request.body is not None  # over its limit: answered 413 (`_dispatch`)
         try:
-            if request.content.is_eof():  # all here (the usual small body): no timer to arm
-                raw = await _read(request, limit)
-            else:
-                async with asyncio.timeout(self.body_timeout):
-                    raw = await _read(request, limit)
-        except TimeoutError:
-            self.counters.timeouts += 1
-            answer = _error(408, f"body not received within {self.body_timeout:g}s")
-            answer.force_close()  # what is left of the body is not read: close after
-            return answer
-        if isinstance(raw, web.Response):
-            return raw
-        try:
-            return parse(raw, self.tenant_id, self._clock())
+            return parse(request.body, self.tenant_id, self._clock())
         except BadMessage as exc:
-            return _error(400, str(exc))
+            return error_answer(400, str(exc))
 
-    async def post_messages(self, request: web.Request) -> web.Response:
-        messages = await self._body(request, MAX_BODY_BYTES, parse_body)
-        if isinstance(messages, web.Response):
+    async def post_messages(self, request: Request) -> Answer:
+        messages = self._parse(request, parse_body)
+        if isinstance(messages, Answer):
             return messages
         try:
             result = await self._accept(messages)
         except StoreError as exc:
-            return _error(503, f"store unavailable: {exc}")
-        return _json_response(
+            return error_answer(503, f"store unavailable: {exc}")
+        return json_answer(
+            202,
             {
                 "accepted": result.accepted,
                 "duplicates": result.duplicates,
                 "rejected": result.rejected,
             },
-            202,
         )
 
-    async def post_updates(self, request: web.Request) -> web.Response:
+    async def post_updates(self, request: Request) -> Answer:
         """The gateway's messages and statuses: 200 with counts once all are committed."""
-        parsed = await self._body(request, MAX_UPDATES_BYTES, parse_updates)
-        if isinstance(parsed, web.Response):
+        parsed = self._parse(request, parse_updates)
+        if isinstance(parsed, Answer):
             return parsed
         messages, statuses = parsed
         try:
             accepted, counts = await self._commit_updates(messages, statuses)
         except StoreError as exc:
-            return _error(503, f"store unavailable: {exc}")
+            return error_answer(503, f"store unavailable: {exc}")
         body = {
             "accepted": accepted.accepted,
             "duplicates": accepted.duplicates,
@@ -385,7 +404,7 @@ class Ingest:
             "statuses_stale": counts.stale,
             "statuses_unknown": counts.unknown,
         }
-        return _json_response(body, 200)
+        return json_answer(200, body)
 
     async def _commit_updates(
         self, messages: list[Message], statuses: list[StatusUpdate]
@@ -402,22 +421,9 @@ class Ingest:
             counts = await applying if applying is not None else StatusCounts()
         return accepted, counts
 
-    async def health(self, _request: web.Request) -> web.Response:
+    async def health(self, _request: Request) -> Answer:
         body = {"tenant": self.tenant_id, "status": self.state.value, **self._probe()}
-        return web.json_response(body, status=200 if self.state is IngestState.RUNNING else 503)
-
-
-async def _read(request: web.Request, limit: int) -> bytes | web.Response:
-    """The whole body, or the 413 answer when it is over `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        return _error(413, f"body over {limit} bytes")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raw = None
-    if raw is None or len(raw) > limit:
-        return _error(413, f"body over {limit} bytes")
-    return raw
+        return json_answer(200 if self.state is IngestState.RUNNING else 503, body)
 
 
 def _inode(path: Path) -> int | None:

@@ -25,9 +25,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from chatq.shared.errors import RedriveRefused, StoreError
+from chatq.shared.http_server import Answer, Request
+from chatq.tenant_worker.ingest import Ingest, error_answer, json_answer
 from chatq.tenant_worker.outbox import Outbox
 from chatq.tenant_worker.pipeline import Pipeline
 from chatq.tenant_worker.store import Selection, Store, StoredMessage
@@ -80,15 +80,15 @@ class Redrive:
         self._outbox = outbox
         self._running = running
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post(MESSAGES_PATH, self.post_messages)
-        app.router.add_post(REPLIES_PATH, self.post_replies)
+    def add_routes(self, ingest: Ingest) -> None:
+        for path, serve in ((MESSAGES_PATH, self.post_messages), (REPLIES_PATH, self.post_replies)):
+            ingest.add_route("POST", path, serve, MAX_BODY_BYTES, unix_only=True)
 
-    async def post_messages(self, request: web.Request) -> web.Response:
+    async def post_messages(self, request: Request) -> Answer:
         """Requeue failed/rejected messages, then queue them in their chats, in order."""
         return await self._serve(request, str, self._requeue)
 
-    async def post_replies(self, request: web.Request) -> web.Response:
+    async def post_replies(self, request: Request) -> Answer:
         """Put failed replies back to pending and hand them to the outbox, oldest first."""
         return await self._serve(request, int, self._resend)
 
@@ -104,34 +104,29 @@ class Redrive:
 
     async def _serve(
         self,
-        request: web.Request,
+        request: Request,
         id_type: type[str] | type[int],
         act: Callable[[Selection], Awaitable[dict[str, int]]],
-    ) -> web.Response:
-        selection = await self._selection(request, id_type)
-        if isinstance(selection, web.Response):
+    ) -> Answer:
+        selection = self._selection(request, id_type)
+        if isinstance(selection, Answer):
             return selection
         try:
-            return web.json_response(await act(selection))
+            return json_answer(200, await act(selection))
         except RedriveRefused as exc:
-            return _error(409, str(exc))
+            return error_answer(409, str(exc))
         except StoreError as exc:
-            return _error(503, f"store unavailable: {exc}")
+            return error_answer(503, f"store unavailable: {exc}")
 
-    async def _selection(
-        self, request: web.Request, id_type: type[str] | type[int]
-    ) -> Selection | web.Response:
-        if not isinstance(request.transport and request.transport.get_extra_info("sockname"), str):
-            return _error(403, "redrive is served on the unix socket only")
+    def _selection(self, request: Request, id_type: type[str] | type[int]) -> Selection | Answer:
+        # Over TCP, or a body over MAX_BODY_BYTES: refused by ingest (403, 413).
         if not self._running():
-            return _error(503, "tenant is not running (starting or draining); try again")
-        raw = await request.read() if (request.content_length or 0) <= MAX_BODY_BYTES else None
-        if raw is None or len(raw) > MAX_BODY_BYTES:
-            return _error(413, f"body over {MAX_BODY_BYTES} bytes")
+            return error_answer(503, "tenant is not running (starting or draining); try again")
+        assert request.body is not None
         try:
-            return parse_selection(json.loads(raw), id_type)
+            return parse_selection(json.loads(request.body), id_type)
         except ValueError as exc:  # BadSelection or bad JSON
-            return _error(400, str(exc))
+            return error_answer(400, str(exc))
 
 
 async def redrive_stored(path: Path, tenant_id: str, kind: str, selection: Selection) -> Any:
@@ -151,7 +146,3 @@ async def redrive_stored(path: Path, tenant_id: str, kind: str, selection: Selec
             await store.close()
     finally:
         lock.release()
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)

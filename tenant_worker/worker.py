@@ -265,7 +265,7 @@ class Worker:
             token=_secret(tenant.ingest_token),
         )
         redrive = Redrive(store, pipeline, outbox, lambda: ingest.state is IngestState.RUNNING)
-        redrive.add_routes(ingest.app)
+        redrive.add_routes(ingest)
         await self._listen(ingest)  # answers 503 (starting) until the replay is queued
         await pipeline.replay(
             [row.message for row in unfinished],

@@ -22,9 +22,9 @@ from chatq.config.settings import (
     WhatsAppSettings,
 )
 from chatq.shared.errors import ForwardError
+from chatq.shared.http_server import HttpServer
 from chatq.shared.whatsapp.webhook import Routed, sign
 from chatq.supervisor.gateway.app import GatewayApp
-from chatq.supervisor.gateway.http_server import HttpServer
 from chatq.supervisor.gateway.routes import Routes
 from chatq.supervisor.gateway.stats import GatewayStats
 

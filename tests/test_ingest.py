@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from ingest_client import served
 
 from chatq.shared.errors import StoreError
 from chatq.tenant_worker.ingest import MAX_BODY_BYTES, MAX_ID_CHARS, Ingest, IngestState
@@ -38,7 +38,7 @@ class FakeAccept:
 
 @dataclass
 class Rig:
-    client: TestClient[Any, Any]
+    client: aiohttp.ClientSession
     ingest: Ingest
     accept: FakeAccept
 
@@ -54,7 +54,7 @@ async def rig() -> AsyncIterator[Rig]:
     accept = FakeAccept()
     ingest = Ingest("t1", accept, lambda: {"queued": 3}, clock=lambda: NOW)
     ingest.state = IngestState.RUNNING
-    async with TestClient(TestServer(ingest.app)) as client:
+    async with served(ingest) as client:
         yield Rig(client, ingest, accept)
 
 
@@ -213,6 +213,16 @@ async def test_health(rig: Rig, state: IngestState, code: int) -> None:
     async with rig.client.get("/health") as response:
         assert response.status == code
         assert await response.json() == {"tenant": "t1", "status": state.value, "queued": 3}
+
+
+async def test_other_paths_are_404_and_other_methods_405(rig: Rig) -> None:
+    async with rig.client.post("/nowhere", data=b"{}") as response:
+        assert response.status == 404
+        assert await response.json() == {"error": "no such path: /nowhere"}
+    async with rig.client.get("/messages") as response:
+        assert response.status == 405
+        assert await response.json() == {"error": "GET not allowed here; use POST"}
+    assert rig.accept.calls == []
 
 
 async def test_unix_socket_is_0600_and_stale_socket_is_replaced(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from sandbox import short_run_dir
 
 from chatq.config import load_config
 from chatq.shared.errors import ConfigError
+from chatq.shared.http_server import Answer, Request
 from chatq.tenant_worker.ingest import Ingest, IngestState
 from chatq.tenant_worker.ingest_tcp import tcp_refusal
 from chatq.tenant_worker.messages import Message
@@ -78,6 +79,28 @@ async def test_the_unix_socket_asks_for_none_of_it(served: tuple[Recorder, Path,
     accept, socket, _ = served
     assert await post("http://worker/messages", {"Content-Type": "text/plain"}, socket) == 202
     assert accept.calls == 1
+
+
+async def test_a_route_for_the_unix_socket_only_is_403_over_tcp() -> None:
+    folder, port = short_run_dir(), free_port()
+    ingest = Ingest("t1", Recorder(), dict, token=TOKEN)
+    seen: list[bytes | None] = []
+
+    async def internal(request: Request) -> Answer:
+        seen.append(request.body)
+        return Answer.json(200, {"ok": True})
+
+    ingest.add_route("POST", "/internal", internal, 100, unix_only=True)
+    await ingest.start(folder / "t1.sock", port)
+    try:
+        tcp = f"http://127.0.0.1:{port}/internal"
+        assert await post(tcp, {**JSON, **BEARER}) == 403
+        assert await post("http://worker/internal", JSON, folder / "t1.sock") == 200
+        assert seen == [BODY.encode()]  # only the unix socket's request ran
+    finally:
+        await ingest.stop()
+        (folder / "t1.sock").unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def test_refusal_rules_without_a_token() -> None:

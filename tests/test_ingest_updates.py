@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from ingest_client import served
 
 from chatq.shared.errors import StoreError
 from chatq.tenant_worker.ingest import Ingest, IngestState
@@ -40,7 +41,7 @@ class Fakes:
 
 @dataclass
 class Rig:
-    client: TestClient[Any, Any]
+    client: aiohttp.ClientSession
     ingest: Ingest
     fakes: Fakes
 
@@ -55,7 +56,7 @@ async def rig() -> AsyncIterator[Rig]:
     fakes = Fakes()
     ingest = Ingest("t1", fakes.accept, dict, apply_statuses=fakes.apply, clock=lambda: NOW)
     ingest.state = IngestState.RUNNING
-    async with TestClient(TestServer(ingest.app)) as client:
+    async with served(ingest) as client:
         yield Rig(client, ingest, fakes)
 
 

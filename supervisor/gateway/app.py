@@ -10,7 +10,7 @@
                                 parts come back as duplicates). Unknown numbers: 200.
     GET  /metrics               Prometheus text (see supervisor/gateway/stats.py)
 
-Other paths: 404; other methods: 405. Served by supervisor/gateway/http_server.py
+Other paths: 404; other methods: 405. Served by shared/http_server.py
 (aiohttp's HTTP parser under a lean protocol). Nothing is stored here: an
 acknowledged update is in the tenants' stores, so the process may be killed
 at any moment.
@@ -29,6 +29,7 @@ import orjson
 from loguru import logger
 
 from chatq.shared.errors import ForwardError
+from chatq.shared.http_server import Answer, Request
 from chatq.shared.whatsapp.webhook import (
     SIGNATURE_HEADER,
     BadUpdate,
@@ -37,7 +38,6 @@ from chatq.shared.whatsapp.webhook import (
     parse_update,
     verify_signature,
 )
-from chatq.supervisor.gateway.http_server import Answer, Request
 from chatq.supervisor.gateway.routes import Path, Routes, Split
 from chatq.supervisor.gateway.stats import GatewayStats
 

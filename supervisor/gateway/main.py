@@ -26,11 +26,11 @@ from chatq.config import ChatqConfig
 from chatq.config.settings import GatewaySettings
 from chatq.shared import event_loop, protocol
 from chatq.shared.errors import ChatqError, ConfigError
+from chatq.shared.http_server import HttpServer
 from chatq.shared.log import setup_logging
 from chatq.shared.pipe_link import EXIT_FLUSH_S, PipeLink, beat
 from chatq.supervisor.gateway.app import GatewayApp
 from chatq.supervisor.gateway.forwarder import Forwarder
-from chatq.supervisor.gateway.http_server import HttpServer
 from chatq.supervisor.gateway.routes import Routes
 from chatq.supervisor.gateway.stats import GatewayStats
 

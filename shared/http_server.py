@@ -1,8 +1,12 @@
-"""The gateway's HTTP/1.1 server: aiohttp's request parser under a lean connection protocol.
+"""An HTTP/1.1 server: aiohttp's request parser under a lean connection protocol.
 
     server = await HttpServer(handle, max_body_bytes=4 << 20).listen("127.0.0.1", 8080)
+    server = await HttpServer(handle, max_body_bytes=1 << 20).listen_unix("run/acme.sock")
     ...
     await server.close(grace=11.0)   # stop listening; finish answers in progress
+
+It serves the gateway's public endpoint and each worker's ingest (its unix
+socket, and its TCP port if it has one).
 
 `handle(request)` gets a `Request` whose body is already read (None: over
 `max_body_bytes`, not read; the connection closes after the answer) and
@@ -17,10 +21,16 @@ order, ``Expect: 100-continue``, HEAD, and a 400 that closes the connection
 for what the parser refuses. A body still arriving `body_timeout` seconds
 after its head is answered 408 and its connection closed: on a public
 endpoint, clients that trickle bodies must not hold connections (and file
-descriptors) for ever. Past `max_connections` open ones, a new connection is
-answered 503 (``Retry-After: 1``, ``Connection: close``) before anything is
-read, and closed: a flood of connections cannot take the file descriptors
-the forwards to the workers need.
+descriptors) for ever. Past `max_connections` open ones, a new connection
+is answered 503 (``Retry-After: 1``, ``Connection: close``) before anything
+is read, and closed: a flood of connections cannot take the file
+descriptors the process needs (the gateway's forwards to the workers).
+
+A path can have its own body limit (`limit_for`). When an answer goes
+before the body was read (413, 408, a broken chunk), the connection is
+half-closed and what still comes is read and dropped for `linger` seconds
+before it is closed: closed at once with input unread, the client's
+connection is reset and it may never see the answer.
 """
 
 from __future__ import annotations
@@ -42,11 +52,10 @@ from aiohttp.streams import StreamReader
 from loguru import logger
 from multidict import CIMultiDictProxy
 
-from chatq.shared.http_busy import busy_answer
-
 __all__ = [
     "BODY_TIMEOUT_S",
     "KEEPALIVE_S",
+    "LINGER_S",
     "MAX_CONNECTIONS",
     "Answer",
     "Handler",
@@ -55,6 +64,7 @@ __all__ = [
 ]
 
 KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default)
+LINGER_S = 1.0  # after an early answer, how long the rest of a body is read and dropped
 BODY_TIMEOUT_S = 10.0  # a body not whole this long after its head: 408, closed
 MAX_CONNECTIONS = 1024  # open at once: far above what a webhook sender keeps (the bench: 64)
 READ_BUFSIZE = 1 << 16
@@ -113,31 +123,55 @@ class HttpServer:
         keepalive: float = KEEPALIVE_S,
         body_timeout: float = BODY_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        limit_for: Callable[[str], int] | None = None,
+        linger: float = LINGER_S,
         on_refused: Callable[[], None] = lambda: None,
+        on_timeout: Callable[[], None] = lambda: None,
     ) -> None:
         self.handle = handle
         self.max_body = max_body_bytes
+        # A path's body limit (at most `max_body_bytes`); without it, that for all.
+        self.limit_for = limit_for or (lambda _path: max_body_bytes)
+        self.linger = linger
+        self.on_timeout = on_timeout  # a body did not arrive within body_timeout (408)
         self.keepalive = keepalive
         self.body_timeout = body_timeout
         self.max_connections = max_connections
         self.on_refused = on_refused  # a connection past the cap was turned away
-        self.busy = busy_answer(max_connections)
+        self.busy = _busy_answer(max_connections)
         self.connections: set[_Connection] = set()
         self.closing = False
         self.port = 0  # the port listened on (a port 0 asked for is chosen by the system)
         self._all_closed = asyncio.Event()  # set when closing and the last connection ends
-        self._server: asyncio.Server | None = None
+        self._listeners: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._date = (0, b"")
 
     async def listen(self, host: str, port: int) -> HttpServer:
         """Listen on host:port; itself (OSError as the loop raises it, e.g. EADDRINUSE)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
+        listener = await loop.create_server(
             lambda: _Connection(self, loop), host, port, reuse_address=True
         )
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        self._sweeper = asyncio.create_task(self._sweep())
+        self.port = int(listener.sockets[0].getsockname()[1])
+        return self._listening(listener)
+
+    async def listen_unix(self, path: str) -> HttpServer:
+        """Listen on a unix socket at `path` (the caller sets its mode, e.g. by umask)."""
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_unix_server(lambda: _Connection(self, loop), path)
+        return self._listening(listener)
+
+    def stop_listening(self) -> None:
+        """Take no new connection (to listen again elsewhere); the open ones go on."""
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
+    def _listening(self, listener: asyncio.Server) -> HttpServer:
+        self._listeners.append(listener)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
         return self
 
     async def close(self, grace: float) -> None:
@@ -145,8 +179,8 @@ class HttpServer:
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        listeners = list(self._listeners)
+        self.stop_listening()
         for conn in list(self.connections):
             conn.close_if_idle()
         if self.connections:
@@ -155,10 +189,10 @@ class HttpServer:
                     await self._all_closed.wait()
         for conn in list(self.connections):
             conn.abort()
-        if self._server is not None:
+        for listener in listeners:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await self._server.wait_closed()
+                    await listener.wait_closed()
 
     def forget(self, conn: _Connection) -> None:
         """A connection ended."""
@@ -196,6 +230,8 @@ class _Connection(BaseProtocol):
         self._closing = False  # no more requests read; close after the current answer
         self._task: asyncio.Task[None] | None = None
         self._reading: StreamReader | None = None  # the body being read, if any
+        self._unread = False  # answered before its body was read: linger before closing
+        self._lingering: asyncio.TimerHandle | None = None
         self.idle_since: float | None = loop.time()  # None while a request is handled
 
     # -- the protocol ---------------------------------------------------------------------
@@ -213,6 +249,8 @@ class _Connection(BaseProtocol):
         super().connection_lost(exc)
         self._server.forget(self)
         self._closing = True
+        if self._lingering is not None:
+            self._lingering.cancel()
         self._fail_bodies(ConnectionResetError("connection lost"))
         self._queue.clear()
 
@@ -270,6 +308,7 @@ class _Connection(BaseProtocol):
         head_only = False
         try:
             if isinstance(item, HttpProcessingError):
+                self._unread = True  # the rest of the input is not read
                 answer, close = _refusal(item), True
             else:
                 head_only = item[0].method == "HEAD"
@@ -283,7 +322,7 @@ class _Connection(BaseProtocol):
             self._busy = False
             self._task = None
         self._write(answer, close or self._closing or self._server.closing, head_only)
-        if self.transport is None or self.transport.is_closing():
+        if self._closing or self.transport is None or self.transport.is_closing():
             return
         if self._queue:
             self._next()
@@ -297,18 +336,22 @@ class _Connection(BaseProtocol):
         try:
             body = await self._body(message, payload)
         except BadBody as exc:
+            self._unread = True
             return Answer.json(400, {"error": f"bad request body: {exc}"[:300]}), True
         except TimeoutError:
+            self._unread = True
+            self._server.on_timeout()
             within = f"{self._server.body_timeout:g}"
             return Answer.json(408, {"error": f"body not received within {within}s"}), True
         finally:
             self._reading = None
+        self._unread = body is None
         answer = await self._server.handle(Request(message, body))
         return answer, message.should_close or body is None
 
     async def _body(self, message: RawRequestMessage, payload: StreamReader) -> bytes | None:
-        """The whole body; None (unread) when over the limit."""
-        limit = self._server.max_body
+        """The whole body; None (unread) when over the path's limit."""
+        limit = min(self._server.max_body, self._server.limit_for(message.url.path))
         length = message.headers.get("Content-Length")
         if length is not None and int(length) > limit:
             return None
@@ -342,8 +385,19 @@ class _Connection(BaseProtocol):
             head += b"Connection: close\r\n"
             self._closing = True
         self._send(head + b"\r\n" if head_only else head + b"\r\n" + answer.body)
-        if close and self.transport is not None:
-            self.transport.close()
+        if close:
+            self._end()
+
+    def _end(self) -> None:
+        """Close after the answer; first read and drop what may still come of an unread body."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not self._unread or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # the client reads the answer, then the end
+        self._lingering = self._loop.call_later(self._server.linger, transport.close)
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -352,6 +406,19 @@ class _Connection(BaseProtocol):
 
 class BadBody(Exception):
     """The body's framing was broken (e.g. a bad chunk); answered 400."""
+
+
+def _busy_answer(limit: int) -> bytes:
+    """The whole answer to a connection past `limit` open ones, sent before reading it."""
+    body = orjson.dumps({"error": f"too many connections (over {limit}); try again"})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _refusal(exc: HttpProcessingError) -> Answer:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import orjson
 import pytest
 
-from chatq.supervisor.gateway.http_server import Answer, HttpServer, Request
+from chatq.shared.http_server import Answer, HttpServer, Request
 
 LIMIT = 1024
 
@@ -134,6 +134,24 @@ async def test_a_declared_length_over_the_limit_is_not_read_and_closes(rig: Rig)
         "close",
     )
     assert await closed(reader)
+
+
+async def test_after_an_early_answer_the_rest_of_the_body_is_read_and_dropped(rig: Rig) -> None:
+    # Closed at once with input unread, the connection would be reset: the
+    # client's writes fail and it may never read the answer.
+    reader, writer = await rig.connect()
+    writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (256 * LIMIT))
+    status, headers, body = await answer(reader)  # answered before the body is sent
+    assert (status, orjson.loads(body), headers["connection"]) == (
+        200,
+        {"path": "/big", "body": None},
+        "close",
+    )
+    await asyncio.sleep(0.05)  # past any close the server would make at once
+    for _ in range(256):
+        writer.write(b"y" * LIMIT)
+        await writer.drain()  # raises if the server closed
+    assert await closed(reader)  # the answer, then the end
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_and_closes(rig: Rig) -> None:
