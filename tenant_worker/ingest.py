@@ -19,7 +19,6 @@ store groups them, as it does for writes submitted together).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -30,8 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
+from chatq.shared import json_codec
 from chatq.shared.errors import StoreError
 from chatq.shared.http_server import Answer, HttpServer, Request
 from chatq.tenant_worker.ingest_guard import (
@@ -86,11 +84,7 @@ def error_answer(status: int, message: str) -> Answer:
 
 
 def json_answer(status: int, body: dict[str, Any]) -> Answer:
-    try:
-        raw = orjson.dumps(body)
-    except orjson.JSONEncodeError:  # a lone surrogate from the body, quoted in an error
-        raw = json.dumps(body).encode()
-    return Answer(status, raw)
+    return Answer(status, json_codec.dumps(body))  # an error may quote a lone surrogate
 
 
 def _string(item: dict[str, Any], where: str, name: str, *, required: bool) -> str | None:
@@ -182,8 +176,8 @@ def _status_update(item: object, where: str) -> StatusUpdate:
 
 def _json_body(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except ValueError as exc:  # also bad UTF-8 and integers over 4300 digits
+        return json_codec.loads(raw)
+    except ValueError as exc:  # json's: also bad UTF-8 and integers over 4300 digits
         raise BadMessage(f"body: not valid JSON ({exc})") from None
     except RecursionError:
         raise BadMessage("body: not valid JSON (nested too deeply)") from None

@@ -71,6 +71,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from loguru import logger
 
+from chatq.shared import json_codec
 from chatq.shared.errors import RedriveRefused, StoreError, StoreUnavailable
 from chatq.shared.thread_policy import run_as_batch
 from chatq.tenant_worker.checkpoint import BACKSTOP_PAGES, Checkpointer
@@ -1111,8 +1112,8 @@ class _AddMessages(_Op[list[bool]]):
 
 
 def _message_row(m: Message, now: float) -> tuple[Any, ...]:
-    # ASCII JSON: a lone surrogate in a provider's payload is kept as its escape.
-    payload = None if m.payload is None else json.dumps(m.payload)
+    # A lone surrogate in a provider's payload is kept as its escape (json_codec).
+    payload = None if m.payload is None else json_codec.dumps(m.payload).decode()
     return (m.id, m.chat_id, m.sender, m.text, m.ts, m.received_at or now, m.type, payload)
 
 

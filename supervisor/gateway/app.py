@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from loguru import logger
 
+from chatq.shared import json_codec
 from chatq.shared.errors import ForwardError
 from chatq.shared.http_server import Answer, Request
 from chatq.shared.whatsapp.webhook import (
@@ -130,7 +129,7 @@ class GatewayApp:
             return refused
         skipped: list[str] = []
         try:
-            routed = parse_update(_json(raw), skipped)
+            routed = parse_update(json_codec.loads(raw), skipped)
         except (ValueError, RecursionError) as exc:  # BadUpdate is a ValueError too
             reason = str(exc) if isinstance(exc, BadUpdate) else "body is not JSON"
             logger.warning("webhook refused (400): {:.300}", reason)
@@ -228,11 +227,3 @@ def _tenant_of(path: str) -> str | None:
 
 def _not_allowed(allow: str) -> Answer:
     return Answer(405, b'{"error":"method not allowed"}', headers=(("Allow", allow),))
-
-
-def _json(raw: bytes) -> object:
-    """orjson (several times faster); json for what it refuses (lone surrogates, NaN, big ints)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)

@@ -25,7 +25,6 @@ on such a connection is sent once more (re-sending is safe, it is deduped).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import orjson
 from loguru import logger
 
+from chatq.shared import json_codec
 from chatq.shared.errors import ForwardError
 from chatq.shared.whatsapp.webhook import Routed
 from chatq.supervisor.gateway.stats import GatewayStats
@@ -223,10 +223,7 @@ def _body(parts: Sequence[Routed]) -> bytes:
         "messages": [m for part in parts for m in part.messages],
         "statuses": [s.as_json() for part in parts for s in part.statuses],
     }
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # a lone surrogate or a huge int in a payload: json carries them
-        return json.dumps(body, separators=(",", ":")).encode()
+    return json_codec.dumps(body)  # a lone surrogate or a huge int in a payload: json's
 
 
 def _answer(raw: bytes) -> dict[str, Any]:
