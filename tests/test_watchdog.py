@@ -15,11 +15,15 @@ from chatq.supervisor.watchdog import ProcessSampler, ProcStats, over_memory
 
 @pytest.fixture
 def child() -> Iterator[subprocess.Popen[bytes]]:
-    """A child that burns CPU until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """A child that burns CPU until killed; yielded once it runs (a process
+    sampled in the middle of its exec can show no memory at all)."""
+    code = "print('up', flush=True)\nwhile True: pass"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
     yield proc
     proc.kill()
     proc.wait(timeout=10)
+    proc.stdout.close()
 
 
 def test_sample_own_process() -> None:
