@@ -19,6 +19,7 @@ store groups them, as it does for writes submitted together).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -317,8 +318,7 @@ class Ingest:
 
     async def stop(self) -> None:
         servers, self._servers = self._servers, []
-        for server in servers:
-            await server.close(grace=SHUTDOWN_GRACE)
+        await asyncio.gather(*(server.close(grace=SHUTDOWN_GRACE) for server in servers))
 
     def _count_refused(self) -> None:
         self.counters.refused += 1
