@@ -3,8 +3,8 @@
 Served on the unix socket ``<run_dir>/<tenant>.sock`` (mode 0600) and, if
 the tenant has a ``port``, on 127.0.0.1:port, by the lean HTTP/1.1 server the
 gateway uses too (shared/http_server.py): aiohttp's web Application cost a
-worker ~250 us of CPU per request more, a fifth of a gateway forward's cost,
-and ~2 MB of memory (BENCHMARKS.md, gateway fifth pass). A request is
+worker ~250 us of CPU per request more (7 % of its CPU under the gateway
+bench) and ~2 MB of memory (BENCHMARKS.md, gateway fifth pass). A request is
 answered 202 (200 for updates) only after its rows are committed; a refused
 request (400, 404, 405, 408, 413, 503) writes nothing. Connections are capped
 and timed (tenant_worker/ingest_guard.py). Other parts of the worker add
