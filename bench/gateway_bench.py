@@ -381,6 +381,29 @@ async def open_loop(
     return latencies, late
 
 
+def python_loop_ms() -> float:
+    """A fixed pure-Python loop's milliseconds (median of 5): the host's and the
+    interpreter's speed in the minute the rates were measured (this host's swings)."""
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        total = 0
+        for i in range(300_000):
+            total += i
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def interpreter() -> str:
+    """The CPython this runs on: its version, its executable and how libpython is linked."""
+    with open("/proc/self/maps") as maps:
+        shared = "libpython" in maps.read()
+    base = getattr(sys, "_base_executable", sys.executable)  # a venv's: the one it was made from
+    executable = os.path.realpath(base)
+    linked = "shared libpython" if shared else "libpython linked in"
+    return f"CPython {platform.python_version()} ({executable}, {linked})"
+
+
 def process_cpu() -> float:
     """This process's CPU seconds (the client; its sampling threads are a small part)."""
     times = os.times()
@@ -427,12 +450,15 @@ def gateway_phases(args: argparse.Namespace) -> Result:
         with ResourceWatch(pid) as watch, contextlib.ExitStack() as stack:
             for worker_watch in workers:
                 stack.enter_context(worker_watch)
+            loop_ms = python_loop_ms()
             client_cpu = process_cpu()
             posts = asyncio.run(posts_to_workers(url))
             seconds = asyncio.run(closed_loop(url, singles, args.clients))
             client_cpu = process_cpu() - client_cpu
+            loop_ms = (loop_ms + python_loop_ms()) / 2
         posts = asyncio.run(posts_to_workers(url)) - posts
         result["webhooks_per_post"] = len(singles) / posts if posts else 0.0
+        result["python_loop_ms"] = loop_ms
         result["single_webhooks_per_s"] = len(singles) / seconds
         result["single_cpu_pct"] = 100 * watch.cpu_s / seconds
         result["workers_cpu_pct"] = 100 * sum(w.cpu_s for w in workers) / seconds
@@ -505,6 +531,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("gateway_us", "CPU per 1-message webhook: the gateway", "{:.0f} us"),
     ("workers_us", "CPU per 1-message webhook: the 4 workers", "{:.0f} us"),
     ("webhooks_per_post", "1-message webhooks per post to a worker", "{:.1f}"),
+    ("python_loop_ms", "host speed then: a fixed Python loop (less is faster)", "{:.1f} ms"),
     ("double_webhooks_per_s", "1-message webhooks, twice the senders", "{:,.0f} /s"),
     ("batch_webhooks_per_s", "gateway: 50-message webhooks", "{:,.0f} /s"),
     ("batch_msgs_per_s", "gateway: messages in 50-message webhooks", "{:,.0f} /s"),
@@ -535,7 +562,7 @@ def meets(key: str, value: float) -> str:
 
 def report(result: Result, args: argparse.Namespace) -> str:
     lines = [
-        f"CPython {platform.python_version()}, {os.cpu_count()} CPUs; {args.webhooks:,} webhooks,"
+        f"{interpreter()}, {os.cpu_count()} CPUs; {args.webhooks:,} webhooks,"
         f" {args.clients} clients, {len(TENANTS)} tenants; medians of {args.repeat} run(s)"
     ]
     for key, label, fmt in ROWS:
