@@ -16,10 +16,11 @@ Content-Length read (about a third of aiohttp's client CPU per webhook).
 1. single: --clients concurrent senders post --webhooks webhooks of one
    message each as fast as they are answered: webhooks/s (= messages/s), each
    side's CPU per webhook, and webhooks per post to a worker (the gateway's
-   coalescing; a worker's cost is mostly per post). Then the same with twice
-   the senders: at --clients the box is not saturated (the rate is the
-   senders over a tenant's round trip), so this shows what the same code does
-   when the load, not the round trip, sets the rate.
+   coalescing; a worker's cost is mostly per post), and a fixed Python loop
+   timed before and after (the host's speed then: it swings). Then the same
+   with twice the senders: at --clients the box is not saturated (the rate is
+   the senders over a tenant's round trip), so this shows what the same code
+   does when the load, not the round trip, sets the rate.
 2. batch: the same with 50 messages per webhook (one tenant each): webhooks/s
    and messages/s.
 3. latency: open loop at 500 single-message webhooks/s for --seconds: p50 and
